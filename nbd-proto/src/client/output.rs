@@ -1,0 +1,142 @@
+//! Bytes waiting to be sent: encoded headers owned here, and WRITE
+//! payloads that stay in the caller's buffers until they leave.
+
+use std::collections::VecDeque;
+
+/// One contiguous piece of the outgoing stream.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Segment {
+    /// The next `len` bytes of the encoded header buffer.
+    Encoded { len: usize },
+    /// `len` bytes of the buffer lent with the command in `slot`.
+    Payload { slot: usize, len: usize },
+}
+
+/// The unsent part of a segment.
+#[derive(Debug, Clone)]
+pub(crate) enum Piece {
+    Encoded(std::ops::Range<usize>),
+    Payload { slot: usize, range: std::ops::Range<usize> },
+}
+
+/// What has been sent in full once the stream position passes a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Milestone {
+    Request { slot: usize },
+    Disconnect,
+    Abort,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Output {
+    encoded: Vec<u8>,
+    /// Bytes of `encoded` already sent.
+    encoded_sent: usize,
+    segments: VecDeque<Segment>,
+    /// Bytes of the front segment already sent.
+    front_sent: usize,
+    /// Stream positions: bytes ever queued and ever sent.
+    queued: u64,
+    sent: u64,
+    milestones: VecDeque<(u64, Milestone)>,
+}
+
+impl Output {
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// The buffer to encode the next header into; pair with [`Self::commit_encoded`].
+    pub fn encoder(&mut self) -> &mut Vec<u8> {
+        &mut self.encoded
+    }
+
+    /// Queues what was appended to the encoder since `mark` (its old length).
+    pub fn commit_encoded(&mut self, mark: usize) {
+        let len = self.encoded.len() - mark;
+        if len == 0 {
+            return;
+        }
+        self.queued += len as u64;
+        if let Some(Segment::Encoded { len: last }) = self.segments.back_mut() {
+            *last += len;
+        } else {
+            self.segments.push_back(Segment::Encoded { len });
+        }
+    }
+
+    pub fn push_payload(&mut self, slot: usize, len: usize) {
+        if len > 0 {
+            self.queued += len as u64;
+            self.segments.push_back(Segment::Payload { slot, len });
+        }
+    }
+
+    /// Fires `m` once everything queued so far has been sent.
+    pub fn milestone(&mut self, m: Milestone) {
+        self.milestones.push_back((self.queued, m));
+    }
+
+    /// What remains to send, in order: for each segment, which bytes.
+    pub fn pieces(&self) -> impl Iterator<Item = Piece> + '_ {
+        let mut encoded_at = self.encoded_sent;
+        self.segments.iter().enumerate().map(move |(i, &seg)| {
+            let skip = if i == 0 { self.front_sent } else { 0 };
+            match seg {
+                Segment::Encoded { len } => {
+                    let start = encoded_at;
+                    encoded_at += len - skip;
+                    Piece::Encoded(start..start + len - skip)
+                }
+                Segment::Payload { slot, len } => Piece::Payload { slot, range: skip..len },
+            }
+        })
+    }
+
+    pub fn encoded_bytes(&self) -> &[u8] {
+        &self.encoded
+    }
+
+    /// Consumes `n` sent bytes and returns the milestones passed.
+    pub fn advance(&mut self, mut n: usize, passed: &mut Vec<Milestone>) {
+        self.sent += n as u64;
+        while n > 0 {
+            let Some(front) = self.segments.front().copied() else { break };
+            let (seg_len, encoded) = match front {
+                Segment::Encoded { len } => (len, true),
+                Segment::Payload { len, .. } => (len, false),
+            };
+            let take = n.min(seg_len - self.front_sent);
+            if encoded {
+                self.encoded_sent += take;
+            }
+            self.front_sent += take;
+            n -= take;
+            if self.front_sent == seg_len {
+                self.segments.pop_front();
+                self.front_sent = 0;
+            }
+        }
+        if self.encoded_sent == self.encoded.len() {
+            self.encoded.clear();
+            self.encoded_sent = 0;
+        }
+        while let Some(&(at, m)) = self.milestones.front() {
+            if at > self.sent {
+                break;
+            }
+            self.milestones.pop_front();
+            passed.push(m);
+        }
+    }
+
+    /// Drops everything queued (the connection is gone).
+    pub fn clear(&mut self) {
+        self.encoded.clear();
+        self.encoded_sent = 0;
+        self.segments.clear();
+        self.front_sent = 0;
+        self.milestones.clear();
+        self.queued = self.sent;
+    }
+}

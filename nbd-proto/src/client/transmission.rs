@@ -1,0 +1,507 @@
+//! Transmission: commands out, replies in.
+
+use super::output::Milestone;
+use super::{ChunkStatus, CommandBuffer, Connection, Cookie, Event, Extent, State};
+use crate::error::{Error, LocalError, ProtocolError, ServerError};
+use crate::flags::CmdFlags;
+use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Reader, ReplyHeader, RequestHeader, MAX_STRING};
+
+/// Receive READ payloads at least this large straight into the caller's
+/// buffer; smaller ones are batched through the internal buffer (one
+/// receive, many replies) and copied.
+const DIRECT_MIN: usize = 32 * 1024;
+
+/// Upper bound on a non-data chunk's payload (block status with many
+/// extents is the large case), checked before anything is buffered.
+const MAX_CHUNK_BODY: u64 = 64 * 1024 * 1024;
+
+/// Where the reply parser is.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rx {
+    /// Waiting for a reply header.
+    Header,
+    /// The 8-byte offset that starts an `OFFSET_DATA` chunk.
+    DataOffset { slot: usize, hdr: ChunkHeader },
+    /// READ payload bytes going into the buffer of the command in `slot`.
+    Data(DataRun),
+    /// The whole payload of any other chunk.
+    Body { slot: usize, hdr: ChunkHeader },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DataRun {
+    slot: usize,
+    /// Next index in the command's buffer.
+    at: usize,
+    remaining: usize,
+    /// The run as the server described it, for the chunk event.
+    offset: u64,
+    length: u64,
+    /// The reply ends with this run (simple reply, or DONE flag).
+    ends_reply: bool,
+}
+
+impl<B: CommandBuffer> Connection<B> {
+    // ---- commands -------------------------------------------------------------
+
+    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    pub fn read(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue_read(offset, buf, flags, false)
+    }
+
+    /// As [`Self::read`], also reporting every chunk with [`Event::ReadChunk`].
+    pub fn read_structured(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue_read(offset, buf, flags, true)
+    }
+
+    fn issue_read(&mut self, offset: u64, mut buf: B, flags: CmdFlags, report: bool) -> Result<Cookie, Error> {
+        let len = buf.as_mut().len() as u64;
+        self.issue(cmd::READ, flags, offset, len, Some(buf), report)
+    }
+
+    /// Writes `buf` at `offset`; the payload is sent from `buf` itself.
+    pub fn write(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
+        let len = buf.as_ref().len() as u64;
+        self.issue(cmd::WRITE, flags, offset, len, Some(buf), false)
+    }
+
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue(cmd::FLUSH, flags, 0, 0, None, false)
+    }
+
+    pub fn trim(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue(cmd::TRIM, flags, offset, length, None, false)
+    }
+
+    pub fn cache(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue(cmd::CACHE, flags, offset, length, None, false)
+    }
+
+    pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, false)
+    }
+
+    /// Extents arrive as [`Event::Extents`], one per meta context.
+    pub fn block_status(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
+        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, false)
+    }
+
+    /// Queues `NBD_CMD_DISC`. Commands already in flight still complete;
+    /// the connection closes when it has been sent and they have.
+    pub fn disconnect(&mut self) -> Result<(), Error> {
+        if !matches!(self.state, State::Transmission) {
+            return Err(self.wrong_state("connected with the server"));
+        }
+        if self.disconnect_requested {
+            return Err(LocalError::AfterDisconnect.into());
+        }
+        self.disconnect_requested = true;
+        let header = RequestHeader { flags: 0, kind: cmd::DISC, cookie: 0, offset: 0, length: 0 };
+        self.encode_request(&header);
+        self.output.milestone(Milestone::Disconnect);
+        Ok(())
+    }
+
+    fn issue(
+        &mut self,
+        kind: u16,
+        flags: CmdFlags,
+        offset: u64,
+        length: u64,
+        buf: Option<B>,
+        report_chunks: bool,
+    ) -> Result<Cookie, Error> {
+        if !matches!(self.state, State::Transmission) {
+            return Err(self.wrong_state("connected with the server"));
+        }
+        if self.disconnect_requested {
+            return Err(LocalError::AfterDisconnect.into());
+        }
+        self.check_request(kind, flags, offset, length)?;
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        let slot = self.cmds.insert(cookie);
+        let c = self.cmds.get_mut(slot);
+        c.kind = kind;
+        c.flags = flags;
+        c.offset = offset;
+        c.length = length;
+        c.buf = buf;
+        c.report_chunks = report_chunks;
+        self.encode_request(&RequestHeader { flags: flags.bits(), kind, cookie, offset, length });
+        if kind == cmd::WRITE {
+            self.output.push_payload(slot, length as usize);
+        }
+        self.output.milestone(Milestone::Request { slot });
+        Ok(cookie)
+    }
+
+    fn encode_request(&mut self, header: &RequestHeader) {
+        let extended = self.neg.extended_headers;
+        let enc = self.output.encoder();
+        let mark = enc.len();
+        header.encode(extended, enc);
+        self.output.commit_encoded(mark);
+    }
+
+    // ---- replies ----------------------------------------------------------------
+
+    /// One parse step; `Ok(false)` when more bytes are needed.
+    pub(super) fn step_reply(&mut self) -> Result<bool, Error> {
+        match self.rx {
+            Rx::Header => {
+                let avail = self.input.available();
+                if avail.len() < 4 {
+                    self.input.want(4);
+                    return Ok(false);
+                }
+                let magic = u32::from_be_bytes([avail[0], avail[1], avail[2], avail[3]]);
+                let size = ReplyHeader::size_for_magic(magic).ok_or(ProtocolError::BadReplyMagic(magic))?;
+                if avail.len() < size {
+                    self.input.want(size);
+                    return Ok(false);
+                }
+                let header = ReplyHeader::decode(&avail[..size]).ok_or(ProtocolError::BadReplyMagic(magic))?;
+                self.input.consume(size);
+                self.on_reply_header(header)?;
+            }
+            Rx::DataOffset { slot, hdr } => {
+                let Some(bytes) = self.input.available().get(..8) else {
+                    self.input.want(8);
+                    return Ok(false);
+                };
+                let offset = Reader::new(bytes).u64().unwrap_or_default();
+                self.input.consume(8);
+                let length = hdr.length - 8;
+                let at = self.claim_content(slot, offset, length)?;
+                self.rx = Rx::Data(DataRun {
+                    slot,
+                    at,
+                    remaining: length as usize,
+                    offset,
+                    length,
+                    ends_reply: hdr.is_done(),
+                });
+            }
+            Rx::Data(run) => {
+                let n = run.remaining.min(self.input.available().len());
+                if n == 0 && run.remaining > 0 {
+                    return Ok(false);
+                }
+                let (src, cmd) = (&self.input.available()[..n], self.cmds.get_mut(run.slot));
+                if let Some(dest) = cmd.buf.as_mut().and_then(|b| b.as_mut().get_mut(run.at..run.at + n)) {
+                    dest.copy_from_slice(src);
+                } else {
+                    return Err(LocalError::Invalid("a read buffer changed size while in flight").into());
+                }
+                self.input.consume(n);
+                self.advance_data(n)?;
+            }
+            Rx::Body { slot, hdr } => {
+                let len = hdr.length as usize;
+                if self.input.available().len() < len {
+                    self.input.want(len);
+                    return Ok(false);
+                }
+                let body = self.input.available()[..len].to_vec();
+                self.input.consume(len);
+                self.rx = Rx::Header;
+                self.on_chunk_body(slot, hdr, &body)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Where a direct receive may go: the caller's buffer, when a large
+    /// run of READ payload is next and nothing is buffered ahead of it.
+    pub(super) fn direct_target(&self) -> Option<(usize, usize, usize)> {
+        match self.rx {
+            Rx::Data(run) if self.input.is_empty() && run.remaining >= DIRECT_MIN => {
+                Some((run.slot, run.at, run.remaining))
+            }
+            _ => None,
+        }
+    }
+
+    /// `n` bytes landed directly in the caller's buffer.
+    pub(super) fn advance_direct(&mut self, n: usize) -> Result<(), Error> {
+        match self.rx {
+            Rx::Data(run) if n <= run.remaining => self.advance_data(n),
+            _ => Err(LocalError::Invalid("more bytes reported than the receive buffer held").into()),
+        }
+    }
+
+    fn advance_data(&mut self, n: usize) -> Result<(), Error> {
+        let Rx::Data(mut run) = self.rx else { return Ok(()) };
+        run.at += n;
+        run.remaining -= n;
+        if run.remaining > 0 {
+            self.rx = Rx::Data(run);
+            return Ok(());
+        }
+        self.rx = Rx::Header;
+        let c = self.cmds.get(run.slot);
+        if c.report_chunks {
+            let (cookie, offset, length) = (c.cookie, run.offset, run.length);
+            self.events.push_back(Event::ReadChunk { cookie, offset, length, status: ChunkStatus::Data });
+        }
+        if run.ends_reply {
+            self.finish(run.slot)?;
+        }
+        Ok(())
+    }
+
+    fn on_reply_header(&mut self, header: ReplyHeader) -> Result<(), Error> {
+        let (cookie, extended_form) = match header {
+            ReplyHeader::Simple { cookie, .. } => (cookie, None),
+            ReplyHeader::Chunk(h) => (h.cookie, Some(h.extended)),
+        };
+        match extended_form {
+            None if self.neg.extended_headers => return Err(ProtocolError::ReplyNotNegotiated("a simple").into()),
+            Some(false) if !self.neg.structured_replies => {
+                return Err(ProtocolError::ReplyNotNegotiated("a structured").into())
+            }
+            Some(false) if self.neg.extended_headers => {
+                return Err(ProtocolError::ReplyNotNegotiated("a compact structured").into())
+            }
+            Some(true) if !self.neg.extended_headers => {
+                return Err(ProtocolError::ReplyNotNegotiated("an extended").into())
+            }
+            _ => {}
+        }
+        let slot = self.cmds.slot_of(cookie).ok_or(ProtocolError::UnknownCookie(cookie))?;
+        let c = self.cmds.get(slot);
+        if !c.sent {
+            return Err(ProtocolError::ReplyBeforeRequest(cookie).into());
+        }
+        let h = match header {
+            ReplyHeader::Simple { error, .. } => return self.on_simple_reply(slot, error),
+            ReplyHeader::Chunk(h) => h,
+        };
+        let (kind, request_length) = (c.kind, c.length);
+        let not_for = || -> Error { ProtocolError::ChunkNotForCommand { kind: h.kind, command: kind }.into() };
+        let bad_length = || -> Error { ProtocolError::BadChunkLength { kind: h.kind, length: h.length }.into() };
+        self.cmds.get_mut(slot).chunked = true;
+        match h.kind {
+            chunk::NONE => {
+                if h.length != 0 {
+                    return Err(bad_length());
+                }
+                if !h.is_done() {
+                    return Err(ProtocolError::NoneWithoutDone.into());
+                }
+                self.finish(slot)?;
+            }
+            chunk::OFFSET_DATA => {
+                if kind != cmd::READ {
+                    return Err(not_for());
+                }
+                // At least one byte of data, and never more than was asked.
+                if h.length < 9 || h.length - 8 > request_length {
+                    return Err(bad_length());
+                }
+                self.rx = Rx::DataOffset { slot, hdr: h };
+            }
+            chunk::OFFSET_HOLE => {
+                if kind != cmd::READ {
+                    return Err(not_for());
+                }
+                if h.length != 12 {
+                    return Err(bad_length());
+                }
+                self.rx = Rx::Body { slot, hdr: h };
+            }
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => {
+                if kind != cmd::BLOCK_STATUS {
+                    return Err(not_for());
+                }
+                let ext = h.kind == chunk::BLOCK_STATUS_EXT;
+                if ext && !self.neg.extended_headers {
+                    return Err(ProtocolError::ReplyNotNegotiated("a 64-bit block status").into());
+                }
+                let (fixed, each) = if ext { (8, 16) } else { (4, 8) };
+                if h.length < fixed + each || (h.length - fixed) % each != 0 || h.length > MAX_CHUNK_BODY {
+                    return Err(bad_length());
+                }
+                self.rx = Rx::Body { slot, hdr: h };
+            }
+            k if k & chunk::ERROR_BIT != 0 => {
+                // error, message length, message, and for ERROR_OFFSET an offset.
+                let tail = if k == chunk::ERROR_OFFSET { 8 } else { 0 };
+                if h.length < 6 + tail || h.length > (6 + MAX_STRING + 8) as u64 {
+                    return Err(bad_length());
+                }
+                self.rx = Rx::Body { slot, hdr: h };
+            }
+            k => return Err(ProtocolError::UnknownChunkType(k).into()),
+        }
+        Ok(())
+    }
+
+    fn on_simple_reply(&mut self, slot: usize, error: u32) -> Result<(), Error> {
+        let c = self.cmds.get_mut(slot);
+        if c.chunked {
+            return Err(ProtocolError::ReplyNotNegotiated("a simple reply after structured chunks: a").into());
+        }
+        if error != 0 {
+            c.record_error(ServerError::Command { errno: nbd_error::to_errno(error), message: None }.into());
+            return self.finish(slot);
+        }
+        if c.kind != cmd::READ || c.length == 0 {
+            return self.finish(slot);
+        }
+        if self.neg.structured_replies {
+            return Err(ProtocolError::SimpleReadUnderStructured.into());
+        }
+        let length = c.length;
+        self.rx =
+            Rx::Data(DataRun { slot, at: 0, remaining: length as usize, offset: c.offset, length, ends_reply: true });
+        Ok(())
+    }
+
+    /// Validates that `[offset, offset+length)` of a read is new and inside
+    /// the request; returns its index in the buffer.
+    fn claim_content(&mut self, slot: usize, offset: u64, length: u64) -> Result<usize, Error> {
+        let c = self.cmds.get_mut(slot);
+        let out_of_range = || -> Error { ProtocolError::ChunkOutOfRange { offset, length }.into() };
+        let start = offset.checked_sub(c.offset).ok_or_else(out_of_range)?;
+        let end = start.checked_add(length).filter(|&e| e <= c.length).ok_or_else(out_of_range)?;
+        if !c.coverage.add(start, end) {
+            return Err(ProtocolError::ChunkOverlap { offset, length }.into());
+        }
+        c.content_chunks += 1;
+        if c.flags.contains(CmdFlags::DF) && c.content_chunks > 1 {
+            return Err(ProtocolError::FragmentedDf.into());
+        }
+        Ok(start as usize)
+    }
+
+    fn on_chunk_body(&mut self, slot: usize, h: ChunkHeader, body: &[u8]) -> Result<(), Error> {
+        let mut r = Reader::new(body);
+        let bad_length = || -> Error { ProtocolError::BadChunkLength { kind: h.kind, length: h.length }.into() };
+        match h.kind {
+            chunk::OFFSET_HOLE => {
+                let offset = r.u64().ok_or_else(bad_length)?;
+                let length = u64::from(r.u32().ok_or_else(bad_length)?);
+                if length == 0 {
+                    return Err(bad_length());
+                }
+                let at = self.claim_content(slot, offset, length)?;
+                let c = self.cmds.get_mut(slot);
+                match c.buf.as_mut().and_then(|b| b.as_mut().get_mut(at..at + length as usize)) {
+                    Some(dest) => dest.fill(0),
+                    None => return Err(LocalError::Invalid("a read buffer changed size while in flight").into()),
+                }
+                if c.report_chunks {
+                    let cookie = c.cookie;
+                    self.events.push_back(Event::ReadChunk { cookie, offset, length, status: ChunkStatus::Hole });
+                }
+            }
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => self.on_block_status(slot, h, &mut r)?,
+            _ => {
+                // Every error chunk, known or not, starts the same way.
+                let value = r.u32().ok_or_else(bad_length)?;
+                let msg_len = r.u16().ok_or_else(bad_length)?;
+                let msg = r.take(usize::from(msg_len)).ok_or(ProtocolError::ErrorMessageTooLong(msg_len.into()))?;
+                if value == 0 {
+                    return Err(ProtocolError::ZeroErrorInErrorChunk.into());
+                }
+                let c = self.cmds.get(slot);
+                let offset = if h.kind == chunk::ERROR_OFFSET {
+                    let off = r.u64().ok_or_else(bad_length)?;
+                    if off < c.offset || off - c.offset >= c.length.max(1) {
+                        return Err(ProtocolError::ChunkOutOfRange { offset: off, length: 0 }.into());
+                    }
+                    off
+                } else {
+                    c.offset
+                };
+                if h.kind == chunk::ERROR && r.remaining() != 0 {
+                    return Err(bad_length());
+                }
+                let errno = nbd_error::to_errno(value);
+                let message = (!msg.is_empty()).then(|| String::from_utf8_lossy(msg).into_owned());
+                // As libnbd, only an error with an offset is a read chunk.
+                if c.report_chunks && h.kind == chunk::ERROR_OFFSET {
+                    let (cookie, status) = (c.cookie, ChunkStatus::Error { errno });
+                    self.events.push_back(Event::ReadChunk { cookie, offset, length: 0, status });
+                }
+                self.cmds.get_mut(slot).record_error(ServerError::Command { errno, message }.into());
+            }
+        }
+        if h.is_done() {
+            self.finish(slot)?;
+        }
+        Ok(())
+    }
+
+    fn on_block_status(&mut self, slot: usize, h: ChunkHeader, r: &mut Reader<'_>) -> Result<(), Error> {
+        let ext = h.kind == chunk::BLOCK_STATUS_EXT;
+        let bad_length = || -> Error { ProtocolError::BadChunkLength { kind: h.kind, length: h.length }.into() };
+        let context_id = r.u32().ok_or_else(bad_length)?;
+        let count = if ext {
+            // A nonzero descriptor count must match the length.
+            let declared = r.u32().ok_or_else(bad_length)? as usize;
+            let count = r.remaining() / 16;
+            if declared != 0 && declared != count {
+                return Err(bad_length());
+            }
+            count
+        } else {
+            r.remaining() / 8
+        };
+        if self.meta_context_name(context_id).is_none() {
+            return Err(ProtocolError::UnknownContext(context_id).into());
+        }
+        let c = self.cmds.get_mut(slot);
+        if c.contexts_seen.contains(&context_id) {
+            return Err(ProtocolError::DuplicateContext(context_id).into());
+        }
+        c.contexts_seen.push(context_id);
+        if c.flags.contains(CmdFlags::REQ_ONE) && count > 1 {
+            return Err(ProtocolError::ReqOneViolated.into());
+        }
+        let mut extents = Vec::with_capacity(count);
+        let mut total: u64 = 0;
+        for _ in 0..count {
+            let (length, flags) = if ext {
+                (r.u64().ok_or_else(bad_length)?, r.u64().ok_or_else(bad_length)?)
+            } else {
+                (u64::from(r.u32().ok_or_else(bad_length)?), u64::from(r.u32().ok_or_else(bad_length)?))
+            };
+            if length == 0 {
+                return Err(ProtocolError::ZeroLengthExtent.into());
+            }
+            // Only the last extent may reach past the end of the request.
+            if total >= c.length.max(1) {
+                return Err(ProtocolError::ExtentsBeyondRequest.into());
+            }
+            total = total.saturating_add(length);
+            extents.push(Extent { length, flags });
+        }
+        let (cookie, offset) = (c.cookie, c.offset);
+        self.events.push_back(Event::Extents { cookie, context_id, offset, extents });
+        Ok(())
+    }
+
+    /// The reply to the command in `slot` is complete.
+    fn finish(&mut self, slot: usize) -> Result<(), Error> {
+        self.rx = Rx::Header;
+        let c = self.cmds.get(slot);
+        if c.kind == cmd::READ && c.error.is_none() && c.chunked && c.coverage.covered() != c.length {
+            return Err(ProtocolError::IncompleteRead { covered: c.coverage.covered(), expected: c.length }.into());
+        }
+        self.complete(slot);
+        Ok(())
+    }
+
+    /// Retires the command in `slot`, reporting its first error if any.
+    pub(super) fn complete(&mut self, slot: usize) {
+        let (cookie, error, buf) = self.cmds.remove(slot);
+        let result = match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        self.events.push_back(Event::Complete { cookie, result, buf });
+    }
+}

@@ -1,0 +1,449 @@
+//! The NBD wire format, shared by the client and server roles.
+//!
+//! Everything here is a constant, a fixed-size header with `encode`/`decode`,
+//! or a small encoder for a variable-length payload. Nothing here keeps
+//! state: the client (and the scripted servers in the test suite) decide
+//! what a header means in context.
+
+/// `NBDMAGIC`, the first 8 bytes every server sends.
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: newstyle greeting, and the prefix of every option request.
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+/// Oldstyle greeting.
+pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
+/// Prefix of every option reply.
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Compact (32-bit length) request.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Extended (64-bit length) request.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+/// Simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Structured reply chunk with a compact header.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Structured reply chunk with an extended header.
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
+
+/// The longest string (export name, description, context name) the
+/// protocol permits.
+pub const MAX_STRING: usize = 4096;
+
+/// Option codes (`NBD_OPT_*`).
+pub mod opt {
+    pub const EXPORT_NAME: u32 = 1;
+    pub const ABORT: u32 = 2;
+    pub const LIST: u32 = 3;
+    pub const STARTTLS: u32 = 5;
+    pub const INFO: u32 = 6;
+    pub const GO: u32 = 7;
+    pub const STRUCTURED_REPLY: u32 = 8;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
+
+    /// The option's protocol name, for messages.
+    pub fn name(option: u32) -> &'static str {
+        match option {
+            EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+            ABORT => "NBD_OPT_ABORT",
+            LIST => "NBD_OPT_LIST",
+            STARTTLS => "NBD_OPT_STARTTLS",
+            INFO => "NBD_OPT_INFO",
+            GO => "NBD_OPT_GO",
+            STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+            LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+            SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+            EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+            _ => "unknown option",
+        }
+    }
+}
+
+/// Option reply types (`NBD_REP_*`).
+pub mod rep {
+    pub const ACK: u32 = 1;
+    pub const SERVER: u32 = 2;
+    pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
+    /// Bit 31 marks every error reply.
+    pub const ERR_BIT: u32 = 1 << 31;
+    pub const ERR_UNSUP: u32 = ERR_BIT + 1;
+    pub const ERR_POLICY: u32 = ERR_BIT + 2;
+    pub const ERR_INVALID: u32 = ERR_BIT + 3;
+    pub const ERR_PLATFORM: u32 = ERR_BIT + 4;
+    pub const ERR_TLS_REQD: u32 = ERR_BIT + 5;
+    pub const ERR_UNKNOWN: u32 = ERR_BIT + 6;
+    pub const ERR_SHUTDOWN: u32 = ERR_BIT + 7;
+    pub const ERR_BLOCK_SIZE_REQD: u32 = ERR_BIT + 8;
+    pub const ERR_TOO_BIG: u32 = ERR_BIT + 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT + 10;
+
+    /// What an error reply means, in words.
+    pub fn error_meaning(reply: u32) -> &'static str {
+        match reply {
+            ERR_UNSUP => "the server does not support this option",
+            ERR_POLICY => "the server's policy forbids this option",
+            ERR_INVALID => "the server found the option invalid",
+            ERR_PLATFORM => "the option is not supported on the server's platform",
+            ERR_TLS_REQD => "the server requires TLS first",
+            ERR_UNKNOWN => "the server has no such export",
+            ERR_SHUTDOWN => "the server is shutting down",
+            ERR_BLOCK_SIZE_REQD => "the server requires block size negotiation",
+            ERR_TOO_BIG => "the request or reply is too big for the server",
+            ERR_EXT_HEADER_REQD => "the server requires extended headers",
+            _ => "unknown error reply",
+        }
+    }
+}
+
+/// Information types inside `NBD_REP_INFO` and requested by INFO/GO.
+pub mod info {
+    pub const EXPORT: u16 = 0;
+    pub const NAME: u16 = 1;
+    pub const DESCRIPTION: u16 = 2;
+    pub const BLOCK_SIZE: u16 = 3;
+}
+
+/// Command types (`NBD_CMD_*`).
+pub mod cmd {
+    pub const READ: u16 = 0;
+    pub const WRITE: u16 = 1;
+    pub const DISC: u16 = 2;
+    pub const FLUSH: u16 = 3;
+    pub const TRIM: u16 = 4;
+    pub const CACHE: u16 = 5;
+    pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
+}
+
+/// Structured reply chunk types (`NBD_REPLY_TYPE_*`).
+pub mod chunk {
+    pub const NONE: u16 = 0;
+    pub const OFFSET_DATA: u16 = 1;
+    pub const OFFSET_HOLE: u16 = 2;
+    pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
+    /// Bit 15 marks every error chunk type, known or not.
+    pub const ERROR_BIT: u16 = 1 << 15;
+    pub const ERROR: u16 = ERROR_BIT + 1;
+    pub const ERROR_OFFSET: u16 = ERROR_BIT + 2;
+    /// `NBD_REPLY_FLAG_DONE`.
+    pub const FLAG_DONE: u16 = 1;
+}
+
+/// Errors carried in replies (`NBD_E*`), and the errno each maps to.
+pub mod nbd_error {
+    pub const EPERM: u32 = 1;
+    pub const EIO: u32 = 5;
+    pub const ENOMEM: u32 = 12;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const EOVERFLOW: u32 = 75;
+    pub const ENOTSUP: u32 = 95;
+    pub const ESHUTDOWN: u32 = 108;
+
+    /// The local errno for an error the server sent. Unknown values become
+    /// EINVAL, as the protocol asks of clients.
+    pub fn to_errno(value: u32) -> i32 {
+        match value {
+            EPERM | EIO | ENOMEM | EINVAL | ENOSPC | EOVERFLOW | ENOTSUP | ESHUTDOWN => value as i32,
+            _ => crate::errno::EINVAL,
+        }
+    }
+}
+
+/// Big-endian reads from a byte slice that cannot go out of bounds: every
+/// read returns `None` once the slice is exhausted.
+#[derive(Debug)]
+pub struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes }
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.bytes.len() {
+            return None;
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Some(head)
+    }
+
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+
+    pub fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    pub fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    pub fn u64(&mut self) -> Option<u64> {
+        self.take(8).map(|b| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(b);
+            u64::from_be_bytes(a)
+        })
+    }
+}
+
+/// Big-endian appends.
+pub trait Put {
+    fn put_u16(&mut self, v: u16);
+    fn put_u32(&mut self, v: u32);
+    fn put_u64(&mut self, v: u64);
+}
+
+impl Put for Vec<u8> {
+    fn put_u16(&mut self, v: u16) {
+        self.extend_from_slice(&v.to_be_bytes());
+    }
+    fn put_u32(&mut self, v: u32) {
+        self.extend_from_slice(&v.to_be_bytes());
+    }
+    fn put_u64(&mut self, v: u64) {
+        self.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// A client's option request header (`IHAVEOPT`, option, length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionHeader {
+    pub option: u32,
+    pub length: u32,
+}
+
+impl OptionHeader {
+    pub const SIZE: usize = 16;
+
+    /// Appends the header and its payload.
+    pub fn encode_with(option: u32, payload: &[u8], out: &mut Vec<u8>) {
+        out.put_u64(IHAVEOPT);
+        out.put_u32(option);
+        out.put_u32(payload.len() as u32);
+        out.extend_from_slice(payload);
+    }
+
+    /// `None` if the magic is wrong or the slice is short.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(bytes);
+        if r.u64()? != IHAVEOPT {
+            return None;
+        }
+        Some(OptionHeader { option: r.u32()?, length: r.u32()? })
+    }
+}
+
+/// A server's option reply header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReplyHeader {
+    pub option: u32,
+    pub reply: u32,
+    pub length: u32,
+}
+
+impl OptionReplyHeader {
+    pub const SIZE: usize = 20;
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.put_u64(OPTION_REPLY_MAGIC);
+        out.put_u32(self.option);
+        out.put_u32(self.reply);
+        out.put_u32(self.length);
+    }
+
+    /// Decodes the first [`Self::SIZE`] bytes; `Err(magic)` on a bad magic.
+    pub fn decode(bytes: &[u8; Self::SIZE]) -> Result<Self, u64> {
+        let mut r = Reader::new(bytes);
+        let magic = r.u64().unwrap_or_default();
+        if magic != OPTION_REPLY_MAGIC {
+            return Err(magic);
+        }
+        Ok(OptionReplyHeader {
+            option: r.u32().unwrap_or_default(),
+            reply: r.u32().unwrap_or_default(),
+            length: r.u32().unwrap_or_default(),
+        })
+    }
+}
+
+/// A transmission request header, compact or extended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    /// Effect length; for WRITE the payload length. Compact headers carry
+    /// only 32 bits of it.
+    pub length: u64,
+}
+
+impl RequestHeader {
+    pub const COMPACT_SIZE: usize = 28;
+    pub const EXTENDED_SIZE: usize = 32;
+
+    pub fn size(extended: bool) -> usize {
+        if extended {
+            Self::EXTENDED_SIZE
+        } else {
+            Self::COMPACT_SIZE
+        }
+    }
+
+    pub fn encode(&self, extended: bool, out: &mut Vec<u8>) {
+        out.put_u32(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
+        out.put_u16(self.flags);
+        out.put_u16(self.kind);
+        out.put_u64(self.cookie);
+        out.put_u64(self.offset);
+        if extended {
+            out.put_u64(self.length);
+        } else {
+            out.put_u32(self.length as u32);
+        }
+    }
+
+    /// Decodes a request of either form; `None` if short or the magic is unknown.
+    pub fn decode(bytes: &[u8]) -> Option<(Self, bool)> {
+        let mut r = Reader::new(bytes);
+        let extended = match r.u32()? {
+            REQUEST_MAGIC => false,
+            EXTENDED_REQUEST_MAGIC => true,
+            _ => return None,
+        };
+        let flags = r.u16()?;
+        let kind = r.u16()?;
+        let cookie = r.u64()?;
+        let offset = r.u64()?;
+        let length = if extended { r.u64()? } else { u64::from(r.u32()?) };
+        Some((RequestHeader { flags, kind, cookie, offset, length }, extended))
+    }
+}
+
+/// The header of one reply from the server in transmission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    Simple { error: u32, cookie: u64 },
+    Chunk(ChunkHeader),
+}
+
+/// A structured reply chunk header; `extended` says which form arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkHeader {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    /// Only extended headers carry an offset; zero otherwise.
+    pub offset: u64,
+    pub length: u64,
+    pub extended: bool,
+}
+
+impl ChunkHeader {
+    pub fn is_done(&self) -> bool {
+        self.flags & chunk::FLAG_DONE != 0
+    }
+}
+
+impl ReplyHeader {
+    pub const SIMPLE_SIZE: usize = 16;
+    pub const STRUCTURED_SIZE: usize = 20;
+    pub const EXTENDED_SIZE: usize = 32;
+
+    /// The header size a reply starting with `magic` has.
+    pub fn size_for_magic(magic: u32) -> Option<usize> {
+        match magic {
+            SIMPLE_REPLY_MAGIC => Some(Self::SIMPLE_SIZE),
+            STRUCTURED_REPLY_MAGIC => Some(Self::STRUCTURED_SIZE),
+            EXTENDED_REPLY_MAGIC => Some(Self::EXTENDED_SIZE),
+            _ => None,
+        }
+    }
+
+    /// Decodes a whole header whose size came from [`Self::size_for_magic`].
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let mut r = Reader::new(bytes);
+        match r.u32()? {
+            SIMPLE_REPLY_MAGIC => Some(ReplyHeader::Simple { error: r.u32()?, cookie: r.u64()? }),
+            STRUCTURED_REPLY_MAGIC => Some(ReplyHeader::Chunk(ChunkHeader {
+                flags: r.u16()?,
+                kind: r.u16()?,
+                cookie: r.u64()?,
+                offset: 0,
+                length: u64::from(r.u32()?),
+                extended: false,
+            })),
+            EXTENDED_REPLY_MAGIC => Some(ReplyHeader::Chunk(ChunkHeader {
+                flags: r.u16()?,
+                kind: r.u16()?,
+                cookie: r.u64()?,
+                offset: r.u64()?,
+                length: r.u64()?,
+                extended: true,
+            })),
+            _ => None,
+        }
+    }
+
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match *self {
+            ReplyHeader::Simple { error, cookie } => {
+                out.put_u32(SIMPLE_REPLY_MAGIC);
+                out.put_u32(error);
+                out.put_u64(cookie);
+            }
+            ReplyHeader::Chunk(h) if h.extended => {
+                out.put_u32(EXTENDED_REPLY_MAGIC);
+                out.put_u16(h.flags);
+                out.put_u16(h.kind);
+                out.put_u64(h.cookie);
+                out.put_u64(h.offset);
+                out.put_u64(h.length);
+            }
+            ReplyHeader::Chunk(h) => {
+                out.put_u32(STRUCTURED_REPLY_MAGIC);
+                out.put_u16(h.flags);
+                out.put_u16(h.kind);
+                out.put_u64(h.cookie);
+                out.put_u32(h.length as u32);
+            }
+        }
+    }
+}
+
+/// Payload of `NBD_OPT_INFO` / `NBD_OPT_GO`.
+pub fn encode_info_request(export: &str, infos: &[u16], out: &mut Vec<u8>) {
+    out.put_u32(export.len() as u32);
+    out.extend_from_slice(export.as_bytes());
+    out.put_u16(infos.len() as u16);
+    for &i in infos {
+        out.put_u16(i);
+    }
+}
+
+/// Payload of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+pub fn encode_meta_context_request<S: AsRef<str>>(export: &str, queries: &[S], out: &mut Vec<u8>) {
+    out.put_u32(export.len() as u32);
+    out.extend_from_slice(export.as_bytes());
+    out.put_u32(queries.len() as u32);
+    for q in queries {
+        out.put_u32(q.as_ref().len() as u32);
+        out.extend_from_slice(q.as_ref().as_bytes());
+    }
+}
+
+/// The 124 zero bytes that end an oldstyle greeting and (without
+/// `NO_ZEROES`) the `NBD_OPT_EXPORT_NAME` reply.
+pub const ZERO_PAD: usize = 124;

@@ -1,0 +1,149 @@
+//! A client connection wired to a scripted server in memory.
+
+#![allow(dead_code)]
+
+use super::server::{Behaviour, Server};
+use nbd_proto::{Config, Connection, Cookie, Error, Event, PublicState};
+
+/// How bytes are cut on their way between the peers.
+#[derive(Debug, Clone, Copy)]
+pub enum Split {
+    /// Everything available at once.
+    Whole,
+    /// One byte per call.
+    Bytewise,
+    /// Random cut points from this seed.
+    Random(u64),
+}
+
+pub struct Pair {
+    pub client: Connection<Vec<u8>>,
+    pub server: Server,
+    pub split: Split,
+    rng: u64,
+    /// Events the client produced and no test has claimed yet.
+    pub events: Vec<Event<Vec<u8>>>,
+    /// Every event, rendered, in order: the transcript compared across splits.
+    pub transcript: Vec<String>,
+}
+
+impl Pair {
+    pub fn new(config: Config, behaviour: Behaviour, size: usize) -> Self {
+        Pair::with_split(config, behaviour, size, Split::Whole)
+    }
+
+    pub fn with_split(config: Config, behaviour: Behaviour, size: usize, split: Split) -> Self {
+        let mut client = Connection::new(config);
+        client.handle_connected().unwrap();
+        let rng = match split {
+            Split::Random(seed) => seed | 1,
+            _ => 1,
+        };
+        Pair { client, server: Server::new(behaviour, size), split, rng, events: Vec::new(), transcript: Vec::new() }
+    }
+
+    fn next_cut(&mut self, max: usize) -> usize {
+        match self.split {
+            Split::Whole => max,
+            Split::Bytewise => 1.min(max),
+            Split::Random(_) => {
+                // xorshift64
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                1 + (self.rng as usize) % max.clamp(1, 97)
+            }
+        }
+    }
+
+    fn collect(&mut self) {
+        while let Some(e) = self.client.poll_event() {
+            self.transcript.push(format!("{e:?}"));
+            self.events.push(e);
+        }
+    }
+
+    /// Moves bytes both ways until neither side has anything to say.
+    pub fn drive(&mut self) {
+        loop {
+            let mut moved = false;
+            // Client to server, in possibly partial sends.
+            loop {
+                let mut slices: [&[u8]; 8] = [&[]; 8];
+                let n = self.client.poll_transmit(&mut slices);
+                let bytes: Vec<u8> = slices[..n].concat();
+                if bytes.is_empty() {
+                    break;
+                }
+                let cut = self.next_cut(bytes.len());
+                self.client.handle_sent(cut);
+                self.server.receive(&bytes[..cut]);
+                moved = true;
+            }
+            // Server to client.
+            if !self.server.out.is_empty() {
+                let out = std::mem::take(&mut self.server.out);
+                self.deliver(&out);
+                moved = true;
+            }
+            self.collect();
+            if self.server.closed && self.server.out.is_empty() && self.client.direction().wants_read() {
+                self.client.handle_eof();
+                self.collect();
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// Feeds raw bytes to the client as if the server sent them.
+    pub fn deliver(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if matches!(self.client.state(), PublicState::Dead | PublicState::Closed) {
+                return;
+            }
+            let room = self.client.recv_buffer().len();
+            let n = self.next_cut(bytes.len().min(room));
+            let dest = self.client.recv_buffer();
+            dest[..n].copy_from_slice(&bytes[..n]);
+            self.client.handle_received(n);
+            bytes = &bytes[n..];
+        }
+        self.collect();
+    }
+
+    /// Injects bytes and collects what the client made of them.
+    pub fn inject(&mut self, bytes: &[u8]) {
+        self.deliver(bytes);
+    }
+
+    /// Runs the handshake to the end.
+    pub fn connect(config: Config, behaviour: Behaviour, size: usize) -> Self {
+        let mut p = Pair::new(config, behaviour, size);
+        p.drive();
+        p
+    }
+
+    /// Takes the completion of `cookie`, if it happened.
+    pub fn completion(&mut self, cookie: Cookie) -> Option<Result<Option<Vec<u8>>, Error>> {
+        let i = self.events.iter().position(|e| matches!(e, Event::Complete { cookie: c, .. } if *c == cookie))?;
+        let Event::Complete { result, buf, .. } = self.events.remove(i) else { unreachable!() };
+        Some(result.map(|()| buf))
+    }
+
+    /// The completion of `cookie`, which must have happened.
+    pub fn completed(&mut self, cookie: Cookie) -> Result<Option<Vec<u8>>, Error> {
+        self.completion(cookie).unwrap_or_else(|| panic!("command {cookie} did not complete"))
+    }
+
+    pub fn option_result(&mut self) -> Option<Result<(), Error>> {
+        let i = self.events.iter().position(|e| matches!(e, Event::OptionComplete { .. }))?;
+        let Event::OptionComplete { result } = self.events.remove(i) else { unreachable!() };
+        Some(result)
+    }
+
+    pub fn state(&self) -> PublicState {
+        self.client.state()
+    }
+}

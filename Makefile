@@ -1,0 +1,64 @@
+# Build, test and demo entry points. `make check` is what CI runs.
+
+CARGO ?= cargo
+FUZZ_TIME ?= 60
+FUZZ_SMOKE_TIME ?= 20
+# Programs the tests need, and the Debian packages that provide them.
+PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin
+
+.PHONY: all build deps demo check test lint fuzz-build fuzz-smoke fuzz fuzz-seeds clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace --release
+
+# Installs the test peers that are missing (Debian; needs root).
+deps:
+	@missing=""; for p in $(PEERS); do \
+	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+# The main job in miniature: nbd-proto against an nbdkit this command starts.
+demo: deps
+	$(CARGO) build --release -p nbd-proto --example demo
+	nbdkit -U - memory 64M --run 'target/release/examples/demo "$$unixsocket"'
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: deps
+	$(CARGO) test --workspace
+
+check: lint test fuzz-smoke
+	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
+	  echo "nbd-proto must stay sans-IO"; exit 1; fi
+	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }
+	@echo "make check: all passed"
+
+# Seeds for the fuzzer: sessions recorded from the scripted servers.
+fuzz-seeds:
+	FUZZ_CORPUS_DIR=$(CURDIR)/nbd-proto/fuzz/seeds/client $(CARGO) test -q -p nbd-proto --test fuzz_corpus write_seed_corpus_when_asked
+
+fuzz-build:
+	cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O client
+
+# libFuzzer needs cargo-fuzz (`cargo install cargo-fuzz`); RUSTC_BOOTSTRAP
+# lets it run on the stable toolchain.
+fuzz-smoke: fuzz-seeds
+	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz"; exit 1; }
+	$(MAKE) fuzz FUZZ_TIME=$(FUZZ_SMOKE_TIME)
+
+fuzz: fuzz-seeds fuzz-build
+	mkdir -p nbd-proto/fuzz/corpus/client
+	cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O client fuzz/corpus/client fuzz/seeds/client -- \
+	  -max_total_time=$(FUZZ_TIME) -max_len=200000 -print_final_stats=1
+
+clean:
+	$(CARGO) clean
+	rm -rf nbd-proto/fuzz/target nbd-proto/fuzz/corpus nbd-proto/fuzz/seeds nbd-proto/fuzz/artifacts

@@ -229,7 +229,7 @@ fn nbdkit_opt_mode_list_info_go() {
 #[test]
 fn nbdkit_go_to_unknown_export_fails_with_enoent() {
     let peer = Peer::nbdkit(&["--filter=exportname", "memory", "1M", "exportname=a", "exportname-strict=true"]);
-    let mut d = connect(&peer, config(|c| c.set_export_name("nope").unwrap()));
+    let d = connect(&peer, config(|c| c.set_export_name("nope").unwrap()));
     assert_eq!(d.conn.state(), PublicState::Dead);
     assert_eq!(d.conn.error().unwrap().errno(), ENOENT, "{:?}", d.conn.error());
 }

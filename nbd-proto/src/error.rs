@@ -56,6 +56,8 @@ pub enum ProtocolError {
     DuplicateMetaContextId(u32),
     #[error("the server sent bytes after accepting STARTTLS, before TLS began")]
     DataBeforeTls,
+    #[error("the server sent bytes {0}, when no reply was due")]
+    UnsolicitedData(&'static str),
     #[error("bad reply magic {0:#x}")]
     BadReplyMagic(u32),
     #[error("{0} reply, which was not negotiated")]

@@ -214,10 +214,7 @@ impl<B: super::CommandBuffer> Connection<B> {
         self.neg.fixed = ours.contains(HandshakeFlags::FIXED_NEWSTYLE);
         self.neg.no_zeroes = ours.contains(HandshakeFlags::NO_ZEROES);
         self.neg.protocol = Some(if self.neg.fixed { Protocol::NewstyleFixed } else { Protocol::Newstyle });
-        let enc = self.output.encoder();
-        let mark = enc.len();
-        enc.put_u32(ours.bits());
-        self.output.commit_encoded(mark);
+        self.output.encode(|out| out.put_u32(ours.bits()));
         if self.neg.fixed {
             self.advance_options();
         } else if self.config.tls == TlsMode::Require {
@@ -295,18 +292,13 @@ impl<B: super::CommandBuffer> Connection<B> {
     }
 
     fn send_option(&mut self, option: u32, payload: &[u8]) {
-        let enc = self.output.encoder();
-        let mark = enc.len();
-        OptionHeader::encode_with(option, payload, enc);
-        self.output.commit_encoded(mark);
+        self.output.encode(|out| OptionHeader::encode_with(option, payload, out));
         self.state = State::Handshake(Handshake::OptionReply { option });
     }
 
     fn send_export_name(&mut self) {
-        let enc = self.output.encoder();
-        let mark = enc.len();
-        OptionHeader::encode_with(opt::EXPORT_NAME, self.config.export_name().as_bytes(), enc);
-        self.output.commit_encoded(mark);
+        let name = self.config.export_name().as_bytes();
+        self.output.encode(|out| OptionHeader::encode_with(opt::EXPORT_NAME, name, out));
         self.neg.export = Default::default();
         self.state = State::Handshake(Handshake::ExportNameReply);
     }

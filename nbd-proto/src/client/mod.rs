@@ -10,7 +10,7 @@ mod transmission;
 
 pub use config::Config;
 
-use crate::error::{Error, LocalError, TransportError};
+use crate::error::{Error, LocalError, ProtocolError, TransportError};
 use crate::flags::TransmissionFlags;
 use handshake::{Handshake, OptionPlan};
 use inflight::InFlight;
@@ -387,6 +387,11 @@ impl<B: CommandBuffer> Connection<B> {
         if n == 0 {
             return;
         }
+        if self.is_finished() {
+            self.direct = false;
+            self.input.clear();
+            return;
+        }
         if std::mem::take(&mut self.direct) {
             if let Err(e) = self.advance_direct(n) {
                 self.fail(e);
@@ -496,6 +501,9 @@ impl<B: CommandBuffer> Connection<B> {
             let step = match self.state {
                 State::Handshake(_) => self.step_handshake(),
                 State::Transmission => self.step_reply(),
+                State::Negotiating if !self.input.is_empty() => {
+                    Err(ProtocolError::UnsolicitedData("while negotiating").into())
+                }
                 _ => Ok(false),
             };
             match step {

@@ -46,13 +46,10 @@ impl Output {
         self.segments.is_empty()
     }
 
-    /// The buffer to encode the next header into; pair with [`Self::commit_encoded`].
-    pub fn encoder(&mut self) -> &mut Vec<u8> {
-        &mut self.encoded
-    }
-
-    /// Queues what was appended to the encoder since `mark` (its old length).
-    pub fn commit_encoded(&mut self, mark: usize) {
+    /// Queues the bytes `encode` appends.
+    pub fn encode(&mut self, encode: impl FnOnce(&mut Vec<u8>)) {
+        let mark = self.encoded.len();
+        encode(&mut self.encoded);
         let len = self.encoded.len() - mark;
         if len == 0 {
             return;

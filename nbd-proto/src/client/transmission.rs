@@ -138,10 +138,7 @@ impl<B: CommandBuffer> Connection<B> {
 
     fn encode_request(&mut self, header: &RequestHeader) {
         let extended = self.neg.extended_headers;
-        let enc = self.output.encoder();
-        let mark = enc.len();
-        header.encode(extended, enc);
-        self.output.commit_encoded(mark);
+        self.output.encode(|out| header.encode(extended, out));
     }
 
     // ---- replies ----------------------------------------------------------------

@@ -447,3 +447,78 @@ pub fn encode_meta_context_request<S: AsRef<str>>(export: &str, queries: &[S], o
 /// The 124 zero bytes that end an oldstyle greeting and (without
 /// `NO_ZEROES`) the `NBD_OPT_EXPORT_NAME` reply.
 pub const ZERO_PAD: usize = 124;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_headers_round_trip_in_both_forms() {
+        let h =
+            RequestHeader { flags: 5, kind: cmd::WRITE, cookie: 0x0102_0304_0506_0708, offset: 1 << 40, length: 4096 };
+        for extended in [false, true] {
+            let mut out = Vec::new();
+            h.encode(extended, &mut out);
+            assert_eq!(out.len(), RequestHeader::size(extended));
+            assert_eq!(RequestHeader::decode(&out), Some((h, extended)));
+        }
+        // A compact header keeps only 32 bits of length.
+        let big = RequestHeader { length: (1 << 32) + 7, ..h };
+        let mut out = Vec::new();
+        big.encode(false, &mut out);
+        assert_eq!(RequestHeader::decode(&out).unwrap().0.length, 7);
+    }
+
+    #[test]
+    fn reply_headers_round_trip_and_sizes_follow_magic() {
+        let chunk = ChunkHeader {
+            flags: chunk::FLAG_DONE,
+            kind: chunk::OFFSET_DATA,
+            cookie: 9,
+            offset: 0,
+            length: 20,
+            extended: false,
+        };
+        let cases = [
+            ReplyHeader::Simple { error: nbd_error::EIO, cookie: 3 },
+            ReplyHeader::Chunk(chunk),
+            ReplyHeader::Chunk(ChunkHeader { offset: 512, length: 1 << 33, extended: true, ..chunk }),
+        ];
+        for h in cases {
+            let mut out = Vec::new();
+            h.encode(&mut out);
+            let magic = u32::from_be_bytes([out[0], out[1], out[2], out[3]]);
+            assert_eq!(ReplyHeader::size_for_magic(magic), Some(out.len()));
+            assert_eq!(ReplyHeader::decode(&out), Some(h));
+        }
+        assert_eq!(ReplyHeader::size_for_magic(0xdead_beef), None);
+    }
+
+    #[test]
+    fn option_reply_header_rejects_bad_magic() {
+        let mut out = Vec::new();
+        OptionReplyHeader { option: opt::GO, reply: rep::ERR_UNKNOWN, length: 3 }.encode(&mut out);
+        let mut bytes = [0u8; OptionReplyHeader::SIZE];
+        bytes.copy_from_slice(&out);
+        assert_eq!(OptionReplyHeader::decode(&bytes).unwrap().reply, rep::ERR_UNKNOWN);
+        bytes[0] ^= 1;
+        assert!(OptionReplyHeader::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn reader_never_reads_past_the_end() {
+        let mut r = Reader::new(&[1, 2, 3]);
+        assert_eq!(r.u16(), Some(0x0102));
+        assert_eq!(r.u16(), None);
+        assert_eq!(r.take(2), None);
+        assert_eq!(r.rest(), &[3]);
+        assert_eq!(r.u64(), None);
+    }
+
+    #[test]
+    fn unknown_server_errors_map_to_einval() {
+        assert_eq!(nbd_error::to_errno(nbd_error::ENOSPC), crate::errno::ENOSPC);
+        assert_eq!(nbd_error::to_errno(4242), crate::errno::EINVAL);
+        assert_eq!(rep::error_meaning(rep::ERR_TLS_REQD), "the server requires TLS first");
+    }
+}

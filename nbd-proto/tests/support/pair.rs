@@ -101,7 +101,7 @@ impl Pair {
     pub fn deliver(&mut self, mut bytes: &[u8]) {
         while !bytes.is_empty() {
             if matches!(self.client.state(), PublicState::Dead | PublicState::Closed) {
-                return;
+                break;
             }
             let room = self.client.recv_buffer().len();
             let n = self.next_cut(bytes.len().min(room));
@@ -110,6 +110,12 @@ impl Pair {
             self.client.handle_received(n);
             bytes = &bytes[n..];
         }
+        self.collect();
+    }
+
+    /// The server closes the connection.
+    pub fn eof(&mut self) {
+        self.client.handle_eof();
         self.collect();
     }
 

@@ -56,6 +56,14 @@ impl<B: CommandBuffer> Connection<B> {
                 return Err(LocalError::NoMetaContexts);
             }
         }
+        let has_payload = matches!(kind, cmd::READ | cmd::WRITE);
+        if strict.contains(StrictMode::PAYLOAD) && has_payload && length > MAX_REQUEST_SIZE {
+            return Err(LocalError::TooLarge { max: MAX_REQUEST_SIZE });
+        }
+        // Compact headers cannot carry a longer length, whatever the mode.
+        if !self.neg.extended_headers && length > u64::from(u32::MAX) {
+            return Err(LocalError::TooLarge { max: u64::from(u32::MAX) });
+        }
         if kind == cmd::FLUSH {
             return Ok(());
         }
@@ -75,14 +83,6 @@ impl<B: CommandBuffer> Connection<B> {
                     return Err(LocalError::Unaligned);
                 }
             }
-        }
-        let has_payload = matches!(kind, cmd::READ | cmd::WRITE);
-        if strict.contains(StrictMode::PAYLOAD) && has_payload && length > MAX_REQUEST_SIZE {
-            return Err(LocalError::TooLarge { max: MAX_REQUEST_SIZE });
-        }
-        // Compact headers cannot carry a longer length, whatever the mode.
-        if !self.neg.extended_headers && length > u64::from(u32::MAX) {
-            return Err(LocalError::TooLarge { max: u64::from(u32::MAX) });
         }
         Ok(())
     }

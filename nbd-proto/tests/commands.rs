@@ -335,3 +335,32 @@ fn extended_headers_carry_64_bit_lengths() {
     let e = p.client.trim(0, 1 << 33, CmdFlags::empty()).unwrap_err();
     assert_eq!(e, Error::Local(LocalError::OutOfBounds));
 }
+
+#[test]
+fn replies_in_any_order() {
+    let mut p = ready(Behaviour::nbdkit());
+    p.server.hold = true;
+    let cookies: Vec<Cookie> =
+        (0..8u64).map(|i| p.client.read(i * 512, vec![0; 512], CmdFlags::empty()).unwrap()).collect();
+    p.drive();
+    let mut v = Vec::new();
+    for &c in cookies.iter().rev() {
+        let h = ChunkHeader { flags: 1, kind: chunk::OFFSET_DATA, cookie: c, offset: 0, length: 520, extended: false };
+        ReplyHeader::Chunk(h).encode(&mut v);
+        v.put_u64((c - cookies[0]) * 512);
+        v.extend_from_slice(&[c as u8; 512]);
+    }
+    p.inject(&v);
+    let order: Vec<Cookie> = p
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Complete { cookie, .. } => Some(*cookie),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(order, cookies.iter().rev().copied().collect::<Vec<_>>());
+    for c in cookies {
+        assert_eq!(p.completed(c).unwrap().unwrap(), vec![c as u8; 512]);
+    }
+}

@@ -1,4 +1,21 @@
 //! The libnbd-compatible C ABI (`libnbd.so.0`) over [`nbd_proto`].
 //!
-//! Not built yet: this crate is the home of issue 3 (the C face). It exists
-//! so the workspace has the layout of DESIGN.md from the start.
+//! Every export goes through [`boundary`]: a panic never crosses the FFI,
+//! the handle lock is taken, and the handle's state is checked against
+//! [`table`], the single source of truth for the exported surface.
+//!
+//! Work in progress (issue 3): the functions present behave as libnbd's;
+//! URIs, subprocess and systemd transports, vsock, TLS and the generated
+//! header and versioned shared object are still to come.
+
+// Exports take raw pointers from C by contract (NULL is checked, the rest
+// is the caller's promise, as in libnbd); each dereference carries its
+// SAFETY note where it happens.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
+
+pub mod api;
+pub mod boundary;
+pub mod callbacks;
+pub mod error;
+pub mod handle;
+pub mod table;

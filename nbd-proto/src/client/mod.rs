@@ -266,6 +266,11 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
+    /// Strictness may change at any time; it applies to later commands.
+    pub fn set_strict_mode(&mut self, strict: crate::flags::StrictMode) {
+        self.config.strict = strict;
+    }
+
     pub fn state(&self) -> PublicState {
         match self.state {
             State::Created => PublicState::Created,

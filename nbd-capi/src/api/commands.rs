@@ -1,0 +1,391 @@
+//! Commands, synchronous and asynchronous, and the AIO event loop calls.
+
+use super::cmd_flags;
+use crate::boundary::export;
+use crate::callbacks::*;
+use crate::error::{CError, CResult};
+use crate::handle::{nbd_handle, Inner, Pending, UserBuf};
+use nbd_proto::{Connection, Cookie, Error};
+use std::ffi::{c_int, c_uint, c_void};
+
+#[derive(Default)]
+struct Callbacks {
+    completion: Option<Owned<nbd_completion_callback>>,
+    chunk: Option<Owned<nbd_chunk_callback>>,
+    extent: Option<Owned<nbd_extent_callback>>,
+}
+
+/// Submits one command and remembers its callbacks; sends at once.
+fn submit(
+    i: &mut Inner,
+    cbs: Callbacks,
+    buf: *mut u8,
+    offset: u64,
+    issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, Error>,
+) -> CResult<i64> {
+    let cookie = issue(&mut i.conn)?;
+    let pending =
+        Pending { completion: cbs.completion, chunk: cbs.chunk, extent: cbs.extent, callback_error: 0, buf, offset };
+    i.pending.insert(cookie, pending);
+    i.notify_write();
+    Ok(cookie as i64)
+}
+
+/// Waits for `cookie` and retires it.
+fn wait(i: &mut Inner, cookie: i64) -> CResult<c_int> {
+    let cookie = cookie as u64;
+    i.run_until(|i| i.done.iter().any(|(c, _)| *c == cookie))?;
+    retire(i, cookie).map(|_| 0)
+}
+
+/// 1 and retired if `cookie` completed well; its error if it failed; 0 if
+/// still in flight.
+fn retire(i: &mut Inner, cookie: u64) -> CResult<c_int> {
+    if let Some(pos) = i.done.iter().position(|(c, _)| *c == cookie) {
+        let (_, err) = i.done.remove(pos).unwrap_or_default();
+        if err != 0 {
+            return Err(CError::new(err, "command failed"));
+        }
+        return Ok(1);
+    }
+    if i.pending.contains_key(&cookie) {
+        return Ok(0);
+    }
+    Err(CError::new(libc::EINVAL, format!("invalid cookie: {cookie}")))
+}
+
+fn read_buf(i: &Inner, buf: *mut c_void, count: usize) -> CResult<UserBuf> {
+    if buf.is_null() && count > 0 {
+        return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
+    }
+    if i.pread_initialize && count > 0 {
+        // SAFETY: the caller gave `count` writable bytes at `buf`.
+        unsafe { std::ptr::write_bytes(buf.cast::<u8>(), 0, count) };
+    }
+    Ok(UserBuf::read(buf.cast(), count))
+}
+
+fn write_buf(buf: *const c_void, count: usize) -> CResult<UserBuf> {
+    if buf.is_null() && count > 0 {
+        return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
+    }
+    Ok(UserBuf::write(buf.cast(), count))
+}
+
+fn completion(c: nbd_completion_callback) -> Callbacks {
+    Callbacks { completion: Owned::some(c), ..Callbacks::default() }
+}
+
+fn no_callbacks() -> Callbacks {
+    Callbacks::default()
+}
+
+// ---- asynchronous commands ---------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_pread(
+    h: *mut nbd_handle,
+    buf: *mut c_void,
+    count: usize,
+    offset: u64,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_pread", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = read_buf(i, buf, count)?;
+        submit(i, cbs, buf.cast(), offset, |c| c.read(offset, b, f))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_pread_structured(
+    h: *mut nbd_handle,
+    buf: *mut c_void,
+    count: usize,
+    offset: u64,
+    chunk: nbd_chunk_callback,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = Callbacks { chunk: Owned::some(chunk), ..completion(cb) };
+    export!("nbd_aio_pread_structured", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = read_buf(i, buf, count)?;
+        submit(i, cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_pwrite(
+    h: *mut nbd_handle,
+    buf: *const c_void,
+    count: usize,
+    offset: u64,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_pwrite", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = write_buf(buf, count)?;
+        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.write(offset, b, f))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_flush(h: *mut nbd_handle, cb: nbd_completion_callback, flags: u32) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_flush", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        submit(i, cbs, std::ptr::null_mut(), 0, |c| c.flush(f))
+    })
+}
+
+macro_rules! ranged_aio {
+    ($name:ident, $method:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $name(
+            h: *mut nbd_handle,
+            count: u64,
+            offset: u64,
+            cb: nbd_completion_callback,
+            flags: u32,
+        ) -> i64 {
+            let cbs = completion(cb);
+            export!(stringify!($name), h, -1, |i| {
+                let f = cmd_flags(flags)?;
+                submit(i, cbs, std::ptr::null_mut(), offset, |c| c.$method(offset, count, f))
+            })
+        }
+    };
+}
+
+ranged_aio!(nbd_aio_trim, trim);
+ranged_aio!(nbd_aio_cache, cache);
+ranged_aio!(nbd_aio_zero, write_zeroes);
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_block_status(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    extent: nbd_extent_callback,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = Callbacks { extent: Owned::some(extent), ..completion(cb) };
+    export!("nbd_aio_block_status", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))
+    })
+}
+
+// ---- synchronous commands -------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int {
+    export!("nbd_pread", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = read_buf(i, buf, count)?;
+        let c = submit(i, no_callbacks(), buf.cast(), offset, |c| c.read(offset, b, f))?;
+        wait(i, c)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_pread_structured(
+    h: *mut nbd_handle,
+    buf: *mut c_void,
+    count: usize,
+    offset: u64,
+    chunk: nbd_chunk_callback,
+    flags: u32,
+) -> c_int {
+    let cbs = Callbacks { chunk: Owned::some(chunk), ..Callbacks::default() };
+    export!("nbd_pread_structured", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = read_buf(i, buf, count)?;
+        let c = submit(i, cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))?;
+        wait(i, c)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int {
+    export!("nbd_pwrite", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let b = write_buf(buf, count)?;
+        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.write(offset, b, f))?;
+        wait(i, c)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
+    export!("nbd_flush", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let c = submit(i, no_callbacks(), std::ptr::null_mut(), 0, |c| c.flush(f))?;
+        wait(i, c)
+    })
+}
+
+macro_rules! ranged_sync {
+    ($name:ident, $method:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $name(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
+            export!(stringify!($name), h, -1, |i| {
+                let f = cmd_flags(flags)?;
+                let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.$method(offset, count, f))?;
+                wait(i, c)
+            })
+        }
+    };
+}
+
+ranged_sync!(nbd_trim, trim);
+ranged_sync!(nbd_cache, cache);
+ranged_sync!(nbd_zero, write_zeroes);
+
+#[no_mangle]
+pub extern "C" fn nbd_block_status(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    extent: nbd_extent_callback,
+    flags: u32,
+) -> c_int {
+    let cbs = Callbacks { extent: Owned::some(extent), ..Callbacks::default() };
+    export!("nbd_block_status", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let c = submit(i, cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))?;
+        wait(i, c)
+    })
+}
+
+// ---- disconnecting -----------------------------------------------------------------
+
+const SHUTDOWN_ABANDON_PENDING: u32 = 0x10000;
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
+    export!("nbd_aio_disconnect", h, -1, |i| {
+        if flags != 0 {
+            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+        }
+        i.conn.disconnect()?;
+        i.notify_write();
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
+    export!("nbd_shutdown", h, -1, |i| {
+        if flags & !SHUTDOWN_ABANDON_PENDING != 0 {
+            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+        }
+        if flags & SHUTDOWN_ABANDON_PENDING != 0 {
+            // Commands not yet sent are abandoned: the connection ends now.
+            i.conn.handle_transport_error(libc::ESHUTDOWN, "shutdown abandoned pending commands");
+            i.dispatch();
+            i.sock = None;
+            return Ok(0);
+        }
+        match i.conn.disconnect() {
+            Ok(()) => {}
+            Err(nbd_proto::Error::Local(nbd_proto::LocalError::AfterDisconnect)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        i.run_until(|i| matches!(i.conn.state(), nbd_proto::PublicState::Closed | nbd_proto::PublicState::Dead))
+            .or_else(|e| if e.errno == libc::ENOTCONN { Ok(()) } else { Err(e) })?;
+        Ok(0)
+    })
+}
+
+// ---- the AIO loop ---------------------------------------------------------------------
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_get_fd", h, -1, |i| {
+        let fd = i.fd();
+        if fd < 0 {
+            return Err(CError::new(libc::ENOTCONN, "connection is not established"));
+        }
+        Ok(fd)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
+    export!("nbd_aio_get_direction", h, 0, |i| Ok(i.direction()))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_notify_read", h, -1, |i| {
+        i.notify_read();
+        i.notify_write();
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_notify_write", h, -1, |i| {
+        i.notify_write();
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int {
+    export!("nbd_poll", h, -1, |i| Ok(c_int::from(i.poll_once(timeout)?)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int {
+    export!("nbd_aio_command_completed", h, -1, |i| retire(i, cookie))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
+    export!("nbd_aio_peek_command_completed", h, -1, |i| {
+        if let Some((c, _)) = i.done.front() {
+            return Ok(*c as i64);
+        }
+        if i.pending.is_empty() {
+            return Err(CError::new(libc::EINVAL, "no commands are in flight"));
+        }
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_in_flight(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_in_flight", h, -1, |i| Ok(i.conn.in_flight() as c_int))
+}
+
+macro_rules! state_predicate {
+    ($name:ident, $($state:ident)|+) => {
+        #[no_mangle]
+        pub extern "C" fn $name(h: *mut nbd_handle) -> c_int {
+            export!(stringify!($name), h, -1, |i| {
+                Ok(c_int::from(matches!(i.conn.state(), $(nbd_proto::PublicState::$state)|+) && !i.poisoned))
+            })
+        }
+    };
+}
+
+state_predicate!(nbd_aio_is_created, Created);
+state_predicate!(nbd_aio_is_connecting, Connecting);
+state_predicate!(nbd_aio_is_negotiating, Negotiating);
+state_predicate!(nbd_aio_is_ready, Ready);
+state_predicate!(nbd_aio_is_processing, Processing);
+state_predicate!(nbd_aio_is_closed, Closed);
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_dead(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_dead", h, -1, |i| Ok(c_int::from(i.poisoned || i.conn.state() == nbd_proto::PublicState::Dead)))
+}

@@ -1,0 +1,122 @@
+//! Creating and closing handles, and handle-wide settings.
+
+use super::{arg_str, c_string};
+use crate::boundary::export;
+use crate::callbacks::{nbd_debug_callback, Owned};
+use crate::handle::nbd_handle;
+use std::ffi::{c_char, c_int, CString};
+use std::sync::atomic::Ordering;
+
+/// The version string, as libnbd reports it: the ABI we implement.
+static VERSION: &CStr0 = c"1.14.2";
+static PACKAGE: &CStr0 = c"libnbd";
+type CStr0 = std::ffi::CStr;
+
+#[no_mangle]
+pub extern "C" fn nbd_create() -> *mut nbd_handle {
+    export!("nbd_create", std::ptr::null_mut(), || Ok(Box::into_raw(Box::new(nbd_handle::new()))))
+}
+
+/// # Safety
+/// `h` is NULL or a handle from `nbd_create` not yet closed.
+#[no_mangle]
+pub unsafe extern "C" fn nbd_close(h: *mut nbd_handle) {
+    if h.is_null() {
+        return;
+    }
+    // SAFETY: per the function's contract the handle is ours to free.
+    // Dropping it closes the socket and runs the `free` of every callback
+    // still held, without calling the callbacks, as libnbd does.
+    drop(unsafe { Box::from_raw(h) });
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_version(h: *mut nbd_handle) -> *const c_char {
+    export!("nbd_get_version", h, std::ptr::null(), |_i| Ok(VERSION.as_ptr()))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_package_name(h: *mut nbd_handle) -> *const c_char {
+    export!("nbd_get_package_name", h, std::ptr::null(), |_i| Ok(PACKAGE.as_ptr()))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_debug(h: *mut nbd_handle, debug: bool) -> c_int {
+    export!("nbd_set_debug", h, -1, |i| {
+        i.debug = debug;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_debug(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_debug", h, -1, |i| Ok(c_int::from(i.debug)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callback) -> c_int {
+    let cb = Owned::new(cb);
+    export!("nbd_set_debug_callback", h, -1, |i| {
+        i.debug_cb = Some(cb);
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_clear_debug_callback(h: *mut nbd_handle) -> c_int {
+    export!("nbd_clear_debug_callback", h, -1, |i| {
+        i.debug_cb = None;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_handle_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
+    export!("nbd_set_handle_name", h, -1, |i| {
+        let name = arg_str(name, "handle_name")?;
+        i.handle_name = CString::new(name).unwrap_or_default();
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_handle_name(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_handle_name", h, std::ptr::null_mut(), |i| c_string(&i.handle_name.to_string_lossy()))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_private_data(h: *mut nbd_handle, data: usize) -> usize {
+    // SAFETY: NULL or a live handle (the C contract); no lock is needed
+    // for the atomic, as in libnbd.
+    match unsafe { h.as_ref() } {
+        Some(handle) => handle.private_data.swap(data, Ordering::SeqCst),
+        None => 0,
+    }
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_private_data(h: *mut nbd_handle) -> usize {
+    // SAFETY: as for nbd_set_private_data.
+    unsafe { h.as_ref() }.map_or(0, |handle| handle.private_data.load(Ordering::SeqCst))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
+    export!("nbd_connection_state", h, std::ptr::null(), |i| {
+        let s: &'static CStr0 = match i.state_name() {
+            "created" => c"CREATED",
+            "connecting" => c"CONNECTING",
+            "negotiating" => c"NEGOTIATING",
+            "ready" => c"READY",
+            "processing" => c"PROCESSING",
+            "closed" => c"CLOSED",
+            _ => c"DEAD",
+        };
+        Ok(s.as_ptr())
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_supports_tls(h: *mut nbd_handle) -> c_int {
+    export!("nbd_supports_tls", h, -1, |_i| Ok(0))
+}

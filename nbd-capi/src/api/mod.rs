@@ -1,0 +1,41 @@
+//! The exported functions, grouped by what they do. Every one goes
+//! through `export!` (see `boundary`).
+
+mod commands;
+mod connect;
+mod handle;
+mod info;
+mod opt;
+mod settings;
+
+use crate::error::{CError, CResult};
+use std::ffi::{c_char, CStr};
+
+/// A required string argument; NULL is EFAULT.
+pub(crate) fn arg_str(p: *const c_char, what: &str) -> CResult<String> {
+    if p.is_null() {
+        return Err(CError::new(libc::EFAULT, format!("{what} cannot be NULL")));
+    }
+    // SAFETY: non-NULL and, by the C contract, NUL-terminated.
+    let s = unsafe { CStr::from_ptr(p) };
+    Ok(s.to_string_lossy().into_owned())
+}
+
+/// A `malloc`ed copy of `s` for the caller to `free`.
+pub(crate) fn c_string(s: &str) -> CResult<*mut c_char> {
+    let c = std::ffi::CString::new(s.replace('\0', "")).unwrap_or_default();
+    // SAFETY: `c` is NUL-terminated; strdup allocates with malloc.
+    let p = unsafe { libc::strdup(c.as_ptr()) };
+    if p.is_null() {
+        return Err(CError::new(libc::ENOMEM, "strdup"));
+    }
+    Ok(p)
+}
+
+/// Command flags: bits above 16 can never be sent.
+pub(crate) fn cmd_flags(flags: u32) -> CResult<nbd_proto::CmdFlags> {
+    if flags > u32::from(u16::MAX) {
+        return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+    }
+    Ok(nbd_proto::CmdFlags::from_bits_retain(flags as u16))
+}

@@ -1,0 +1,189 @@
+//! Settings made before connecting (and some while negotiating).
+
+use super::{arg_str, c_string};
+use crate::boundary::export;
+use crate::error::CError;
+use crate::handle::nbd_handle;
+use nbd_proto::{HandshakeFlags, StrictMode};
+use std::ffi::{c_char, c_int, CString};
+
+#[no_mangle]
+pub extern "C" fn nbd_set_export_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
+    export!("nbd_set_export_name", h, -1, |i| {
+        let name = arg_str(name, "export_name")?;
+        i.conn.config_mut()?.set_export_name(&name)?;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_export_name(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_export_name", h, std::ptr::null_mut(), |i| c_string(i.conn.config().export_name()))
+}
+
+macro_rules! bool_setting {
+    ($set:ident, $get:ident, $field:ident) => {
+        #[no_mangle]
+        pub extern "C" fn $set(h: *mut nbd_handle, v: bool) -> c_int {
+            export!(stringify!($set), h, -1, |i| {
+                i.conn.config_mut()?.$field = v;
+                Ok(0)
+            })
+        }
+
+        #[no_mangle]
+        pub extern "C" fn $get(h: *mut nbd_handle) -> c_int {
+            export!(stringify!($get), h, -1, |i| Ok(c_int::from(i.conn.config().$field)))
+        }
+    };
+}
+
+bool_setting!(nbd_set_request_block_size, nbd_get_request_block_size, request_block_size);
+bool_setting!(nbd_set_full_info, nbd_get_full_info, full_info);
+bool_setting!(nbd_set_request_structured_replies, nbd_get_request_structured_replies, request_structured_replies);
+bool_setting!(nbd_set_opt_mode, nbd_get_opt_mode, opt_mode);
+
+#[no_mangle]
+pub extern "C" fn nbd_set_handshake_flags(h: *mut nbd_handle, flags: u32) -> c_int {
+    export!("nbd_set_handshake_flags", h, -1, |i| {
+        let f = HandshakeFlags::from_bits(flags)
+            .ok_or_else(|| CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")))?;
+        i.conn.config_mut()?.handshake_flags = f;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_handshake_flags(h: *mut nbd_handle) -> u32 {
+    export!("nbd_get_handshake_flags", h, 0, |i| Ok(i.conn.config().handshake_flags.bits()))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
+    export!("nbd_set_strict_mode", h, -1, |i| {
+        if flags & !0x1f != 0 {
+            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+        }
+        // libnbd always limits READ/WRITE payloads; keep that bit on.
+        let strict = StrictMode::from_bits_truncate(flags) | StrictMode::PAYLOAD;
+        i.conn.set_strict_mode(strict);
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_strict_mode(h: *mut nbd_handle) -> u32 {
+    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits() & 0x1f))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_pread_initialize(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_pread_initialize", h, -1, |i| {
+        i.pread_initialize = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_pread_initialize(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_pread_initialize", h, -1, |i| Ok(c_int::from(i.pread_initialize)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_add_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
+    export!("nbd_add_meta_context", h, -1, |i| {
+        let name = arg_str(name, "name")?;
+        i.conn.config_mut()?.add_meta_context(&name)?;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_clear_meta_contexts(h: *mut nbd_handle) -> c_int {
+    export!("nbd_clear_meta_contexts", h, -1, |i| {
+        i.conn.config_mut()?.clear_meta_contexts();
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_nr_meta_contexts(h: *mut nbd_handle) -> isize {
+    export!("nbd_get_nr_meta_contexts", h, -1, |i| Ok(i.conn.config().meta_contexts().len() as isize))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_meta_context(h: *mut nbd_handle, n: usize) -> *mut c_char {
+    export!("nbd_get_meta_context", h, std::ptr::null_mut(), |i| {
+        let names = i.conn.config().meta_contexts();
+        let name =
+            names.get(n).ok_or_else(|| CError::new(libc::EINVAL, format!("meta context request out of range: {n}")))?;
+        c_string(name)
+    })
+}
+
+// ---- TLS settings: this build has no TLS yet (issue 4) ---------------------
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
+    export!("nbd_set_tls", h, -1, |i| {
+        match tls {
+            0 => {
+                i.conn.config_mut()?.tls = nbd_proto::TlsMode::Disable;
+                Ok(0)
+            }
+            1 | 2 => Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support")),
+            _ => Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}"))),
+        }
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_tls(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_tls", h, -1, |i| Ok(i.conn.config().tls as c_int))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls_verify_peer(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_tls_verify_peer", h, -1, |i| {
+        i.tls_verify_peer = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_tls_verify_peer(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_tls_verify_peer", h, -1, |i| Ok(c_int::from(i.tls_verify_peer)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls_username(h: *mut nbd_handle, user: *const c_char) -> c_int {
+    export!("nbd_set_tls_username", h, -1, |i| {
+        let user = arg_str(user, "username")?;
+        i.tls_username = Some(CString::new(user).unwrap_or_default());
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_tls_username", h, std::ptr::null_mut(), |i| match &i.tls_username {
+        Some(u) => c_string(&u.to_string_lossy()),
+        None => c_string(&std::env::var("USER").unwrap_or_default()),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls_certificates(h: *mut nbd_handle, dir: *const c_char) -> c_int {
+    export!("nbd_set_tls_certificates", h, -1, |_i| {
+        arg_str(dir, "dir")?;
+        Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls_psk_file(h: *mut nbd_handle, file: *const c_char) -> c_int {
+    export!("nbd_set_tls_psk_file", h, -1, |_i| {
+        arg_str(file, "filename")?;
+        Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"))
+    })
+}

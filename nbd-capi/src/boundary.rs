@@ -1,0 +1,89 @@
+//! The one door every export goes through: panics stop here, the handle
+//! is locked, the state is checked against the export table, and errors
+//! become the thread's last error with the function's name in front.
+
+use crate::error::{set_error, CError, CResult};
+use crate::handle::{nbd_handle, Inner};
+use crate::table::{self, Export};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// Runs `f` on the locked handle for the export `row`; `fail` is what the
+/// function returns on error.
+pub fn enter<R>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&mut Inner) -> CResult<R>) -> R {
+    // SAFETY: a non-NULL `h` came from `nbd_create` and is not yet closed,
+    // which is the caller's side of the libnbd contract.
+    let Some(handle) = (unsafe { h.as_ref() }) else {
+        set_error(row.name, &CError::new(libc::EFAULT, "invalid handle: NULL"));
+        return fail;
+    };
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let mut inner = handle.lock();
+        check_state(&inner, row)?;
+        f(&mut inner)
+    }));
+    match outcome {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            set_error(row.name, &e);
+            fail
+        }
+        Err(_) => {
+            handle.mark_poisoned();
+            set_error(row.name, &CError::new(libc::EIO, "internal error: the handle is now dead"));
+            fail
+        }
+    }
+}
+
+/// Runs `f` with no handle (for the few exports that take none).
+pub fn enter_global<R>(row: Export, fail: R, f: impl FnOnce() -> CResult<R>) -> R {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            set_error(row.name, &e);
+            fail
+        }
+        Err(_) => {
+            set_error(row.name, &CError::new(libc::EIO, "internal error"));
+            fail
+        }
+    }
+}
+
+fn check_state(inner: &Inner, row: Export) -> CResult<()> {
+    let state = inner.public_state();
+    if row.states & state != 0 {
+        return Ok(());
+    }
+    let required = describe(row.states);
+    let errno = if state == table::CREATED { libc::ENOTCONN } else { libc::EINVAL };
+    Err(CError::new(errno, format!("invalid state: {}: the handle must be {required}", inner.state_name())))
+}
+
+fn describe(states: table::States) -> String {
+    let names = [
+        (table::CREATED, "newly created"),
+        (table::CONNECTING, "connecting"),
+        (table::NEGOTIATING, "negotiating"),
+        (table::CONNECTED, "connected with the server"),
+        (table::CLOSED, "shut down"),
+        (table::DEAD, "dead"),
+    ];
+    let parts: Vec<&str> = names.iter().filter(|(bit, _)| states & bit != 0).map(|(_, n)| *n).collect();
+    parts.join(", or ")
+}
+
+/// Wraps an export's body: `export!("nbd_name", h, FAIL, |inner| body)`.
+/// The row is looked up at compile time, so a name missing from the table
+/// does not build.
+macro_rules! export {
+    ($name:expr, $h:expr, $fail:expr, |$inner:ident| $body:expr) => {{
+        const ROW: $crate::table::Export = $crate::table::export($name);
+        $crate::boundary::enter($h, ROW, $fail, |$inner| $body)
+    }};
+    ($name:expr, $fail:expr, || $body:expr) => {{
+        const ROW: $crate::table::Export = $crate::table::export($name);
+        $crate::boundary::enter_global(ROW, $fail, || $body)
+    }};
+}
+pub(crate) use export;

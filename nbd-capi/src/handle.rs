@@ -1,0 +1,451 @@
+//! The handle: one lock around the protocol core, the socket, the
+//! callbacks and the settings that live only on the C side.
+
+#![allow(non_camel_case_types)]
+
+use crate::callbacks::*;
+use crate::error::{CError, CResult};
+use crate::table;
+use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{c_int, c_uint, CString};
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Mutex, MutexGuard};
+
+/// A caller's buffer lent to one command. READ buffers are writable;
+/// WRITE buffers are not, and offer no mutable view.
+pub struct UserBuf {
+    ptr: *mut u8,
+    len: usize,
+    writable: bool,
+}
+
+// SAFETY: the caller keeps the buffer alive and untouched until the
+// command completes, whichever thread completes it (libnbd's contract).
+unsafe impl Send for UserBuf {}
+
+impl UserBuf {
+    pub fn read(ptr: *mut u8, len: usize) -> Self {
+        UserBuf { ptr, len, writable: true }
+    }
+    pub fn write(ptr: *const u8, len: usize) -> Self {
+        UserBuf { ptr: ptr as *mut u8, len, writable: false }
+    }
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+}
+
+impl AsRef<[u8]> for UserBuf {
+    fn as_ref(&self) -> &[u8] {
+        if self.len == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points at `len` readable bytes for the command's
+        // lifetime (caller's contract, NULL rejected at submission).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+impl AsMut<[u8]> for UserBuf {
+    fn as_mut(&mut self) -> &mut [u8] {
+        if self.len == 0 || !self.writable {
+            return &mut [];
+        }
+        // SAFETY: as for `as_ref`, and the buffer was passed as writable.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
+/// Callbacks and errors of one command in flight.
+pub struct Pending {
+    pub completion: Option<Owned<nbd_completion_callback>>,
+    pub chunk: Option<Owned<nbd_chunk_callback>>,
+    pub extent: Option<Owned<nbd_extent_callback>>,
+    /// An errno a callback asked to fail the command with.
+    pub callback_error: i32,
+    /// The read buffer's start, for chunk callbacks.
+    pub buf: *mut u8,
+    pub offset: u64,
+}
+
+/// Callbacks of the `opt_*` command in progress.
+#[derive(Default)]
+pub struct OptPending {
+    pub completion: Option<Owned<nbd_completion_callback>>,
+    pub list: Option<Owned<nbd_list_callback>>,
+    pub context: Option<Owned<nbd_context_callback>>,
+    /// Entries reported, for the synchronous calls' return value.
+    pub count: c_int,
+    /// Set once the option finished: its errno (0 for success).
+    pub done: Option<i32>,
+}
+
+pub struct Inner {
+    pub conn: Connection<UserBuf>,
+    pub sock: Option<UnixStream>,
+    pub debug: bool,
+    pub debug_cb: Option<Owned<nbd_debug_callback>>,
+    pub handle_name: CString,
+    pub pread_initialize: bool,
+    pub uri_allow_transports: u32,
+    pub uri_allow_tls: c_int,
+    pub uri_allow_local_file: bool,
+    pub tls_verify_peer: bool,
+    pub tls_username: Option<CString>,
+    pub pending: HashMap<u64, Pending>,
+    /// Completed and not yet retired: cookie and errno (0 = success).
+    pub done: VecDeque<(u64, i32)>,
+    pub opt: Option<OptPending>,
+    pub last_option_error: Option<String>,
+    pub poisoned: bool,
+}
+
+/// `struct nbd_handle`, opaque to C.
+pub struct nbd_handle {
+    inner: Mutex<Inner>,
+    pub private_data: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+/// The longest extent a 32-bit extent callback can carry: just below
+/// 4 GiB, kept 512-aligned.
+const MAX_EXTENT_32: u64 = 0xffff_fe00;
+
+static HANDLE_SEQ: AtomicUsize = AtomicUsize::new(1);
+
+impl nbd_handle {
+    pub fn new() -> Self {
+        let n = HANDLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let debug = std::env::var("LIBNBD_DEBUG").is_ok_and(|v| v == "1");
+        nbd_handle {
+            inner: Mutex::new(Inner {
+                conn: Connection::new(Config::default()),
+                sock: None,
+                debug,
+                debug_cb: None,
+                handle_name: CString::new(format!("nbd{n}")).unwrap_or_default(),
+                pread_initialize: true,
+                uri_allow_transports: 7,
+                uri_allow_tls: 1,
+                uri_allow_local_file: false,
+                tls_verify_peer: true,
+                tls_username: None,
+                pending: HashMap::new(),
+                done: VecDeque::new(),
+                opt: None,
+                last_option_error: None,
+                poisoned: false,
+            }),
+            private_data: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
+            g.poisoned = true;
+        }
+        g
+    }
+
+    /// A panic escaped an export: the handle is dead from now on.
+    pub fn mark_poisoned(&self) {
+        self.poisoned.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Default for nbd_handle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Inner {
+    /// The state as the export table sees it.
+    pub fn public_state(&self) -> table::States {
+        if self.poisoned {
+            return table::DEAD;
+        }
+        match self.conn.state() {
+            PublicState::Created => table::CREATED,
+            PublicState::Connecting => table::CONNECTING,
+            PublicState::Negotiating => table::NEGOTIATING,
+            PublicState::Ready | PublicState::Processing => table::CONNECTED,
+            PublicState::Closed => table::CLOSED,
+            PublicState::Dead => table::DEAD,
+        }
+    }
+
+    pub fn state_name(&self) -> &'static str {
+        if self.poisoned {
+            "dead"
+        } else {
+            self.conn.state().name()
+        }
+    }
+
+    pub fn debug(&mut self, msg: impl FnOnce() -> String) {
+        if !self.debug {
+            return;
+        }
+        let text = msg();
+        match &self.debug_cb {
+            Some(cb) => {
+                let ctx = CString::new("libnbd").unwrap_or_default();
+                let m = CString::new(text.replace('\0', " ")).unwrap_or_default();
+                let c = cb.get();
+                if let Some(f) = c.callback {
+                    // SAFETY: a C callback with its own user data, given
+                    // NUL-terminated strings that outlive the call.
+                    unsafe { f(c.user_data, ctx.as_ptr(), m.as_ptr()) };
+                }
+            }
+            None => eprintln!("libnbd: debug: {}: {text}", self.handle_name.to_string_lossy()),
+        }
+    }
+
+    /// Adopts a connected socket and starts the handshake.
+    pub fn attach(&mut self, fd: OwnedFd) -> CResult<()> {
+        let sock = UnixStream::from(fd);
+        sock.set_nonblocking(true)?;
+        self.sock = Some(sock);
+        self.conn.handle_connected().map_err(CError::from)?;
+        Ok(())
+    }
+
+    pub fn fd(&self) -> c_int {
+        self.sock.as_ref().map_or(-1, |s| s.as_raw_fd())
+    }
+
+    /// `LIBNBD_AIO_DIRECTION_*` as libnbd reports it.
+    pub fn direction(&self) -> c_uint {
+        let d = self.conn.direction();
+        c_uint::from(d.wants_read()) | (c_uint::from(d.wants_write()) << 1)
+    }
+
+    /// Sends what can be sent without blocking.
+    pub fn notify_write(&mut self) {
+        let Some(sock) = self.sock.as_mut() else { return };
+        loop {
+            let mut slices: [&[u8]; 64] = [&[]; 64];
+            let n = self.conn.poll_transmit(&mut slices);
+            if n == 0 {
+                break;
+            }
+            let iov: [IoSlice<'_>; 64] = std::array::from_fn(|i| IoSlice::new(slices[i]));
+            match sock.write_vectored(&iov[..n]) {
+                Ok(sent) => self.conn.handle_sent(sent),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "send");
+                    break;
+                }
+            }
+        }
+        self.dispatch();
+    }
+
+    /// Receives what has arrived, without blocking.
+    pub fn notify_read(&mut self) {
+        let Some(sock) = self.sock.as_mut() else { return };
+        while self.conn.direction().wants_read() {
+            let buf = self.conn.recv_buffer();
+            match sock.read(buf) {
+                Ok(0) => {
+                    self.conn.handle_eof();
+                    break;
+                }
+                Ok(n) => self.conn.handle_received(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "recv");
+                    break;
+                }
+            }
+        }
+        self.dispatch();
+    }
+
+    /// Waits once for the socket to be ready in the direction the
+    /// connection wants, and services it. `Ok(false)` on timeout.
+    pub fn poll_once(&mut self, timeout_ms: c_int) -> CResult<bool> {
+        self.notify_write();
+        let dir = self.direction();
+        let Some(sock) = self.sock.as_ref() else {
+            return Err(CError::new(libc::EINVAL, "not connected"));
+        };
+        if dir == 0 {
+            // Sending changed the state (DISC or ABORT left): progress.
+            return Ok(true);
+        }
+        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: 0, revents: 0 };
+        if dir & 1 != 0 {
+            pfd.events |= libc::POLLIN;
+        }
+        if dir & 2 != 0 {
+            pfd.events |= libc::POLLOUT;
+        }
+        // SAFETY: one valid pollfd, count 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(true);
+            }
+            return Err(e.into());
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            self.notify_read();
+        }
+        if pfd.revents & libc::POLLOUT != 0 {
+            self.notify_write();
+        }
+        Ok(true)
+    }
+
+    /// Drives the connection until `done` holds, failing if it can no
+    /// longer make progress.
+    pub fn run_until(&mut self, done: impl Fn(&Inner) -> bool) -> CResult<()> {
+        loop {
+            if done(self) {
+                return Ok(());
+            }
+            match self.conn.state() {
+                PublicState::Dead => {
+                    let why = self.conn.error().map_or_else(|| "connection is dead".into(), |e| e.to_string());
+                    let errno = self.conn.error().map_or(libc::ENOTCONN, |e| e.errno());
+                    return Err(CError::new(errno, why));
+                }
+                PublicState::Closed => return Err(CError::new(libc::ENOTCONN, "connection is closed")),
+                _ => {}
+            }
+            if self.direction() == 0 {
+                return Err(CError::new(libc::EINVAL, "the connection cannot make progress in this state"));
+            }
+            self.poll_once(-1)?;
+        }
+    }
+
+    /// Turns core events into callbacks and completion records.
+    pub fn dispatch(&mut self) {
+        while let Some(ev) = self.conn.poll_event() {
+            match ev {
+                Event::Complete { cookie, result, .. } => {
+                    let Some(mut p) = self.pending.remove(&cookie) else { continue };
+                    let mut err = match result {
+                        Ok(()) => p.callback_error,
+                        Err(e) => e.errno(),
+                    };
+                    let mut retire = false;
+                    if let Some(c) = p.completion.as_ref().map(|c| *c.get()) {
+                        if let Some(f) = c.callback {
+                            // SAFETY: the caller's completion callback with its user data.
+                            retire = unsafe { f(c.user_data, &mut err) } == 1;
+                        }
+                    }
+                    // Drop the guards now: every `free` runs exactly once.
+                    drop(p.completion.take());
+                    drop(p.chunk.take());
+                    drop(p.extent.take());
+                    if !retire {
+                        self.done.push_back((cookie, err));
+                    }
+                }
+                Event::ReadChunk { cookie, offset, length, status } => {
+                    let Some(p) = self.pending.get_mut(&cookie) else { continue };
+                    let Some(cb) = p.chunk.as_ref().map(|c| *c.get()) else { continue };
+                    let Some(f) = cb.callback else { continue };
+                    let (kind, mut err) = match status {
+                        ChunkStatus::Data => (1, 0),
+                        ChunkStatus::Hole => (2, 0),
+                        ChunkStatus::Error { errno } => (3, errno),
+                    };
+                    let at = offset.saturating_sub(p.offset) as usize;
+                    // SAFETY: `at + length` lies inside the read's buffer
+                    // (the core validated the chunk against the request).
+                    let sub = unsafe { p.buf.add(at) };
+                    // SAFETY: the caller's chunk callback with its user data.
+                    let r = unsafe { f(cb.user_data, sub.cast(), length as usize, offset, kind, &mut err) };
+                    if r == -1 && p.callback_error == 0 {
+                        p.callback_error = if err != 0 { err } else { libc::EPROTO };
+                    }
+                }
+                Event::Extents { cookie, context_id, offset, extents } => {
+                    let name = self.conn.meta_context_name(context_id).unwrap_or("").to_owned();
+                    let Some(p) = self.pending.get_mut(&cookie) else { continue };
+                    let Some(cb) = p.extent.as_ref().map(|c| *c.get()) else { continue };
+                    let Some(f) = cb.callback else { continue };
+                    // libnbd 1.14's callback takes 32-bit pairs: longer
+                    // extents are clamped to the largest 32-bit length.
+                    let mut pairs: Vec<u32> =
+                        extents.iter().flat_map(|e| [e.length.min(MAX_EXTENT_32) as u32, e.flags as u32]).collect();
+                    let name = CString::new(name).unwrap_or_default();
+                    let mut err = 0;
+                    // SAFETY: the caller's extent callback, given a live
+                    // array of 2*n entries and a NUL-terminated name.
+                    let r =
+                        unsafe { f(cb.user_data, name.as_ptr(), offset, pairs.as_mut_ptr(), pairs.len(), &mut err) };
+                    if r == -1 && p.callback_error == 0 {
+                        p.callback_error = if err != 0 { err } else { libc::EPROTO };
+                    }
+                }
+                Event::ExportListed { name, description } => {
+                    let Some(opt) = self.opt.as_mut() else { continue };
+                    opt.count += 1;
+                    if let Some(cb) = opt.list.as_ref().map(|c| *c.get()) {
+                        if let Some(f) = cb.callback {
+                            let n = CString::new(name).unwrap_or_default();
+                            let d = CString::new(description).unwrap_or_default();
+                            // SAFETY: the caller's list callback with NUL-terminated strings.
+                            unsafe { f(cb.user_data, n.as_ptr(), d.as_ptr()) };
+                        }
+                    }
+                }
+                Event::MetaContextListed { name } => {
+                    let Some(opt) = self.opt.as_mut() else { continue };
+                    opt.count += 1;
+                    if let Some(cb) = opt.context.as_ref().map(|c| *c.get()) {
+                        if let Some(f) = cb.callback {
+                            let n = CString::new(name).unwrap_or_default();
+                            // SAFETY: the caller's context callback with a NUL-terminated string.
+                            unsafe { f(cb.user_data, n.as_ptr()) };
+                        }
+                    }
+                }
+                Event::OptionComplete { result } => {
+                    let Some(opt) = self.opt.as_mut() else { continue };
+                    let mut err = result.as_ref().err().map_or(0, |e| e.errno());
+                    if let Some(cb) = opt.completion.as_ref().map(|c| *c.get()) {
+                        if let Some(f) = cb.callback {
+                            // SAFETY: the caller's completion callback with its user data.
+                            unsafe { f(cb.user_data, &mut err) };
+                        }
+                    }
+                    opt.completion = None;
+                    opt.list = None;
+                    opt.context = None;
+                    opt.done = Some(err);
+                    if let Err(e) = result {
+                        self.last_option_error = Some(e.to_string());
+                    }
+                }
+                Event::StartTls => {
+                    // TLS is not built yet (issue 4): the core only sends
+                    // STARTTLS when asked to, which nbd_set_tls refuses.
+                    self.conn.handle_transport_error(libc::ENOTSUP, "TLS is not supported by this build");
+                }
+                Event::Connected => {}
+            }
+        }
+    }
+}

@@ -4,19 +4,46 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin
+PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin /usr/include/libnbd.h:libnbd-dev
 
-.PHONY: all build deps demo check test lint fuzz-build fuzz-smoke fuzz fuzz-seeds clean
+.PHONY: all build lib deps demo check check-c test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
-all: build
+PREFIX ?= /usr/local
+LIBDIR := target/lib
+CC ?= cc
+
+all: lib
 
 build:
 	$(CARGO) build --workspace --release
 
+# libnbd.so.0: the Rust staticlib linked by the C compiler with a version
+# script made from the export table (a cdylib cannot carry version nodes).
+lib: build
+	mkdir -p $(LIBDIR)
+	target/release/nbd-capi-gen version-script > $(LIBDIR)/libnbd.sym
+	$(CC) -shared -o $(LIBDIR)/libnbd.so.0 -Wl,-soname,libnbd.so.0 \
+	  -Wl,--version-script=$(LIBDIR)/libnbd.sym \
+	  -Wl,--whole-archive target/release/libnbd.a -Wl,--no-whole-archive -lpthread -ldl -lm
+	ln -sf libnbd.so.0 $(LIBDIR)/libnbd.so
+	cp target/release/libnbd.a $(LIBDIR)/libnbd.a
+	sed 's|@PREFIX@|$(PREFIX)|' nbd-capi/libnbd.pc.in > $(LIBDIR)/libnbd.pc
+
+install: lib
+	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig
+	install -m 755 $(LIBDIR)/libnbd.so.0 $(DESTDIR)$(PREFIX)/lib/
+	ln -sf libnbd.so.0 $(DESTDIR)$(PREFIX)/lib/libnbd.so
+	install -m 644 $(LIBDIR)/libnbd.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 644 $(LIBDIR)/libnbd.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+
+# C programs on our library and on Debian's, same binary, same output.
+check-c: lib deps
+	tests/c-compare.sh
+
 # Installs the test peers that are missing (Debian; needs root).
 deps:
 	@missing=""; for p in $(PEERS); do \
-	  command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
+	  { command -v $${p%%:*} || test -e $${p%%:*}; } >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -35,7 +62,7 @@ lint:
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test fuzz-smoke
+check: lint test check-c fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

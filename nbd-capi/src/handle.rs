@@ -101,7 +101,26 @@ pub struct Inner {
     pub done: VecDeque<(u64, i32)>,
     pub opt: Option<OptPending>,
     pub last_option_error: Option<String>,
+    /// How the handle connected, when a URI can describe it.
+    pub transport: Option<crate::uri::Transport>,
+    /// A server the handle started itself, and its scratch directory.
+    pub subprocess: Option<(libc::pid_t, Option<std::path::PathBuf>)>,
     pub poisoned: bool,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing our end lets the server see EOF; then reap it.
+        self.sock = None;
+        if let Some((pid, dir)) = self.subprocess.take() {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            if let Some(d) = dir {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
 }
 
 /// `struct nbd_handle`, opaque to C.
@@ -138,6 +157,8 @@ impl nbd_handle {
                 done: VecDeque::new(),
                 opt: None,
                 last_option_error: None,
+                transport: None,
+                subprocess: None,
                 poisoned: false,
             }),
             private_data: AtomicUsize::new(0),

@@ -18,4 +18,6 @@ pub mod boundary;
 pub mod callbacks;
 pub mod error;
 pub mod handle;
+pub mod subprocess;
 pub mod table;
+pub mod uri;

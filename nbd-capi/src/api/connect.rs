@@ -4,6 +4,7 @@ use super::arg_str;
 use crate::boundary::export;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner};
+use crate::uri::{self, Transport};
 use nbd_proto::PublicState;
 use std::ffi::{c_char, c_int};
 use std::net::TcpStream;
@@ -16,26 +17,94 @@ fn finish_connect(i: &mut Inner) -> CResult<c_int> {
     Ok(0)
 }
 
-fn connect_unix(i: &mut Inner, path: *const c_char) -> CResult<()> {
-    let path = arg_str(path, "unixsocket")?;
+/// Connects the transport, recording it for `nbd_get_uri`. A transport
+/// that fails leaves the handle dead, as in libnbd.
+fn connect_transport(i: &mut Inner, t: Transport) -> CResult<()> {
     i.conn.start_connect()?;
-    let s = UnixStream::connect(&path)
-        .map_err(|e| CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("connect: {path}: {e}")))?;
-    i.attach(OwnedFd::from(s))
+    let fd = match open(&t) {
+        Ok(fd) => fd,
+        Err(e) => {
+            i.conn.handle_transport_error(e.errno, "connect");
+            return Err(e);
+        }
+    };
+    i.transport = Some(t);
+    i.attach(fd)
+}
+
+fn open(t: &Transport) -> CResult<OwnedFd> {
+    let os = |e: std::io::Error| CError::new(e.raw_os_error().unwrap_or(libc::EIO), "connect");
+    match t {
+        Transport::Unix { socket } => UnixStream::connect(socket).map(OwnedFd::from).map_err(os),
+        Transport::Tcp { host, port } => {
+            let p: u16 = port
+                .parse()
+                .or_else(|_| service_port(port))
+                .map_err(|()| CError::new(libc::EINVAL, format!("getaddrinfo: {host}:{port}: unknown service")))?;
+            let s = TcpStream::connect((host.as_str(), p)).map_err(os)?;
+            s.set_nodelay(true)?;
+            Ok(OwnedFd::from(s))
+        }
+        Transport::Vsock { cid, port } => vsock(*cid, *port),
+    }
+}
+
+fn vsock(cid: u32, port: u32) -> CResult<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_vm is valid; the fields are set below.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+    // SAFETY: `addr` is a sockaddr_vm of the length passed.
+    let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    Ok(owned)
+}
+
+fn connect_unix(i: &mut Inner, path: *const c_char) -> CResult<()> {
+    let socket = arg_str(path, "unixsocket")?;
+    connect_transport(i, Transport::Unix { socket })
 }
 
 fn connect_tcp(i: &mut Inner, host: *const c_char, port: *const c_char) -> CResult<()> {
     let host = arg_str(host, "hostname")?;
     let port = arg_str(port, "port")?;
-    let port: u16 = port
-        .parse()
-        .or_else(|_| service_port(&port))
-        .map_err(|()| CError::new(libc::EINVAL, format!("getaddrinfo: {host}:{port}: unknown service")))?;
-    i.conn.start_connect()?;
-    let s = TcpStream::connect((host.as_str(), port))
-        .map_err(|e| CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("connect: {host}:{port}: {e}")))?;
-    s.set_nodelay(true)?;
-    i.attach(OwnedFd::from(s))
+    connect_transport(i, Transport::Tcp { host, port })
+}
+
+fn connect_vsock(i: &mut Inner, cid: u32, port: u32) -> CResult<()> {
+    connect_transport(i, Transport::Vsock { cid, port })
+}
+
+fn connect_uri(i: &mut Inner, uri: *const c_char) -> CResult<()> {
+    let text = arg_str(uri, "uri")?;
+    let u = uri::parse(&text)?;
+    if u.transport.allow_bit() & i.uri_allow_transports == 0 {
+        return Err(CError::new(libc::EPERM, "URI transport is not permitted"));
+    }
+    match (u.tls, i.uri_allow_tls) {
+        (true, 0) => return Err(CError::new(libc::EPERM, "URI requests TLS, but TLS is not permitted")),
+        (false, 2) => return Err(CError::new(libc::EPERM, "URI does not request TLS, but TLS is required")),
+        _ => {}
+    }
+    if (u.tls_psk_file.is_some() || u.tls_certificates.is_some()) && !i.uri_allow_local_file {
+        return Err(CError::new(libc::EPERM, "local file access (tls-certificates or tls-psk-file) is not allowed"));
+    }
+    if u.tls {
+        return Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"));
+    }
+    i.conn.config_mut()?.set_export_name(&u.export)?;
+    connect_transport(i, u.transport)
 }
 
 /// Resolves a service name ("nbd") through the system's services database.
@@ -99,4 +168,180 @@ pub extern "C" fn nbd_connect_socket(h: *mut nbd_handle, sock: c_int) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_socket(h: *mut nbd_handle, sock: c_int) -> c_int {
     export!("nbd_aio_connect_socket", h, -1, |i| connect_socket(i, sock).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
+    export!("nbd_connect_uri", h, -1, |i| {
+        connect_uri(i, uri)?;
+        finish_connect(i)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
+    export!("nbd_aio_connect_uri", h, -1, |i| connect_uri(i, uri).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_connect_vsock(h: *mut nbd_handle, cid: u32, port: u32) -> c_int {
+    export!("nbd_connect_vsock", h, -1, |i| {
+        connect_vsock(i, cid, port)?;
+        finish_connect(i)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_connect_vsock(h: *mut nbd_handle, cid: u32, port: u32) -> c_int {
+    export!("nbd_aio_connect_vsock", h, -1, |i| connect_vsock(i, cid, port).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_supports_uri(h: *mut nbd_handle) -> c_int {
+    export!("nbd_supports_uri", h, -1, |_i| Ok(1))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_uri", h, std::ptr::null_mut(), |i| {
+        let t = i
+            .transport
+            .as_ref()
+            .ok_or_else(|| CError::new(libc::ENOTSUP, "cannot construct a URI for this connection method"))?;
+        super::c_string(&uri::format(i.conn.tls_negotiated(), t, i.conn.config().export_name()))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_uri_allow_transports(h: *mut nbd_handle, mask: u32) -> c_int {
+    export!("nbd_set_uri_allow_transports", h, -1, |i| {
+        if mask & !7 != 0 {
+            return Err(CError::new(libc::EINVAL, format!("invalid value for mask: {mask:#x}")));
+        }
+        i.uri_allow_transports = mask;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_uri_allow_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
+    export!("nbd_set_uri_allow_tls", h, -1, |i| {
+        if !(0..=2).contains(&tls) {
+            return Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}")));
+        }
+        i.uri_allow_tls = tls;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int {
+    export!("nbd_set_uri_allow_local_file", h, -1, |i| {
+        i.uri_allow_local_file = allow;
+        Ok(0)
+    })
+}
+
+fn connect_command(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
+    // SAFETY: argv is NULL or a NULL-terminated array of C strings (the C contract).
+    let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
+    i.conn.start_connect()?;
+    let (fd, child) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
+        i.conn.handle_transport_error(e.errno, "connect_command");
+    })?;
+    i.subprocess = Some((child.id() as libc::pid_t, None));
+    i.attach(fd)
+}
+
+fn connect_activated(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
+    // SAFETY: as for connect_command.
+    let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
+    i.conn.start_connect()?;
+    let (fd, pid, dir) = crate::subprocess::spawn_activated(&argv).inspect_err(|e| {
+        i.conn.handle_transport_error(e.errno, "connect_systemd_socket_activation");
+    })?;
+    i.subprocess = Some((pid, Some(dir)));
+    i.attach(fd)
+}
+
+fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::socklen_t) -> CResult<()> {
+    if addr.is_null() {
+        return Err(CError::new(libc::EFAULT, "addr cannot be NULL"));
+    }
+    // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
+    let family = c_int::from(unsafe { (*addr).sa_family });
+    i.conn.start_connect()?;
+    let fail = |i: &mut Inner| {
+        let e = std::io::Error::last_os_error();
+        i.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "connect");
+        CError::from(e)
+    };
+    // SAFETY: socket(2), checked.
+    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(fail(i));
+    }
+    // SAFETY: a fresh socket we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: as above for `addr` and `len`.
+    if unsafe { libc::connect(fd, addr, len) } < 0 {
+        return Err(fail(i));
+    }
+    i.attach(owned)
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_connect_command(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
+    export!("nbd_connect_command", h, -1, |i| {
+        connect_command(i, argv)?;
+        finish_connect(i)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_connect_command(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
+    export!("nbd_aio_connect_command", h, -1, |i| connect_command(i, argv).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_connect_systemd_socket_activation(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
+    export!("nbd_connect_systemd_socket_activation", h, -1, |i| {
+        connect_activated(i, argv)?;
+        finish_connect(i)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_connect_systemd_socket_activation(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
+    export!("nbd_aio_connect_systemd_socket_activation", h, -1, |i| connect_activated(i, argv).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_connect(h: *mut nbd_handle, addr: *const libc::sockaddr, len: libc::socklen_t) -> c_int {
+    export!("nbd_aio_connect", h, -1, |i| connect_sockaddr(i, addr, len).map(|()| 0))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_int {
+    export!("nbd_kill_subprocess", h, -1, |i| {
+        if signum < 0 {
+            return Err(CError::new(libc::EINVAL, format!("invalid signal number: {signum}")));
+        }
+        let Some((pid, _)) = i.subprocess.as_ref() else {
+            return Err(CError::new(libc::ESRCH, "no subprocess"));
+        };
+        let sig = if signum == 0 { libc::SIGTERM } else { signum };
+        // SAFETY: signalling and reaping our own child.
+        unsafe {
+            if libc::kill(*pid, sig) < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut status = 0;
+            libc::waitpid(*pid, &mut status, 0);
+        }
+        if let Some((_, Some(dir))) = i.subprocess.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(0)
+    })
 }

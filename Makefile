@@ -4,9 +4,10 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin /usr/include/libnbd.h:libnbd-dev
+PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
+  /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib deps demo check check-c test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib deps demo check check-c check-debian test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -40,6 +41,11 @@ install: lib
 check-c: lib deps
 	tests/c-compare.sh
 
+# Debian's nbdinfo, nbdcopy, nbdsh, python3-libnbd, fio and nbdkit's nbd
+# plugin, unchanged, on our libnbd.so.0.
+check-debian: lib deps
+	tests/debian-programs.sh
+
 # Installs the test peers that are missing (Debian; needs root).
 deps:
 	@missing=""; for p in $(PEERS); do \
@@ -62,7 +68,7 @@ lint:
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-c fuzz-smoke
+check: lint test check-c check-debian fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

@@ -20,13 +20,18 @@ fn start(
     Ok(())
 }
 
-/// Waits for the option to finish; returns what it reported.
-fn finish(i: &mut Inner) -> CResult<c_int> {
+/// Waits for the option to finish; returns what it reported. A refusal
+/// is reported in libnbd's words; the server's own goes to the debug log.
+fn finish(i: &mut Inner, what: &str) -> CResult<c_int> {
     i.run_until(|i| i.opt.as_ref().is_none_or(|o| o.done.is_some()))?;
     let opt = i.opt.take().unwrap_or_default();
     match opt.done {
         Some(0) | None => Ok(opt.count),
-        Some(err) => Err(CError::new(err, i.last_option_error.take().unwrap_or_else(|| "option failed".into()))),
+        Some(err) => {
+            let detail = i.last_option_error.take().unwrap_or_default();
+            i.debug(|| format!("{what}: {detail}"));
+            Err(CError::new(err, format!("server replied with error to {what} request")))
+        }
     }
 }
 
@@ -38,7 +43,7 @@ fn with_completion(cb: nbd_completion_callback) -> OptPending {
 pub extern "C" fn nbd_opt_go(h: *mut nbd_handle) -> c_int {
     export!("nbd_opt_go", h, -1, |i| {
         start(i, OptPending::default(), |c| c.opt_go())?;
-        finish(i).map(|_| 0)
+        finish(i, "opt_go").map(|_| 0)
     })
 }
 
@@ -46,7 +51,7 @@ pub extern "C" fn nbd_opt_go(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_opt_info(h: *mut nbd_handle) -> c_int {
     export!("nbd_opt_info", h, -1, |i| {
         start(i, OptPending::default(), |c| c.opt_info())?;
-        finish(i).map(|_| 0)
+        finish(i, "opt_info").map(|_| 0)
     })
 }
 
@@ -65,7 +70,7 @@ pub extern "C" fn nbd_opt_list(h: *mut nbd_handle, list: nbd_list_callback) -> c
     let list = Owned::some(list);
     export!("nbd_opt_list", h, -1, |i| {
         start(i, OptPending { list, ..OptPending::default() }, |c| c.opt_list())?;
-        finish(i)
+        finish(i, "opt_list")
     })
 }
 
@@ -74,7 +79,7 @@ pub extern "C" fn nbd_opt_list_meta_context(h: *mut nbd_handle, context: nbd_con
     let context = Owned::some(context);
     export!("nbd_opt_list_meta_context", h, -1, |i| {
         start(i, OptPending { context, ..OptPending::default() }, |c| c.opt_list_meta_context())?;
-        finish(i)
+        finish(i, "opt_list_meta_context")
     })
 }
 

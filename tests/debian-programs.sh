@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Debian's own libnbd programs, unchanged, on our libnbd.so.0 (through
+# LD_LIBRARY_PATH) and on Debian's libnbd, against servers started here.
+# Outputs must be identical; copies must be byte-identical; fio must verify.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# nbdsh runs whichever python3 comes first; Debian's has the nbd module.
+export PATH=/usr/bin:$PATH
+ours=$PWD/target/lib
+test -f "$ours/libnbd.so.0" || { echo "build first: make lib" >&2; exit 1; }
+for p in nbdinfo nbdcopy nbdsh nbdkit qemu-nbd nbd-server fio; do
+  command -v $p >/dev/null || { echo "$p missing: make deps" >&2; exit 1; }
+done
+
+dir=$(mktemp -d /tmp/nbd-debian.XXXXXX)
+pids=()
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null
+  [ -f "$dir/n.pid" ] && kill "$(cat "$dir/n.pid")" 2>/dev/null
+  wait 2>/dev/null
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+wait_for() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
+
+fail=0 passed=0
+same() { # name, then the command to run on both libraries
+  local name=$1; shift
+  local theirs mine
+  theirs=$("$@" 2>&1; echo "rc=$?")
+  mine=$(LD_LIBRARY_PATH=$ours "$@" 2>&1; echo "rc=$?")
+  if [ "$theirs" == "$mine" ]; then
+    passed=$((passed + 1)); echo "ok   $name ($(echo "$mine" | wc -l) lines)"
+  else
+    fail=1; echo "FAIL $name: outputs differ"; diff <(echo "$theirs") <(echo "$mine") | head -20
+  fi
+}
+check() { # name, command (run on our library only)
+  local name=$1; shift
+  if LD_LIBRARY_PATH=$ours "$@" > "$dir/out" 2>&1; then
+    passed=$((passed + 1)); echo "ok   $name"
+  else
+    fail=1; echo "FAIL $name"; tail -20 "$dir/out"
+  fi
+}
+
+# The servers.
+nbdkit -f --exit-with-parent -U "$dir/k.sock" --filter=exportname memory 8M \
+  exportname-list=explicit exportname=a exportname=b & pids+=($!)
+nbdkit -f --exit-with-parent -U "$dir/p.sock" pattern 64M & pids+=($!)
+nbdkit -f --exit-with-parent -U "$dir/s.sock" sparse-random 64M seed=7 & pids+=($!)
+nbdkit -f --exit-with-parent -U "$dir/m.sock" memory 64M & pids+=($!)
+truncate -s 64M "$dir/q.img"
+printf 'xyz' | dd of="$dir/q.img" bs=1 seek=1048576 conv=notrunc status=none
+qemu-nbd -k "$dir/q.sock" -f raw -t -e 0 -A -x qe -D "qemu export" "$dir/q.img" & pids+=($!)
+printf '[generic]\nunixsock = %s\nallowlist = true\n[exp]\nexportname = %s\nflush = true\nfua = true\ntrim = true\n' \
+  "$dir/n.sock" "$dir/q.img" > "$dir/n.conf"
+nbd-server -C "$dir/n.conf" -p "$dir/n.pid" >/dev/null 2>&1
+for s in k p s m q n; do wait_for "$dir/$s.sock"; done
+
+# nbdinfo, every mode, on the three servers.
+for uri in "nbd+unix:///a?socket=$dir/k.sock" "nbd+unix:///qe?socket=$dir/q.sock" \
+           "nbd+unix:///exp?socket=$dir/n.sock" "nbd+unix:///?socket=$dir/s.sock"; do
+  for mode in "" --list --map --json --size --totals "--map=qemu:allocation-depth" "--can flush" "--is read-only"; do
+    same "nbdinfo $mode $uri" nbdinfo $mode "$uri"
+  done
+done
+same "nbdinfo of a missing export" nbdinfo "nbd+unix:///nope?socket=$dir/q.sock"
+same "nbdinfo of a bad URI" nbdinfo "nbd://bad uri"
+
+# nbdcopy: server to file, and back into another server; checksums match.
+nbdcopy "nbd+unix:///?socket=$dir/s.sock" "$dir/ref.img"
+check "nbdcopy sparse-random to file" nbdcopy "nbd+unix:///?socket=$dir/s.sock" "$dir/copy.img"
+check "nbdcopy file identical" cmp "$dir/ref.img" "$dir/copy.img"
+check "nbdcopy file to memory" nbdcopy "$dir/copy.img" "nbd+unix:///?socket=$dir/m.sock"
+check "nbdcopy memory back" nbdcopy "nbd+unix:///?socket=$dir/m.sock" "$dir/back.img"
+check "nbdcopy round trip identical" cmp "$dir/ref.img" "$dir/back.img"
+check "nbdcopy pattern to null" nbdcopy "nbd+unix:///?socket=$dir/p.sock" null:
+
+# Python and nbdsh.
+same "python3 import nbd" /usr/bin/python3 -c 'import nbd; h = nbd.NBD(); print(h.get_version(), h.supports_uri(), h.get_strict_mode())'
+cat > "$dir/script.py" <<EOF
+h.add_meta_context("base:allocation")
+h.connect_uri("nbd+unix:///?socket=$dir/m.sock")
+data = b"hello world" * 1000
+h.pwrite(data, 65536)
+assert h.pread(len(data), 65536) == data
+seen = []
+h.block_status(1 << 20, 0, lambda ctx, off, e, err: seen.append((ctx, off, len(e))) or 0)
+print("extents", seen)
+buf = nbd.Buffer(4096)
+c = h.aio_pread(buf, 65536)
+while not h.aio_command_completed(c):
+    h.poll(-1)
+print("aio", buf.to_bytearray()[:11], h.aio_in_flight())
+try:
+    h.pread(10, 1 << 40)
+except nbd.Error as e:
+    print("error", e.errnum, e.string)
+h.shutdown()
+print("closed", h.aio_is_closed())
+EOF
+same "nbdsh script" nbdsh -c "exec(open('$dir/script.py').read())"
+
+# fio's nbd engine with verification.
+check "fio randrw verify=crc32c" fio --name=v --ioengine=nbd --uri="nbd+unix:///?socket=$dir/m.sock" \
+  --rw=randrw --bs=4k --size=32m --iodepth=32 --verify=crc32c --do_verify=1 --output="$dir/fio.out"
+
+# nbdkit's nbd plugin proxying through our library, read by Debian's libnbd.
+LD_LIBRARY_PATH=$ours nbdkit -f --exit-with-parent -U "$dir/x.sock" nbd socket="$dir/p.sock" & pids+=($!)
+wait_for "$dir/x.sock"
+nbdcopy "nbd+unix:///?socket=$dir/x.sock" "$dir/proxy.img" && nbdcopy "nbd+unix:///?socket=$dir/p.sock" "$dir/direct.img"
+if cmp -s "$dir/proxy.img" "$dir/direct.img" && \
+   grep -q "$ours/libnbd.so.0" "/proc/${pids[-1]}/maps"; then
+  passed=$((passed + 1)); echo "ok   nbdkit nbd plugin on our library proxies pattern 64M identically"
+else
+  fail=1; echo "FAIL nbdkit nbd plugin proxy"
+fi
+
+echo "debian programs: $passed passed, fail=$fail"
+exit $fail

@@ -103,8 +103,12 @@ EOF
 same "nbdsh script" nbdsh -c "exec(open('$dir/script.py').read())"
 
 # fio's nbd engine with verification.
+# (fio keeps its verify state in the working directory.)
+cd "$dir"
 check "fio randrw verify=crc32c" fio --name=v --ioengine=nbd --uri="nbd+unix:///?socket=$dir/m.sock" \
   --rw=randrw --bs=4k --size=32m --iodepth=32 --verify=crc32c --do_verify=1 --output="$dir/fio.out"
+
+cd - >/dev/null
 
 # nbdkit's nbd plugin proxying through our library, read by Debian's libnbd.
 LD_LIBRARY_PATH=$ours nbdkit -f --exit-with-parent -U "$dir/x.sock" nbd socket="$dir/p.sock" & pids+=($!)

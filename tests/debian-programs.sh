@@ -21,7 +21,14 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-wait_for() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1" >&2; exit 1; }
+# A socket file appears at bind(2); wait until it accepts connections.
+wait_for() {
+  for _ in $(seq 100); do
+    [ -S "$1" ] && /usr/bin/python3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])' "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "no server on $1" >&2; exit 1
+}
 
 fail=0 passed=0
 same() { # name, then the command to run on both libraries

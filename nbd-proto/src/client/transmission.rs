@@ -413,7 +413,9 @@ impl<B: CommandBuffer> Connection<B> {
                 } else {
                     c.offset
                 };
-                if h.kind == chunk::ERROR && r.remaining() != 0 {
+                // The known error types have an exact length; only unknown
+                // ones may carry more after the message.
+                if matches!(h.kind, chunk::ERROR | chunk::ERROR_OFFSET) && r.remaining() != 0 {
                     return Err(bad_length());
                 }
                 let errno = nbd_error::to_errno(value);

@@ -1,5 +1,6 @@
 //! Shared test support: a scripted server, an in-memory pair, a blocking
-//! driver, and the fuzz harness.
+//! driver, the fuzz harness, and encoders for hand-crafted server bytes.
+pub mod craft;
 pub mod driver;
 pub mod fuzz_client;
 pub mod pair;

@@ -29,15 +29,25 @@ fn require(program: &str) {
     assert!(found, "{program} is not installed: run `make deps` (or .ci/run), which installs the test peers");
 }
 
-fn wait_for(socket: &Path, child: &mut Option<Child>) {
+/// Waits until `path` exists and, for a socket, accepts connections (the
+/// file appears at bind(2), before listen(2)).
+fn wait_for(path: &Path, child: &mut Option<Child>) {
     let start = Instant::now();
-    while !socket.exists() {
+    let ready = |p: &Path| {
+        use std::os::unix::fs::FileTypeExt;
+        match std::fs::metadata(p) {
+            Ok(m) if m.file_type().is_socket() => std::os::unix::net::UnixStream::connect(p).is_ok(),
+            Ok(_) => true,
+            Err(_) => false,
+        }
+    };
+    while !ready(path) {
         if let Some(c) = child.as_mut() {
             if let Some(status) = c.try_wait().unwrap() {
                 panic!("server exited before listening: {status}");
             }
         }
-        assert!(start.elapsed() < Duration::from_secs(20), "server did not create {}", socket.display());
+        assert!(start.elapsed() < Duration::from_secs(20), "server did not create {}", path.display());
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -10,7 +10,7 @@ test -f /usr/include/libnbd.h || { echo "libnbd-dev missing: make deps" >&2; exi
 fail=0
 for src in examples-c/*.c; do
   name=$(basename "$src" .c)
-  ${CC:-cc} -std=c99 -Wall -Werror -o "$out/$name" "$src" -l:libnbd.so.0
+  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -o "$out/$name" "$src" -l:libnbd.so.0
   theirs=$(nbdkit -U - memory 16M --run "$out/$name \$unixsocket" 2>&1) || { echo "$name on Debian's libnbd failed:"; echo "$theirs"; fail=1; continue; }
   ours=$(nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$PWD/target/lib $out/$name \$unixsocket" 2>&1) || { echo "$name on ours failed:"; echo "$ours"; fail=1; continue; }
   # Both must really have loaded the library they were meant to.

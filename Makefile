@@ -7,7 +7,7 @@ FUZZ_SMOKE_TIME ?= 20
 PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib deps demo check check-c check-debian test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib header check-header deps demo check check-c check-debian test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -36,6 +36,33 @@ install: lib
 	ln -sf libnbd.so.0 $(DESTDIR)$(PREFIX)/lib/libnbd.so
 	install -m 644 $(LIBDIR)/libnbd.a $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 $(LIBDIR)/libnbd.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	install -d $(DESTDIR)$(PREFIX)/include
+	install -m 644 include/libnbd.h $(DESTDIR)$(PREFIX)/include/
+
+CBINDGEN_VERSION := 0.27.0
+
+# include/libnbd.h: cbindgen's output from nbd-capi, finished with the
+# macros that come from the export table.
+header: build
+	@cbindgen --version | grep -qx 'cbindgen $(CBINDGEN_VERSION)' || \
+	  { echo "need cbindgen $(CBINDGEN_VERSION): cargo install cbindgen --version $(CBINDGEN_VERSION) --locked"; exit 1; }
+	cbindgen --quiet --config nbd-capi/cbindgen.toml --crate nbd-capi --output target/libnbd.cbindgen.h nbd-capi
+	target/release/nbd-capi-gen finish-header < target/libnbd.cbindgen.h > target/libnbd.h
+	cp target/libnbd.h include/libnbd.h
+
+# The committed header must be what the sources generate, and must compile
+# alone as C99 (pedantic) and as C++.
+check-header: build
+	@cbindgen --version | grep -qx 'cbindgen $(CBINDGEN_VERSION)' || \
+	  { echo "need cbindgen $(CBINDGEN_VERSION): cargo install cbindgen --version $(CBINDGEN_VERSION) --locked"; exit 1; }
+	cbindgen --quiet --config nbd-capi/cbindgen.toml --crate nbd-capi --output target/libnbd.cbindgen.h nbd-capi
+	target/release/nbd-capi-gen finish-header < target/libnbd.cbindgen.h > target/libnbd.h
+	diff -u include/libnbd.h target/libnbd.h || { echo "include/libnbd.h is stale: make header"; exit 1; }
+	printf '#include <libnbd.h>\nint main (void) { return 0; }\n' > target/header-test.c
+	$(CC) -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -c target/header-test.c -o target/header-test.o
+	cp target/header-test.c target/header-test.cpp
+	c++ -std=c++11 -Wall -Wextra -Werror -Iinclude -c target/header-test.cpp -o target/header-test-cpp.o
+	test "$$(grep -c '^#define LIBNBD_HAVE_NBD_' include/libnbd.h)" = "$$(grep -c 'row(\"' nbd-capi/src/table.rs)"
 
 # C programs on our library and on Debian's, same binary, same output.
 check-c: lib deps
@@ -68,7 +95,7 @@ lint:
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-c check-debian fuzz-smoke
+check: lint test check-header check-c check-debian fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

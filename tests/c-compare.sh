@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Builds the C examples once and runs each against a fresh nbdkit twice:
 # on Debian's libnbd and on ours (LD_LIBRARY_PATH). Outputs must match.
-# The header is Debian's until ours is generated (issue 3).
+# They are built once, against our include/libnbd.h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/c-tests
 mkdir -p "$out"
-test -f /usr/include/libnbd.h || { echo "libnbd-dev missing: make deps" >&2; exit 1; }
 fail=0
 for src in examples-c/*.c; do
   name=$(basename "$src" .c)
-  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -o "$out/$name" "$src" -l:libnbd.so.0
+  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0
   theirs=$(nbdkit -U - memory 16M --run "$out/$name \$unixsocket" 2>&1) || { echo "$name on Debian's libnbd failed:"; echo "$theirs"; fail=1; continue; }
   ours=$(nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$PWD/target/lib $out/$name \$unixsocket" 2>&1) || { echo "$name on ours failed:"; echo "$ours"; fail=1; continue; }
   # Both must really have loaded the library they were meant to.

@@ -5,17 +5,9 @@
 
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
-macro_rules! closure {
-    ($(#[$m:meta])* $name:ident, fn($($arg:ty),*)) => {
-        $(#[$m])*
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        pub struct $name {
-            pub callback: Option<unsafe extern "C" fn(*mut c_void $(, $arg)*) -> c_int>,
-            pub user_data: *mut c_void,
-            pub free: Option<unsafe extern "C" fn(*mut c_void)>,
-        }
-
+/// Implements [`Closure`] for a callback struct.
+macro_rules! impl_closure {
+    ($name:ident) => {
         impl Closure for $name {
             fn is_null(&self) -> bool {
                 self.callback.is_none()
@@ -37,12 +29,59 @@ pub trait Closure {
     fn release(&mut self);
 }
 
-closure!(nbd_chunk_callback, fn(*const c_void, usize, u64, c_uint, *mut c_int));
-closure!(nbd_completion_callback, fn(*mut c_int));
-closure!(nbd_debug_callback, fn(*const c_char, *const c_char));
-closure!(nbd_extent_callback, fn(*const c_char, u64, *mut u32, usize, *mut c_int));
-closure!(nbd_list_callback, fn(*const c_char, *const c_char));
-closure!(nbd_context_callback, fn(*const c_char));
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_chunk_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *const c_void, usize, u64, c_uint, *mut c_int) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_chunk_callback);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_completion_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *mut c_int) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_completion_callback);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_debug_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_debug_callback);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_extent_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *const c_char, u64, *mut u32, usize, *mut c_int) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_extent_callback);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_list_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *const c_char, *const c_char) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_list_callback);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_context_callback {
+    pub callback: Option<unsafe extern "C" fn(*mut c_void, *const c_char) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_context_callback);
 
 /// Owns a callback; its `free` runs when the guard drops, exactly once.
 pub struct Owned<C: Closure>(C);

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod boundary;
 pub mod callbacks;
+pub mod constants;
 pub mod error;
 pub mod handle;
 pub mod subprocess;

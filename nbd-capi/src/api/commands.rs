@@ -143,28 +143,50 @@ pub extern "C" fn nbd_aio_flush(h: *mut nbd_handle, cb: nbd_completion_callback,
     })
 }
 
-macro_rules! ranged_aio {
-    ($name:ident, $method:ident) => {
-        #[no_mangle]
-        pub extern "C" fn $name(
-            h: *mut nbd_handle,
-            count: u64,
-            offset: u64,
-            cb: nbd_completion_callback,
-            flags: u32,
-        ) -> i64 {
-            let cbs = completion(cb);
-            export!(stringify!($name), h, -1, |i| {
-                let f = cmd_flags(flags)?;
-                submit(i, cbs, std::ptr::null_mut(), offset, |c| c.$method(offset, count, f))
-            })
-        }
-    };
+#[no_mangle]
+pub extern "C" fn nbd_aio_trim(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_trim", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))
+    })
 }
 
-ranged_aio!(nbd_aio_trim, trim);
-ranged_aio!(nbd_aio_cache, cache);
-ranged_aio!(nbd_aio_zero, write_zeroes);
+#[no_mangle]
+pub extern "C" fn nbd_aio_cache(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_cache", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_zero(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let cbs = completion(cb);
+    export!("nbd_aio_zero", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))
+    })
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_block_status(
@@ -231,22 +253,32 @@ pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
     })
 }
 
-macro_rules! ranged_sync {
-    ($name:ident, $method:ident) => {
-        #[no_mangle]
-        pub extern "C" fn $name(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
-            export!(stringify!($name), h, -1, |i| {
-                let f = cmd_flags(flags)?;
-                let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.$method(offset, count, f))?;
-                wait(i, c)
-            })
-        }
-    };
+#[no_mangle]
+pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
+    export!("nbd_trim", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))?;
+        wait(i, c)
+    })
 }
 
-ranged_sync!(nbd_trim, trim);
-ranged_sync!(nbd_cache, cache);
-ranged_sync!(nbd_zero, write_zeroes);
+#[no_mangle]
+pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
+    export!("nbd_cache", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))?;
+        wait(i, c)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
+    export!("nbd_zero", h, -1, |i| {
+        let f = cmd_flags(flags)?;
+        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))?;
+        wait(i, c)
+    })
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_block_status(
@@ -266,8 +298,6 @@ pub extern "C" fn nbd_block_status(
 
 // ---- disconnecting -----------------------------------------------------------------
 
-const SHUTDOWN_ABANDON_PENDING: u32 = 0x10000;
-
 #[no_mangle]
 pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_aio_disconnect", h, -1, |i| {
@@ -283,10 +313,10 @@ pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_shutdown", h, -1, |i| {
-        if flags & !SHUTDOWN_ABANDON_PENDING != 0 {
+        if flags & !crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
         }
-        if flags & SHUTDOWN_ABANDON_PENDING != 0 {
+        if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             // Commands not yet sent are abandoned: the connection ends now.
             i.conn.handle_transport_error(libc::ESHUTDOWN, "shutdown abandoned pending commands");
             i.dispatch();
@@ -367,23 +397,47 @@ pub extern "C" fn nbd_aio_in_flight(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_in_flight", h, -1, |i| Ok(i.conn.in_flight() as c_int))
 }
 
-macro_rules! state_predicate {
-    ($name:ident, $($state:ident)|+) => {
-        #[no_mangle]
-        pub extern "C" fn $name(h: *mut nbd_handle) -> c_int {
-            export!(stringify!($name), h, -1, |i| {
-                Ok(c_int::from(matches!(i.conn.state(), $(nbd_proto::PublicState::$state)|+) && !i.poisoned))
-            })
-        }
-    };
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_created(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_created", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Created && !i.poisoned
+    )))
 }
 
-state_predicate!(nbd_aio_is_created, Created);
-state_predicate!(nbd_aio_is_connecting, Connecting);
-state_predicate!(nbd_aio_is_negotiating, Negotiating);
-state_predicate!(nbd_aio_is_ready, Ready);
-state_predicate!(nbd_aio_is_processing, Processing);
-state_predicate!(nbd_aio_is_closed, Closed);
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_connecting(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_connecting", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Connecting && !i.poisoned
+    )))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_negotiating(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_negotiating", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Negotiating && !i.poisoned
+    )))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_ready", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Ready && !i.poisoned
+    )))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_processing", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Processing && !i.poisoned
+    )))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_is_closed(h: *mut nbd_handle) -> c_int {
+    export!("nbd_aio_is_closed", h, -1, |i| Ok(c_int::from(
+        i.conn.state() == nbd_proto::PublicState::Closed && !i.poisoned
+    )))
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_dead(h: *mut nbd_handle) -> c_int {

@@ -215,7 +215,7 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
 #[no_mangle]
 pub extern "C" fn nbd_set_uri_allow_transports(h: *mut nbd_handle, mask: u32) -> c_int {
     export!("nbd_set_uri_allow_transports", h, -1, |i| {
-        if mask & !7 != 0 {
+        if mask & !crate::constants::LIBNBD_ALLOW_TRANSPORT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid value for mask: {mask:#x}")));
         }
         i.uri_allow_transports = mask;

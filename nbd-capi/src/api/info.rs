@@ -14,25 +14,55 @@ fn flags(i: &Inner) -> CResult<TF> {
     }
 }
 
-macro_rules! flag_getter {
-    ($name:ident, $flag:expr) => {
-        #[no_mangle]
-        pub extern "C" fn $name(h: *mut nbd_handle) -> c_int {
-            export!(stringify!($name), h, -1, |i| Ok(c_int::from(flags(i)?.contains($flag))))
-        }
-    };
+#[no_mangle]
+pub extern "C" fn nbd_is_read_only(h: *mut nbd_handle) -> c_int {
+    export!("nbd_is_read_only", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::READ_ONLY))))
 }
 
-flag_getter!(nbd_is_read_only, TF::READ_ONLY);
-flag_getter!(nbd_can_flush, TF::SEND_FLUSH);
-flag_getter!(nbd_can_fua, TF::SEND_FUA);
-flag_getter!(nbd_is_rotational, TF::ROTATIONAL);
-flag_getter!(nbd_can_trim, TF::SEND_TRIM);
-flag_getter!(nbd_can_zero, TF::SEND_WRITE_ZEROES);
-flag_getter!(nbd_can_fast_zero, TF::SEND_FAST_ZERO);
-flag_getter!(nbd_can_df, TF::SEND_DF);
-flag_getter!(nbd_can_multi_conn, TF::CAN_MULTI_CONN);
-flag_getter!(nbd_can_cache, TF::SEND_CACHE);
+#[no_mangle]
+pub extern "C" fn nbd_can_flush(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_flush", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FLUSH))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_fua(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_fua", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FUA))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_is_rotational(h: *mut nbd_handle) -> c_int {
+    export!("nbd_is_rotational", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::ROTATIONAL))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_trim(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_trim", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_TRIM))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_zero(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_zero", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_WRITE_ZEROES))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_fast_zero(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_fast_zero", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FAST_ZERO))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_df(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_df", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_DF))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_multi_conn", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::CAN_MULTI_CONN))))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_can_cache(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_cache", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_CACHE))))
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {

@@ -21,27 +21,59 @@ pub extern "C" fn nbd_get_export_name(h: *mut nbd_handle) -> *mut c_char {
     export!("nbd_get_export_name", h, std::ptr::null_mut(), |i| c_string(i.conn.config().export_name()))
 }
 
-macro_rules! bool_setting {
-    ($set:ident, $get:ident, $field:ident) => {
-        #[no_mangle]
-        pub extern "C" fn $set(h: *mut nbd_handle, v: bool) -> c_int {
-            export!(stringify!($set), h, -1, |i| {
-                i.conn.config_mut()?.$field = v;
-                Ok(0)
-            })
-        }
-
-        #[no_mangle]
-        pub extern "C" fn $get(h: *mut nbd_handle) -> c_int {
-            export!(stringify!($get), h, -1, |i| Ok(c_int::from(i.conn.config().$field)))
-        }
-    };
+#[no_mangle]
+pub extern "C" fn nbd_set_request_block_size(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_request_block_size", h, -1, |i| {
+        i.conn.config_mut()?.request_block_size = v;
+        Ok(0)
+    })
 }
 
-bool_setting!(nbd_set_request_block_size, nbd_get_request_block_size, request_block_size);
-bool_setting!(nbd_set_full_info, nbd_get_full_info, full_info);
-bool_setting!(nbd_set_request_structured_replies, nbd_get_request_structured_replies, request_structured_replies);
-bool_setting!(nbd_set_opt_mode, nbd_get_opt_mode, opt_mode);
+#[no_mangle]
+pub extern "C" fn nbd_get_request_block_size(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_request_block_size", h, -1, |i| Ok(c_int::from(i.conn.config().request_block_size)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_full_info(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_full_info", h, -1, |i| {
+        i.conn.config_mut()?.full_info = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_full_info(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_full_info", h, -1, |i| Ok(c_int::from(i.conn.config().full_info)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_request_structured_replies(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_request_structured_replies", h, -1, |i| {
+        i.conn.config_mut()?.request_structured_replies = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_request_structured_replies(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_request_structured_replies", h, -1, |i| Ok(c_int::from(
+        i.conn.config().request_structured_replies
+    )))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_opt_mode(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_opt_mode", h, -1, |i| {
+        i.conn.config_mut()?.opt_mode = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_opt_mode(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_opt_mode", h, -1, |i| Ok(c_int::from(i.conn.config().opt_mode)))
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_set_handshake_flags(h: *mut nbd_handle, flags: u32) -> c_int {
@@ -61,7 +93,7 @@ pub extern "C" fn nbd_get_handshake_flags(h: *mut nbd_handle) -> u32 {
 #[no_mangle]
 pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_set_strict_mode", h, -1, |i| {
-        if flags & !0x1f != 0 {
+        if flags & !crate::constants::LIBNBD_STRICT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
         }
         // libnbd always limits READ/WRITE payloads; keep that bit on.
@@ -73,7 +105,7 @@ pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_strict_mode(h: *mut nbd_handle) -> u32 {
-    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits() & 0x1f))
+    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits() & crate::constants::LIBNBD_STRICT_MASK))
 }
 
 #[no_mangle]

@@ -26,12 +26,29 @@ fn have_macros() -> String {
     EXPORTS.iter().map(|e| format!("#define LIBNBD_HAVE_{} 1\n", e.name.to_uppercase())).collect()
 }
 
+/// cbindgen's header on stdin, finished: the table's `LIBNBD_HAVE_*`
+/// macros and libnbd's helper macros go before the include guard's end.
+fn finish_header() -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).expect("read stdin");
+    let extra = format!(
+        "\n#define NBD_NULL_COMPLETION ((nbd_completion_callback) {{ .callback = NULL }})\n\
+         #define LIBNBD_NAMESPACE_BASE \"base:\"\n\
+         #define LIBNBD_CONTEXT_BASE_ALLOCATION \"base:allocation\"\n\n{}\n",
+        have_macros()
+    );
+    let end = text.rfind("#endif").expect("include guard");
+    text.insert_str(end, &extra);
+    text
+}
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("version-script") => print!("{}", version_script()),
         Some("have-macros") => print!("{}", have_macros()),
+        Some("finish-header") => print!("{}", finish_header()),
         _ => {
-            eprintln!("usage: nbd-capi-gen version-script|have-macros");
+            eprintln!("usage: nbd-capi-gen version-script|have-macros|finish-header");
             std::process::exit(2);
         }
     }

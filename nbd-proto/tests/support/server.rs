@@ -436,12 +436,16 @@ impl Server {
     fn structured_read(&mut self, h: RequestHeader) {
         let (off, len) = (h.offset as usize, h.length as usize);
         let mut pieces: Vec<(usize, usize, bool)> = Vec::new();
+        // With DF the whole read is one DATA chunk, as real servers send it.
+        let df = h.flags & nbd_proto::CmdFlags::DF.bits() != 0;
         let mut at = off;
         while at < off + len {
             let end = (at + self.b.max_data_chunk.min(4096)).min(off + len);
-            let hole = self.b.sparse_reads && self.disk[at..end].iter().all(|&b| b == 0);
+            let hole = !df && self.b.sparse_reads && self.disk[at..end].iter().all(|&b| b == 0);
             match pieces.last_mut() {
-                Some((_, l, was_hole)) if *was_hole == hole && (hole || *l + (end - at) <= self.b.max_data_chunk) => {
+                Some((_, l, was_hole))
+                    if *was_hole == hole && (df || hole || *l + (end - at) <= self.b.max_data_chunk) =>
+                {
                     *l += end - at
                 }
                 _ => pieces.push((at, end - at, hole)),

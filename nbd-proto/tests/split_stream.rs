@@ -111,11 +111,11 @@ fn small_session(name: &str, mut b: Behaviour, split: Split) -> (Vec<String>, Pu
     let c = &mut p.client;
     let results = [
         c.write(1000, (0..3000u32).map(|i| (i % 199) as u8 + 1).collect(), CmdFlags::empty()),
-        c.write(70_000, vec![0x5e; 36_000], CmdFlags::FUA),
-        c.write(200_000, vec![0x77; 5000], CmdFlags::empty()),
+        c.write(70_000, vec![0x5e; 12_000], CmdFlags::FUA),
+        c.write(200_000, vec![0x77; 3000], CmdFlags::empty()),
         c.read(0, vec![0xff; 512], CmdFlags::empty()),
-        c.read(68_000, vec![0xff; 40_000], CmdFlags::empty()),
-        c.read_structured(0, vec![0xff; 120_000], CmdFlags::empty()),
+        c.read(68_000, vec![0xff; 33_000], CmdFlags::empty()),
+        c.read_structured(0, vec![0xff; 84_000], CmdFlags::empty()),
         c.read_structured(196_608, vec![0xff; 16384], CmdFlags::DF),
         c.block_status(0, 128 * 1024, CmdFlags::empty()),
         c.block_status(65536, 65536, CmdFlags::REQ_ONE),

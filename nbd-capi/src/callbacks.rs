@@ -109,3 +109,9 @@ impl<C: Closure> Drop for Owned<C> {
         self.0.release();
     }
 }
+
+/// A callback the function cannot do without: NULL is EFAULT (its `free`
+/// has already run, when the guard was made).
+pub fn required<C: Closure>(c: Option<Owned<C>>, name: &str) -> crate::error::CResult<Owned<C>> {
+    c.ok_or_else(|| crate::error::CError::new(libc::EFAULT, format!("{name} cannot be NULL")))
+}

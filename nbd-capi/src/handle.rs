@@ -70,6 +70,8 @@ pub struct Pending {
     /// The read buffer's start, for chunk callbacks.
     pub buf: *mut u8,
     pub offset: u64,
+    /// The command's name in messages ("read", "write", ...).
+    pub what: &'static str,
 }
 
 /// Callbacks of the `opt_*` command in progress.
@@ -97,8 +99,9 @@ pub struct Inner {
     pub tls_verify_peer: bool,
     pub tls_username: Option<CString>,
     pub pending: HashMap<u64, Pending>,
-    /// Completed and not yet retired: cookie and errno (0 = success).
-    pub done: VecDeque<(u64, i32)>,
+    /// Completed and not yet retired: cookie, errno (0 = success) and
+    /// the command's name.
+    pub done: VecDeque<(u64, i32, &'static str)>,
     pub opt: Option<OptPending>,
     pub last_option_error: Option<String>,
     /// How the handle connected, when a URI can describe it.
@@ -114,8 +117,16 @@ impl Drop for Inner {
         self.sock = None;
         if let Some((pid, dir)) = self.subprocess.take() {
             let mut status = 0;
-            // SAFETY: waiting for our own child.
-            unsafe { libc::waitpid(pid, &mut status, 0) };
+            // A socket-activated server keeps listening after its client
+            // leaves, so it is asked to stop; a connect_command server
+            // exits at EOF on its stdin.
+            // SAFETY: signalling and waiting for our own child.
+            unsafe {
+                if dir.is_some() {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+                libc::waitpid(pid, &mut status, 0);
+            }
             if let Some(d) = dir {
                 let _ = std::fs::remove_dir_all(d);
             }
@@ -379,7 +390,7 @@ impl Inner {
                     drop(p.chunk.take());
                     drop(p.extent.take());
                     if !retire {
-                        self.done.push_back((cookie, err));
+                        self.done.push_back((cookie, err, p.what));
                     }
                 }
                 Event::ReadChunk { cookie, offset, length, status } => {

@@ -141,7 +141,7 @@ pub enum LocalError {
     ReadOnly,
     #[error("did not negotiate any metadata contexts, either you did not call nbd_add_meta_context before connecting or the server does not support it")]
     NoMetaContexts,
-    #[error("invalid flag: {0:#x}")]
+    #[error("flags: invalid value for flag: {0:#x}")]
     InvalidFlags(u32),
     #[error("request out of bounds")]
     OutOfBounds,
@@ -153,7 +153,7 @@ pub enum LocalError {
     TooLarge { max: u64 },
     #[error("cannot request more commands after NBD_CMD_DISC")]
     AfterDisconnect,
-    #[error("{0} too long: the limit is 4096 bytes")]
+    #[error("{0} too long for NBD protocol")]
     NameTooLong(&'static str),
     #[error("{0}")]
     Invalid(&'static str),

@@ -18,14 +18,22 @@ struct Callbacks {
 /// Submits one command and remembers its callbacks; sends at once.
 fn submit(
     i: &mut Inner,
+    what: &'static str,
     cbs: Callbacks,
     buf: *mut u8,
     offset: u64,
     issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, Error>,
 ) -> CResult<i64> {
     let cookie = issue(&mut i.conn)?;
-    let pending =
-        Pending { completion: cbs.completion, chunk: cbs.chunk, extent: cbs.extent, callback_error: 0, buf, offset };
+    let pending = Pending {
+        completion: cbs.completion,
+        chunk: cbs.chunk,
+        extent: cbs.extent,
+        callback_error: 0,
+        buf,
+        offset,
+        what,
+    };
     i.pending.insert(cookie, pending);
     i.notify_write();
     Ok(cookie as i64)
@@ -34,24 +42,22 @@ fn submit(
 /// Waits for `cookie` and retires it.
 fn wait(i: &mut Inner, cookie: i64) -> CResult<c_int> {
     let cookie = cookie as u64;
-    i.run_until(|i| i.done.iter().any(|(c, _)| *c == cookie))?;
+    i.run_until(|i| i.done.iter().any(|(c, _, _)| *c == cookie))?;
     retire(i, cookie).map(|_| 0)
 }
 
 /// 1 and retired if `cookie` completed well; its error if it failed; 0 if
-/// still in flight.
+/// still in flight, and (as libnbd 1.14 does) 0 for a cookie it does not
+/// know, such as one already retired.
 fn retire(i: &mut Inner, cookie: u64) -> CResult<c_int> {
-    if let Some(pos) = i.done.iter().position(|(c, _)| *c == cookie) {
-        let (_, err) = i.done.remove(pos).unwrap_or_default();
+    if let Some(pos) = i.done.iter().position(|(c, _, _)| *c == cookie) {
+        let (_, err, what) = i.done.remove(pos).unwrap_or((0, 0, ""));
         if err != 0 {
-            return Err(CError::new(err, "command failed"));
+            return Err(CError::new(err, format!("{what}: command failed")));
         }
         return Ok(1);
     }
-    if i.pending.contains_key(&cookie) {
-        return Ok(0);
-    }
-    Err(CError::new(libc::EINVAL, format!("invalid cookie: {cookie}")))
+    Ok(0)
 }
 
 fn read_buf(i: &Inner, buf: *mut c_void, count: usize) -> CResult<UserBuf> {
@@ -80,6 +86,10 @@ fn no_callbacks() -> Callbacks {
     Callbacks::default()
 }
 
+const ZERO_FLAGS: u32 = crate::constants::LIBNBD_CMD_FLAG_FUA
+    | crate::constants::LIBNBD_CMD_FLAG_NO_HOLE
+    | crate::constants::LIBNBD_CMD_FLAG_FAST_ZERO;
+
 // ---- asynchronous commands ---------------------------------------------------
 
 #[no_mangle]
@@ -93,9 +103,9 @@ pub extern "C" fn nbd_aio_pread(
 ) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_pread", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(i, buf, count)?;
-        submit(i, cbs, buf.cast(), offset, |c| c.read(offset, b, f))
+        submit(i, "read", cbs, buf.cast(), offset, |c| c.read(offset, b, f))
     })
 }
 
@@ -109,11 +119,12 @@ pub extern "C" fn nbd_aio_pread_structured(
     cb: nbd_completion_callback,
     flags: u32,
 ) -> i64 {
-    let cbs = Callbacks { chunk: Owned::some(chunk), ..completion(cb) };
+    let mut cbs = Callbacks { chunk: Owned::some(chunk), ..completion(cb) };
     export!("nbd_aio_pread_structured", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
         let b = read_buf(i, buf, count)?;
-        submit(i, cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))
+        submit(i, "read", cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))
     })
 }
 
@@ -128,9 +139,9 @@ pub extern "C" fn nbd_aio_pwrite(
 ) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_pwrite", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let b = write_buf(buf, count)?;
-        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.write(offset, b, f))
+        submit(i, "write", cbs, std::ptr::null_mut(), offset, |c| c.write(offset, b, f))
     })
 }
 
@@ -138,8 +149,8 @@ pub extern "C" fn nbd_aio_pwrite(
 pub extern "C" fn nbd_aio_flush(h: *mut nbd_handle, cb: nbd_completion_callback, flags: u32) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_flush", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        submit(i, cbs, std::ptr::null_mut(), 0, |c| c.flush(f))
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
+        submit(i, "flush", cbs, std::ptr::null_mut(), 0, |c| c.flush(f))
     })
 }
 
@@ -153,8 +164,8 @@ pub extern "C" fn nbd_aio_trim(
 ) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_trim", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
+        submit(i, "trim", cbs, std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))
     })
 }
 
@@ -168,8 +179,8 @@ pub extern "C" fn nbd_aio_cache(
 ) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_cache", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))
+        let f = cmd_flags(i, flags, 0)?;
+        submit(i, "cache", cbs, std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))
     })
 }
 
@@ -183,8 +194,8 @@ pub extern "C" fn nbd_aio_zero(
 ) -> i64 {
     let cbs = completion(cb);
     export!("nbd_aio_zero", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))
+        let f = cmd_flags(i, flags, ZERO_FLAGS)?;
+        submit(i, "zero", cbs, std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))
     })
 }
 
@@ -197,10 +208,11 @@ pub extern "C" fn nbd_aio_block_status(
     cb: nbd_completion_callback,
     flags: u32,
 ) -> i64 {
-    let cbs = Callbacks { extent: Owned::some(extent), ..completion(cb) };
+    let mut cbs = Callbacks { extent: Owned::some(extent), ..completion(cb) };
     export!("nbd_aio_block_status", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        submit(i, cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))
+        required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
+        submit(i, "block-status", cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))
     })
 }
 
@@ -209,9 +221,9 @@ pub extern "C" fn nbd_aio_block_status(
 #[no_mangle]
 pub extern "C" fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int {
     export!("nbd_pread", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(i, buf, count)?;
-        let c = submit(i, no_callbacks(), buf.cast(), offset, |c| c.read(offset, b, f))?;
+        let c = submit(i, "read", no_callbacks(), buf.cast(), offset, |c| c.read(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -225,11 +237,12 @@ pub extern "C" fn nbd_pread_structured(
     chunk: nbd_chunk_callback,
     flags: u32,
 ) -> c_int {
-    let cbs = Callbacks { chunk: Owned::some(chunk), ..Callbacks::default() };
+    let mut cbs = Callbacks { chunk: Owned::some(chunk), ..Callbacks::default() };
     export!("nbd_pread_structured", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
         let b = read_buf(i, buf, count)?;
-        let c = submit(i, cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))?;
+        let c = submit(i, "read", cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -237,9 +250,9 @@ pub extern "C" fn nbd_pread_structured(
 #[no_mangle]
 pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int {
     export!("nbd_pwrite", h, -1, |i| {
-        let f = cmd_flags(flags)?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let b = write_buf(buf, count)?;
-        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.write(offset, b, f))?;
+        let c = submit(i, "write", no_callbacks(), std::ptr::null_mut(), offset, |c| c.write(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -247,8 +260,8 @@ pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usiz
 #[no_mangle]
 pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_flush", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        let c = submit(i, no_callbacks(), std::ptr::null_mut(), 0, |c| c.flush(f))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
+        let c = submit(i, "flush", no_callbacks(), std::ptr::null_mut(), 0, |c| c.flush(f))?;
         wait(i, c)
     })
 }
@@ -256,8 +269,8 @@ pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_trim", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
+        let c = submit(i, "trim", no_callbacks(), std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -265,8 +278,8 @@ pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u
 #[no_mangle]
 pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_cache", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))?;
+        let f = cmd_flags(i, flags, 0)?;
+        let c = submit(i, "cache", no_callbacks(), std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -274,8 +287,8 @@ pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: 
 #[no_mangle]
 pub extern "C" fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_zero", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        let c = submit(i, no_callbacks(), std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))?;
+        let f = cmd_flags(i, flags, ZERO_FLAGS)?;
+        let c = submit(i, "zero", no_callbacks(), std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -288,10 +301,11 @@ pub extern "C" fn nbd_block_status(
     extent: nbd_extent_callback,
     flags: u32,
 ) -> c_int {
-    let cbs = Callbacks { extent: Owned::some(extent), ..Callbacks::default() };
+    let mut cbs = Callbacks { extent: Owned::some(extent), ..Callbacks::default() };
     export!("nbd_block_status", h, -1, |i| {
-        let f = cmd_flags(flags)?;
-        let c = submit(i, cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))?;
+        required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
+        let c = submit(i, "block-status", cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -302,7 +316,7 @@ pub extern "C" fn nbd_block_status(
 pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_aio_disconnect", h, -1, |i| {
         if flags != 0 {
-            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+            return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
         i.conn.disconnect()?;
         i.notify_write();
@@ -314,7 +328,7 @@ pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
 pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_shutdown", h, -1, |i| {
         if flags & !crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
-            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+            return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
         if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             // Commands not yet sent are abandoned: the connection ends now.
@@ -382,7 +396,7 @@ pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> 
 #[no_mangle]
 pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
     export!("nbd_aio_peek_command_completed", h, -1, |i| {
-        if let Some((c, _)) = i.done.front() {
+        if let Some((c, _, _)) = i.done.front() {
             return Ok(*c as i64);
         }
         if i.pending.is_empty() {

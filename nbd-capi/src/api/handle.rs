@@ -55,6 +55,8 @@ pub extern "C" fn nbd_get_debug(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callback) -> c_int {
+    // libnbd 1.14 accepts a NULL debug callback; its free runs when the
+    // callback is replaced, cleared or the handle closes.
     let cb = Owned::new(cb);
     export!("nbd_set_debug_callback", h, -1, |i| {
         i.debug_cb = Some(cb);

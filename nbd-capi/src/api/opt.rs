@@ -69,6 +69,7 @@ pub extern "C" fn nbd_opt_abort(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_opt_list(h: *mut nbd_handle, list: nbd_list_callback) -> c_int {
     let list = Owned::some(list);
     export!("nbd_opt_list", h, -1, |i| {
+        let list = Some(required(list, "list")?);
         start(i, OptPending { list, ..OptPending::default() }, |c| c.opt_list())?;
         finish(i, "opt_list")
     })
@@ -78,6 +79,7 @@ pub extern "C" fn nbd_opt_list(h: *mut nbd_handle, list: nbd_list_callback) -> c
 pub extern "C" fn nbd_opt_list_meta_context(h: *mut nbd_handle, context: nbd_context_callback) -> c_int {
     let context = Owned::some(context);
     export!("nbd_opt_list_meta_context", h, -1, |i| {
+        let context = Some(required(context, "context")?);
         start(i, OptPending { context, ..OptPending::default() }, |c| c.opt_list_meta_context())?;
         finish(i, "opt_list_meta_context")
     })
@@ -102,8 +104,11 @@ pub extern "C" fn nbd_aio_opt_abort(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_list(h: *mut nbd_handle, list: nbd_list_callback, cb: nbd_completion_callback) -> c_int {
-    let p = OptPending { list: Owned::some(list), ..with_completion(cb) };
-    export!("nbd_aio_opt_list", h, -1, |i| start(i, p, |c| c.opt_list()).map(|()| 0))
+    let mut p = OptPending { list: Owned::some(list), ..with_completion(cb) };
+    export!("nbd_aio_opt_list", h, -1, |i| {
+        p.list = Some(required(p.list.take(), "list")?);
+        start(i, p, |c| c.opt_list()).map(|()| 0)
+    })
 }
 
 #[no_mangle]
@@ -112,6 +117,9 @@ pub extern "C" fn nbd_aio_opt_list_meta_context(
     context: nbd_context_callback,
     cb: nbd_completion_callback,
 ) -> c_int {
-    let p = OptPending { context: Owned::some(context), ..with_completion(cb) };
-    export!("nbd_aio_opt_list_meta_context", h, -1, |i| start(i, p, |c| c.opt_list_meta_context()).map(|()| 0))
+    let mut p = OptPending { context: Owned::some(context), ..with_completion(cb) };
+    export!("nbd_aio_opt_list_meta_context", h, -1, |i| {
+        p.context = Some(required(p.context.take(), "context")?);
+        start(i, p, |c| c.opt_list_meta_context()).map(|()| 0)
+    })
 }

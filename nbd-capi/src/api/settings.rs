@@ -79,7 +79,7 @@ pub extern "C" fn nbd_get_opt_mode(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_set_handshake_flags(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_set_handshake_flags", h, -1, |i| {
         let f = HandshakeFlags::from_bits(flags)
-            .ok_or_else(|| CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")))?;
+            .ok_or_else(|| CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")))?;
         i.conn.config_mut()?.handshake_flags = f;
         Ok(0)
     })
@@ -94,7 +94,7 @@ pub extern "C" fn nbd_get_handshake_flags(h: *mut nbd_handle) -> u32 {
 pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_set_strict_mode", h, -1, |i| {
         if flags & !crate::constants::LIBNBD_STRICT_MASK != 0 {
-            return Err(CError::new(libc::EINVAL, format!("invalid value for flags: {flags:#x}")));
+            return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
         // libnbd always limits READ/WRITE payloads; keep that bit on.
         let strict = StrictMode::from_bits_truncate(flags) | StrictMode::PAYLOAD;

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the C examples once and runs each against a fresh nbdkit twice:
 # on Debian's libnbd and on ours (LD_LIBRARY_PATH). Outputs must match.
-# They are built once, against our include/libnbd.h.
+# Then the C tests in tests/c, which start their own servers, must pass
+# on both libraries. Everything is built once, against include/libnbd.h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=target/c-tests
@@ -18,6 +19,18 @@ for src in examples-c/*.c; do
   else
     echo "$name: same output on both libraries ($(echo "$ours" | wc -l) lines)"
   fi
+done
+for src in tests/c/*.c; do
+  name=$(basename "$src" .c)
+  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0
+  for lib in debian ours; do
+    libpath=""; [ $lib = ours ] && libpath=$PWD/target/lib
+    if LD_LIBRARY_PATH=$libpath "$out/$name" > "$out/$name.$lib.log" 2>&1; then
+      echo "$name on $lib: $(tail -n1 "$out/$name.$lib.log")"
+    else
+      echo "$name on $lib failed:"; grep -v '^nbdkit: ' "$out/$name.$lib.log" | tail -n 30; fail=1
+    fi
+  done
 done
 LD_LIBRARY_PATH=$PWD/target/lib ldd "$out/sync-rw" | grep -q "$PWD/target/lib/libnbd.so.0" || { echo "our libnbd.so.0 was not the one loaded"; fail=1; }
 exit $fail

@@ -306,7 +306,7 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
-    /// Why the connection died, if it did.
+    /// Why the connection died, or why the server closed it, if it did.
     pub fn error(&self) -> Option<&Error> {
         self.error.as_ref()
     }
@@ -434,10 +434,18 @@ impl<B: CommandBuffer> Connection<B> {
                 }
                 self.close();
             }
-            State::Transmission if self.cmds.is_empty() && !self.is_mid_exchange() => {
-                self.fail(TransportError::Eof("unexpectedly").into());
+            // Like libnbd, a server that hangs up between replies closes the
+            // connection rather than breaking it; commands still waiting fail.
+            State::Transmission if self.input.is_empty() && matches!(self.rx, Rx::Header) => {
+                let err: Error = TransportError::Eof("between replies").into();
+                for slot in self.cmds.live_slots() {
+                    self.cmds.get_mut(slot).record_error(err.clone());
+                    self.complete(slot);
+                }
+                self.error = Some(err);
+                self.close();
             }
-            State::Transmission => self.fail(TransportError::Eof("with commands in flight").into()),
+            State::Transmission => self.fail(TransportError::Eof("in the middle of a reply").into()),
             State::Handshake(Handshake::ExportNameReply) => self
                 .fail(TransportError::Eof("after NBD_OPT_EXPORT_NAME (the export name was probably refused)").into()),
             State::Handshake(_) | State::Connecting | State::Negotiating => {

@@ -4,6 +4,7 @@
 #![allow(non_camel_case_types)]
 
 use crate::callbacks::*;
+use crate::dial::{Address, Dialed, Dialing};
 use crate::error::{CError, CResult};
 use crate::table;
 use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
@@ -108,6 +109,10 @@ pub struct Inner {
     pub transport: Option<crate::uri::Transport>,
     /// A server the handle started itself, and its scratch directory.
     pub subprocess: Option<(libc::pid_t, Option<std::path::PathBuf>)>,
+    /// A non-blocking connect under way on `sock`.
+    pub dialing: Option<Dialing>,
+    /// How the last non-blocking connect failed, until reported.
+    pub dial_error: Option<CError>,
     pub poisoned: bool,
 }
 
@@ -170,6 +175,8 @@ impl nbd_handle {
                 last_option_error: None,
                 transport: None,
                 subprocess: None,
+                dialing: None,
+                dial_error: None,
                 poisoned: false,
             }),
             private_data: AtomicUsize::new(0),
@@ -241,8 +248,76 @@ impl Inner {
         }
     }
 
+    /// Starts a non-blocking connect to the first of `addrs` that answers
+    /// (`tcp` names a TCP destination, "host:port"). A connect that ends
+    /// at once, as on loopback, is finished here, as in libnbd.
+    pub fn dial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
+        self.conn.start_connect()?;
+        self.dialing = Some(Dialing::new(addrs, tcp));
+        self.dial_next()?;
+        self.continue_dial();
+        match self.dial_error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn dial_next(&mut self) -> CResult<()> {
+        let Some(d) = self.dialing.as_mut() else { return Ok(()) };
+        match d.start_next() {
+            Ok(Dialed::Connected(fd)) => {
+                self.dialing = None;
+                self.attach(fd)
+            }
+            Ok(Dialed::InProgress(fd)) => {
+                self.sock = Some(UnixStream::from(fd));
+                Ok(())
+            }
+            Err(e) => {
+                let fatal = d.failure_is_fatal();
+                self.dialing = None;
+                self.sock = None;
+                if fatal {
+                    self.conn.handle_transport_error(e.errno, "connect");
+                } else {
+                    self.conn.handle_connect_failed();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The connecting socket may have become writable: finish the
+    /// connect, or move on to the next address. A failure is kept in
+    /// `dial_error` for the call that drives the connection to report.
+    fn continue_dial(&mut self) {
+        while let (Some(d), Some(sock)) = (self.dialing.as_mut(), self.sock.as_ref()) {
+            match d.check(sock) {
+                None => return,
+                Some(Ok(())) => {
+                    self.dialing = None;
+                    if let Some(sock) = self.sock.take() {
+                        let _ = self.attach(OwnedFd::from(sock));
+                    }
+                }
+                Some(Err(_)) => {
+                    self.sock = None;
+                    if let Err(e) = self.dial_next() {
+                        self.dial_error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the error a non-blocking connect ended with, if any.
+    pub fn take_dial_error(&mut self) -> CResult<()> {
+        self.dial_error.take().map_or(Ok(()), Err)
+    }
+
     /// Adopts a connected socket and starts the handshake.
     pub fn attach(&mut self, fd: OwnedFd) -> CResult<()> {
+        crate::dial::tune(&fd);
         let sock = UnixStream::from(fd);
         sock.set_nonblocking(true)?;
         self.sock = Some(sock);
@@ -262,6 +337,9 @@ impl Inner {
 
     /// Sends what can be sent without blocking.
     pub fn notify_write(&mut self) {
+        if self.dialing.is_some() {
+            self.continue_dial();
+        }
         let Some(sock) = self.sock.as_mut() else { return };
         loop {
             let mut slices: [&[u8]; 64] = [&[]; 64];
@@ -309,6 +387,7 @@ impl Inner {
     /// connection wants, and services it. `Ok(false)` on timeout.
     pub fn poll_once(&mut self, timeout_ms: c_int) -> CResult<bool> {
         self.notify_write();
+        self.take_dial_error()?;
         let dir = self.direction();
         let Some(sock) = self.sock.as_ref() else {
             return Err(CError::new(libc::EINVAL, "not connected"));
@@ -342,6 +421,7 @@ impl Inner {
         if pfd.revents & libc::POLLOUT != 0 {
             self.notify_write();
         }
+        self.take_dial_error()?;
         Ok(true)
     }
 

@@ -4,9 +4,9 @@
 //! the handle lock is taken, and the handle's state is checked against
 //! [`table`], the single source of truth for the exported surface.
 //!
-//! Work in progress (issue 3): the functions present behave as libnbd's;
-//! URIs, subprocess and systemd transports, vsock, TLS and the generated
-//! header and versioned shared object are still to come.
+//! Connects are non-blocking ([`dial`]); the socket is serviced by the
+//! handle ([`handle`]); TLS is not built yet (issue 4), so the TLS calls
+//! behave as in a libnbd built without it.
 
 // Exports take raw pointers from C by contract (NULL is checked, the rest
 // is the caller's promise, as in libnbd); each dereference carries its
@@ -17,6 +17,7 @@ pub mod api;
 pub mod boundary;
 pub mod callbacks;
 pub mod constants;
+pub mod dial;
 pub mod error;
 pub mod handle;
 pub mod subprocess;

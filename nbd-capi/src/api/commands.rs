@@ -379,6 +379,7 @@ pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_notify_write", h, -1, |i| {
         i.notify_write();
+        i.take_dial_error()?;
         Ok(0)
     })
 }

@@ -2,14 +2,13 @@
 
 use super::arg_str;
 use crate::boundary::export;
+use crate::dial::Address;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner};
 use crate::uri::{self, Transport};
 use nbd_proto::PublicState;
 use std::ffi::{c_char, c_int};
-use std::net::TcpStream;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
 
 /// Waits for the handshake to finish, as every synchronous connect does.
 fn finish_connect(i: &mut Inner) -> CResult<c_int> {
@@ -17,58 +16,16 @@ fn finish_connect(i: &mut Inner) -> CResult<c_int> {
     Ok(0)
 }
 
-/// Connects the transport, recording it for `nbd_get_uri`. A transport
-/// that fails leaves the handle dead, as in libnbd.
+/// Starts connecting the transport, recording it for `nbd_get_uri`. A
+/// transport that fails leaves the handle dead, as in libnbd.
 fn connect_transport(i: &mut Inner, t: Transport) -> CResult<()> {
-    i.conn.start_connect()?;
-    let fd = match open(&t) {
-        Ok(fd) => fd,
-        Err(e) => {
-            i.conn.handle_transport_error(e.errno, "connect");
-            return Err(e);
-        }
+    let (addrs, tcp) = match &t {
+        Transport::Unix { socket } => (vec![Address::unix(socket)?], None),
+        Transport::Tcp { host, port } => (Address::resolve(host, port)?, Some(format!("{host}:{port}"))),
+        Transport::Vsock { cid, port } => (vec![Address::vsock(*cid, *port)?], None),
     };
     i.transport = Some(t);
-    i.attach(fd)
-}
-
-fn open(t: &Transport) -> CResult<OwnedFd> {
-    let os = |e: std::io::Error| CError::new(e.raw_os_error().unwrap_or(libc::EIO), "connect");
-    match t {
-        Transport::Unix { socket } => UnixStream::connect(socket).map(OwnedFd::from).map_err(os),
-        Transport::Tcp { host, port } => {
-            let p: u16 = port
-                .parse()
-                .or_else(|_| service_port(port))
-                .map_err(|()| CError::new(libc::EINVAL, format!("getaddrinfo: {host}:{port}: unknown service")))?;
-            let s = TcpStream::connect((host.as_str(), p)).map_err(os)?;
-            s.set_nodelay(true)?;
-            Ok(OwnedFd::from(s))
-        }
-        Transport::Vsock { cid, port } => vsock(*cid, *port),
-    }
-}
-
-fn vsock(cid: u32, port: u32) -> CResult<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    // SAFETY: `fd` is a fresh socket we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: an all-zero sockaddr_vm is valid; the fields are set below.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `addr` is a sockaddr_vm of the length passed.
-    let r = unsafe { libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
-    Ok(owned)
+    i.dial(addrs, tcp)
 }
 
 fn connect_unix(i: &mut Inner, path: *const c_char) -> CResult<()> {
@@ -105,19 +62,6 @@ fn connect_uri(i: &mut Inner, uri: *const c_char) -> CResult<()> {
     }
     i.conn.config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
-}
-
-/// Resolves a service name ("nbd") through the system's services database.
-fn service_port(name: &str) -> Result<u16, ()> {
-    let name = std::ffi::CString::new(name).map_err(|_| ())?;
-    // SAFETY: NUL-terminated strings; getservbyname returns NULL or a
-    // pointer to static storage, read at once.
-    let ent = unsafe { libc::getservbyname(name.as_ptr(), c"tcp".as_ptr()) };
-    if ent.is_null() {
-        return Err(());
-    }
-    // SAFETY: non-NULL servent from the C library.
-    Ok(u16::from_be(unsafe { (*ent).s_port } as u16))
 }
 
 fn connect_socket(i: &mut Inner, sock: c_int) -> CResult<()> {
@@ -269,25 +213,8 @@ fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::sockl
         return Err(CError::new(libc::EFAULT, "addr cannot be NULL"));
     }
     // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
-    let family = c_int::from(unsafe { (*addr).sa_family });
-    i.conn.start_connect()?;
-    let fail = |i: &mut Inner| {
-        let e = std::io::Error::last_os_error();
-        i.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "connect");
-        CError::from(e)
-    };
-    // SAFETY: socket(2), checked.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(fail(i));
-    }
-    // SAFETY: a fresh socket we own.
-    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: as above for `addr` and `len`.
-    if unsafe { libc::connect(fd, addr, len) } < 0 {
-        return Err(fail(i));
-    }
-    i.attach(owned)
+    let a = unsafe { Address::from_raw(addr, len) }?;
+    i.dial(vec![a], None)
 }
 
 #[no_mangle]

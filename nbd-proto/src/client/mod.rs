@@ -359,6 +359,14 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
+    /// No transport could be established, and the caller may try again:
+    /// back to created (libnbd does this when no TCP address answers).
+    pub fn handle_connect_failed(&mut self) {
+        if matches!(self.state, State::Connecting) {
+            self.state = State::Created;
+        }
+    }
+
     /// The transport is connected: the handshake begins.
     pub fn handle_connected(&mut self) -> Result<(), Error> {
         match self.state {

@@ -1,0 +1,225 @@
+//! Non-blocking connects: `nbd_aio_connect*` return at once and the
+//! connection completes in the caller's poll loop, as in libnbd. A TCP
+//! connect tries each address `getaddrinfo` gives until one answers.
+
+use crate::error::{CError, CResult};
+use std::collections::VecDeque;
+use std::ffi::{c_int, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// One socket address, in the kernel's representation.
+#[derive(Clone, Copy)]
+pub struct Address {
+    storage: libc::sockaddr_storage,
+    len: libc::socklen_t,
+}
+
+impl Address {
+    /// Copies a caller's sockaddr of `len` bytes.
+    ///
+    /// # Safety
+    /// `addr` must point at `len` readable bytes.
+    pub unsafe fn from_raw(addr: *const libc::sockaddr, len: libc::socklen_t) -> CResult<Self> {
+        let size = std::mem::size_of::<libc::sockaddr_storage>();
+        if len as usize > size || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+            return Err(CError::new(libc::EINVAL, format!("invalid address length: {len}")));
+        }
+        // SAFETY: all-zero is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        // SAFETY: `len` bytes are readable at `addr` (caller) and fit in
+        // `storage` (checked above); the regions cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(addr.cast::<u8>(), &mut storage as *mut _ as *mut u8, len as usize) };
+        Ok(Address { storage, len })
+    }
+
+    pub fn unix(path: &str) -> CResult<Self> {
+        // SAFETY: all-zero is a valid sockaddr_un.
+        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        if path.len() >= sun.sun_path.len() {
+            return Err(CError::new(libc::ENAMETOOLONG, "socket name too long"));
+        }
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in sun.sun_path.iter_mut().zip(path.bytes()) {
+            *d = s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: a sockaddr_un is `len` readable bytes.
+        unsafe { Self::from_raw((&sun as *const libc::sockaddr_un).cast(), len) }
+    }
+
+    pub fn vsock(cid: u32, port: u32) -> CResult<Self> {
+        // SAFETY: all-zero is a valid sockaddr_vm.
+        let mut svm: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        svm.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        svm.svm_cid = cid;
+        svm.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: a sockaddr_vm is `len` readable bytes.
+        unsafe { Self::from_raw((&svm as *const libc::sockaddr_vm).cast(), len) }
+    }
+
+    /// Every stream address of `host`:`port` (a number or a service name).
+    pub fn resolve(host: &str, port: &str) -> CResult<Vec<Self>> {
+        let bad = |what| CError::new(libc::EINVAL, format!("{what} contains a NUL byte"));
+        let (h, p) = (CString::new(host).map_err(|_| bad("hostname"))?, CString::new(port).map_err(|_| bad("port"))?);
+        // SAFETY: all-zero addrinfo is valid hints; the fields are set below.
+        let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+        hints.ai_family = libc::AF_UNSPEC;
+        hints.ai_socktype = libc::SOCK_STREAM;
+        hints.ai_flags = libc::AI_ADDRCONFIG;
+        let mut list: *mut libc::addrinfo = std::ptr::null_mut();
+        // SAFETY: NUL-terminated strings, valid hints, an out pointer.
+        let r = unsafe { libc::getaddrinfo(h.as_ptr(), p.as_ptr(), &hints, &mut list) };
+        if r != 0 {
+            // SAFETY: gai_strerror returns a static NUL-terminated string.
+            let why = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(r)) }.to_string_lossy();
+            // libnbd reports no errno here, only the resolver's reason.
+            return Err(CError::new(0, format!("getaddrinfo: hostname \"{host}\" port \"{port}\": {why}")));
+        }
+        let mut out = Vec::new();
+        let mut at = list;
+        while !at.is_null() {
+            // SAFETY: a node of the list getaddrinfo returned, freed below.
+            let ai = unsafe { &*at };
+            // SAFETY: ai_addr holds ai_addrlen bytes.
+            if let Ok(a) = unsafe { Self::from_raw(ai.ai_addr, ai.ai_addrlen) } {
+                out.push(a);
+            }
+            at = ai.ai_next;
+        }
+        // SAFETY: the list from getaddrinfo, freed once.
+        unsafe { libc::freeaddrinfo(list) };
+        Ok(out)
+    }
+
+    fn family(&self) -> c_int {
+        c_int::from(self.storage.ss_family)
+    }
+}
+
+/// A connect in progress: the addresses left to try once the socket
+/// being connected fails.
+pub struct Dialing {
+    pending: VecDeque<Address>,
+    last_errno: i32,
+    /// `host:port` for TCP, whose failure libnbd words differently and
+    /// recovers from.
+    tcp: Option<String>,
+}
+
+/// What one step of dialing produced.
+pub enum Dialed {
+    /// Connected; the handshake can start.
+    Connected(OwnedFd),
+    /// The connect is under way on this socket; wait for it to be writable.
+    InProgress(OwnedFd),
+}
+
+impl Dialing {
+    pub fn new(addrs: Vec<Address>, tcp: Option<String>) -> Self {
+        Dialing { pending: addrs.into(), last_errno: libc::ECONNREFUSED, tcp }
+    }
+
+    /// Starts connecting to the next address that does not fail at once.
+    pub fn start_next(&mut self) -> CResult<Dialed> {
+        while let Some(a) = self.pending.pop_front() {
+            match start(&a) {
+                Ok(d) => return Ok(d),
+                Err(errno) => self.last_errno = errno,
+            }
+        }
+        Err(self.exhausted())
+    }
+
+    /// The error once every address failed, in libnbd's words.
+    fn exhausted(&self) -> CError {
+        match &self.tcp {
+            Some(name) => CError::new(self.last_errno, format!("connect: {name}: could not connect to remote host")),
+            None => CError::new(self.last_errno, "connect"),
+        }
+    }
+
+    /// Whether a failure leaves the handle dead (Unix, vsock, raw
+    /// addresses) or lets it be connected again (TCP), as in libnbd.
+    pub fn failure_is_fatal(&self) -> bool {
+        self.tcp.is_none()
+    }
+
+    /// Whether the socket's connect has finished: `Ok` if connected, the
+    /// errno it ended with otherwise (then move on with [`Self::start_next`]).
+    /// `None` while it is still under way.
+    pub fn check(&mut self, sock: &impl AsRawFd) -> Option<Result<(), i32>> {
+        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one valid pollfd, no waiting.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 0 {
+            return None;
+        }
+        let mut status: c_int = 0;
+        let mut len = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: SO_ERROR writes one int into `status`.
+        let r = unsafe {
+            libc::getsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut status as *mut c_int).cast(),
+                &mut len,
+            )
+        };
+        let status = if r < 0 { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) } else { status };
+        match status {
+            0 => Some(Ok(())),
+            libc::EINPROGRESS => None,
+            e => {
+                self.last_errno = e;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+/// socket(2) and a non-blocking connect(2); the errno if either fails.
+fn start(a: &Address) -> Result<Dialed, i32> {
+    let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
+    // SAFETY: socket(2), checked.
+    let fd = unsafe { libc::socket(a.family(), libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: a fresh socket we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `storage` holds a sockaddr of `len` bytes.
+    let r = unsafe { libc::connect(fd, (&a.storage as *const libc::sockaddr_storage).cast(), a.len) };
+    if r == 0 {
+        return Ok(Dialed::Connected(sock));
+    }
+    match errno() {
+        // Linux says EAGAIN when a Unix socket's backlog is full; it is
+        // still connecting.
+        libc::EINPROGRESS | libc::EAGAIN => Ok(Dialed::InProgress(sock)),
+        e => Err(e),
+    }
+}
+
+/// Sets TCP_NODELAY on TCP sockets; small requests must not wait.
+pub fn tune(sock: &OwnedFd) {
+    // SAFETY: all-zero is a valid sockaddr_storage, filled by getsockname.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: getsockname writes at most `len` bytes into `ss`.
+    let r = unsafe { libc::getsockname(sock.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) };
+    let family = c_int::from(ss.ss_family);
+    if r == 0 && (family == libc::AF_INET || family == libc::AF_INET6) {
+        let one: c_int = 1;
+        // SAFETY: TCP_NODELAY takes one int.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}

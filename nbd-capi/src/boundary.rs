@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Runs `f` on the locked handle for the export `row`; `fail` is what the
 /// function returns on error.
-pub fn enter<R>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&mut Inner) -> CResult<R>) -> R {
+pub fn enter<R: DebugValue>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&mut Inner) -> CResult<R>) -> R {
     // SAFETY: a non-NULL `h` came from `nbd_create` and is not yet closed,
     // which is the caller's side of the libnbd contract.
     let Some(handle) = (unsafe { h.as_ref() }) else {
@@ -18,8 +18,14 @@ pub fn enter<R>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&mut In
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let mut inner = handle.lock();
-        check_state(&inner, row)?;
-        f(&mut inner)
+        inner.context = row.name;
+        inner.debug(|| "enter:".into());
+        let r = check_state(&inner, row).and_then(|()| f(&mut inner));
+        match &r {
+            Ok(v) => inner.debug(|| format!("leave: ret={}", v.debug_text())),
+            Err(e) => inner.debug(|| format!("leave: error=\"{}: {}\"", row.name, e.msg)),
+        }
+        r
     }));
     match outcome {
         Ok(Ok(v)) => v,
@@ -47,6 +53,39 @@ pub fn enter_global<R>(row: Export, fail: R, f: impl FnOnce() -> CResult<R>) -> 
             set_error(row.name, &CError::new(libc::EIO, "internal error"));
             fail
         }
+    }
+}
+
+/// How a return value reads in debug messages (`leave: ret=...`).
+pub trait DebugValue {
+    fn debug_text(&self) -> String;
+}
+
+macro_rules! debug_as_number {
+    ($($t:ty),*) => {$(
+        impl DebugValue for $t {
+            fn debug_text(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+debug_as_number!(i32, u32, i64, u64, isize, usize);
+
+impl DebugValue for *const std::ffi::c_char {
+    fn debug_text(&self) -> String {
+        if self.is_null() {
+            return "NULL".into();
+        }
+        // SAFETY: a non-NULL string an export is about to return, which
+        // it built NUL-terminated.
+        unsafe { std::ffi::CStr::from_ptr(*self) }.to_string_lossy().into_owned()
+    }
+}
+
+impl DebugValue for *mut std::ffi::c_char {
+    fn debug_text(&self) -> String {
+        self.cast_const().debug_text()
     }
 }
 

@@ -113,6 +113,10 @@ pub struct Inner {
     pub dialing: Option<Dialing>,
     /// How the last non-blocking connect failed, until reported.
     pub dial_error: Option<CError>,
+    /// The export being run, for debug messages.
+    pub context: &'static str,
+    /// The state last reported in a debug message.
+    pub debug_state: PublicState,
     pub poisoned: bool,
 }
 
@@ -177,6 +181,8 @@ impl nbd_handle {
                 subprocess: None,
                 dialing: None,
                 dial_error: None,
+                context: "nbd_create",
+                debug_state: PublicState::Created,
                 poisoned: false,
             }),
             private_data: AtomicUsize::new(0),
@@ -228,14 +234,16 @@ impl Inner {
         }
     }
 
-    pub fn debug(&mut self, msg: impl FnOnce() -> String) {
+    /// A debug message from the current call, when debugging is on: to the
+    /// debug callback if set, else to stderr, in libnbd's format.
+    pub fn debug(&self, msg: impl FnOnce() -> String) {
         if !self.debug {
             return;
         }
         let text = msg();
         match &self.debug_cb {
             Some(cb) => {
-                let ctx = CString::new("libnbd").unwrap_or_default();
+                let ctx = CString::new(self.context).unwrap_or_default();
                 let m = CString::new(text.replace('\0', " ")).unwrap_or_default();
                 let c = cb.get();
                 if let Some(f) = c.callback {
@@ -244,7 +252,7 @@ impl Inner {
                     unsafe { f(c.user_data, ctx.as_ptr(), m.as_ptr()) };
                 }
             }
-            None => eprintln!("libnbd: debug: {}: {text}", self.handle_name.to_string_lossy()),
+            None => eprintln!("libnbd: debug: {}: {}: {text}", self.handle_name.to_string_lossy(), self.context),
         }
     }
 
@@ -450,6 +458,11 @@ impl Inner {
 
     /// Turns core events into callbacks and completion records.
     pub fn dispatch(&mut self) {
+        if self.debug && self.conn.state() != self.debug_state {
+            let (from, to) = (self.debug_state, self.conn.state());
+            self.debug(|| format!("transition: {} -> {}", from.name(), to.name()));
+            self.debug_state = to;
+        }
         while let Some(ev) = self.conn.poll_event() {
             match ev {
                 Event::Complete { cookie, result, .. } => {

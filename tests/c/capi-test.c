@@ -385,6 +385,40 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* Debug messages reach the callback with the calling function as the
+ * context, bracketed by "enter:" and "leave: ret=..."; the callback's
+ * free runs once when it is replaced. */
+struct debug_seen { int enter, leave, frees; };
+static int
+debug_cb (void *p, const char *context, const char *msg)
+{
+  struct debug_seen *d = p;
+  if (strcmp (context, "nbd_get_size") == 0) {
+    if (strncmp (msg, "enter:", 6) == 0) d->enter++;
+    if (strcmp (msg, "leave: ret=1048576") == 0) d->leave++;
+  }
+  return 0;
+}
+static void debug_free (void *p) { ((struct debug_seen *) p)->frees++; }
+
+static void
+test_debug (void)
+{
+  struct nbd_handle *h = connect_with (memory, 0);
+  struct debug_seen d = { 0 };
+  nbd_debug_callback cb = { .callback = debug_cb, .user_data = &d, .free = debug_free };
+  CHECK (nbd_set_debug_callback (h, cb) == 0, "set_debug_callback");
+  CHECK (nbd_set_debug (h, true) == 0 && nbd_get_debug (h) == 1, "set_debug");
+  CHECK (nbd_get_size (h) == 1048576, "get_size");
+  CHECK (d.enter == 1 && d.leave == 1, "debug enter %d leave %d", d.enter, d.leave);
+  CHECK (nbd_set_debug (h, false) == 0, "debug off");
+  nbd_get_size (h);
+  CHECK (d.enter == 1, "no debug messages when off");
+  CHECK (nbd_clear_debug_callback (h) == 0 && d.frees == 1, "debug callback freed once: %d", d.frees);
+  nbd_close (h);
+  CHECK (d.frees == 1, "not freed again at close");
+}
+
 int
 main (void)
 {
@@ -395,6 +429,7 @@ main (void)
   test_handshake_variants ();
   test_transports ();
   test_server_death ();
+  test_debug ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

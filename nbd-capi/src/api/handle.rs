@@ -14,7 +14,11 @@ type CStr0 = std::ffi::CStr;
 
 #[no_mangle]
 pub extern "C" fn nbd_create() -> *mut nbd_handle {
-    export!("nbd_create", std::ptr::null_mut(), || Ok(Box::into_raw(Box::new(nbd_handle::new()))))
+    export!("nbd_create", std::ptr::null_mut(), || {
+        let h = nbd_handle::new();
+        h.lock().debug(|| "opening handle".into());
+        Ok(Box::into_raw(Box::new(h)))
+    })
 }
 
 /// # Safety
@@ -27,7 +31,13 @@ pub unsafe extern "C" fn nbd_close(h: *mut nbd_handle) {
     // SAFETY: per the function's contract the handle is ours to free.
     // Dropping it closes the socket and runs the `free` of every callback
     // still held, without calling the callbacks, as libnbd does.
-    drop(unsafe { Box::from_raw(h) });
+    let handle = unsafe { Box::from_raw(h) };
+    {
+        let mut i = handle.lock();
+        i.context = "nbd_close";
+        i.debug(|| "closing handle".into());
+    }
+    drop(handle);
 }
 
 #[no_mangle]

@@ -7,7 +7,7 @@ FUZZ_SMOKE_TIME ?= 20
 PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo check check-c check-debian test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -64,6 +64,10 @@ check-header: build
 	c++ -std=c++11 -Wall -Wextra -Werror -Iinclude -c target/header-test.cpp -o target/header-test-cpp.o
 	test "$$(grep -c '^#define LIBNBD_HAVE_NBD_' include/libnbd.h)" = "$$(grep -c 'row(\"' nbd-capi/src/table.rs)"
 
+# The exported symbols, version nodes and SONAME are libnbd 1.14.2's.
+check-abi: lib deps
+	tests/abi-check.sh
+
 # C programs on our library and on Debian's, same binary, same output.
 check-c: lib deps
 	tests/c-compare.sh
@@ -95,7 +99,7 @@ lint:
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-header check-c check-debian fuzz-smoke
+check: lint test check-header check-abi check-c check-debian fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

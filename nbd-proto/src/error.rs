@@ -155,6 +155,8 @@ pub enum LocalError {
     AfterDisconnect,
     #[error("{0} too long for NBD protocol")]
     NameTooLong(&'static str),
+    #[error("command abandoned before it was sent")]
+    Abandoned,
     #[error("{0}")]
     Invalid(&'static str),
 }
@@ -167,6 +169,7 @@ impl LocalError {
             LocalError::NoMetaContexts => ENOTSUP,
             LocalError::TooLarge { .. } => ERANGE,
             LocalError::NameTooLong(_) => ENAMETOOLONG,
+            LocalError::Abandoned => ENOTCONN,
             _ => EINVAL,
         }
     }

@@ -1,12 +1,13 @@
 //! Every good path through the handshake, as scripts against the scripted
 //! server: oldstyle, newstyle, fixed newstyle (with and without NO_ZEROES),
 //! structured replies and extended headers negotiated, refused and turned
-//! off, the EXPORT_NAME fallback, INFO/GO details, meta contexts, and opt
-//! mode with its commands in several orders.
+//! off, STARTTLS handing over to the TLS layer, the EXPORT_NAME fallback,
+//! INFO/GO details, meta contexts, opt mode with its commands in several
+//! orders, and the limit on names.
 
 mod support;
 
-use nbd_proto::errno::{EINVAL, ENOENT, ENOTSUP};
+use nbd_proto::errno::{EINVAL, ENAMETOOLONG, ENOENT, ENOTSUP};
 use nbd_proto::wire::{opt, rep, EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC};
 use nbd_proto::*;
 use support::pair::Pair;
@@ -209,6 +210,11 @@ fn structured_replies_off() {
     assert_eq!(e, Error::Local(LocalError::Unsupported("the DF flag")));
     assert_eq!(e.errno(), EINVAL);
     round_trip(&mut p);
+
+    // Not even a server that has extended headers is asked.
+    let p = ready(cfg(|c| c.request_structured_replies = false), Behaviour::qemu());
+    assert_eq!(p.server.options, [opt::GO]);
+    assert!(!p.client.extended_headers_negotiated());
 }
 
 #[test]
@@ -246,6 +252,40 @@ fn extended_headers_disabled_by_config() {
     let wire = peek_request(&mut p);
     assert_eq!(&wire[..4], &REQUEST_MAGIC.to_be_bytes());
     p.drive();
+    round_trip(&mut p);
+}
+
+// ---- STARTTLS ---------------------------------------------------------------------
+
+#[test]
+fn starttls_hands_over_to_the_tls_layer_then_negotiation_goes_on() {
+    for tls in [TlsMode::Allow, TlsMode::Require] {
+        let b = Behaviour { starttls: true, ..Behaviour::nbdkit() };
+        let mut p = Pair::connect(cfg(|c| c.tls = tls), b, SIZE);
+        assert_eq!(p.server.options, [opt::STARTTLS], "{tls:?}: STARTTLS comes first");
+        assert_eq!(p.transcript, ["StartTls"], "{tls:?}");
+        assert_eq!(p.state(), PublicState::Connecting);
+        assert_eq!(p.client.direction(), Direction::None, "the TLS layer drives now");
+        assert!(!p.client.tls_negotiated());
+
+        p.client.handle_tls_established().unwrap();
+        assert!(p.client.tls_negotiated());
+        p.drive();
+        assert_eq!(p.state(), PublicState::Ready, "{tls:?}: {:?}", p.client.error());
+        assert_eq!(
+            p.server.options,
+            [opt::STARTTLS, opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::GO],
+            "{tls:?}: the rest is negotiated inside TLS"
+        );
+        assert!(p.client.structured_replies_negotiated());
+        assert!(p.client.tls_negotiated());
+        round_trip(&mut p);
+    }
+
+    // Refused: ALLOW goes on in plaintext (REQUIRE does not: see malformed.rs).
+    let mut p = ready(cfg(|c| c.tls = TlsMode::Allow), Behaviour::nbdkit());
+    assert_eq!(p.server.options, [opt::STARTTLS, opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::GO]);
+    assert!(!p.client.tls_negotiated());
     round_trip(&mut p);
 }
 
@@ -325,6 +365,18 @@ fn go_with_full_info_and_block_size() {
     assert_eq!(p.client.export().description.as_deref(), Some("default"));
     let p = ready(Config::default(), Behaviour::qemu());
     assert_eq!(p.client.export().block_size, Some(BlockSize { minimum: 1, preferred: 4096, maximum: 32 << 20 }));
+
+    // Nonsense limits are ignored rather than obeyed.
+    let nonsense = [
+        (3, 4096, 1 << 20),              // a minimum that is not a power of two
+        (4096, 512, 1 << 20),            // preferred below the minimum
+        (512, 4096, 1_000_000),          // a maximum that is not a multiple of the minimum
+        (128 << 10, 128 << 10, 1 << 20), // a minimum above 64 KiB
+    ];
+    for block_size in nonsense {
+        let p = ready(Config::default(), Behaviour { block_size: Some(block_size), ..Behaviour::nbdkit() });
+        assert_eq!(p.client.export().block_size, None, "{block_size:?}");
+    }
 }
 
 #[test]
@@ -349,6 +401,16 @@ fn info_then_go_in_opt_mode_report_the_export() {
     assert_eq!(p.client.export().description.as_deref(), Some("first"));
     assert!(p.client.export().flags.contains(TransmissionFlags::READ_ONLY));
 
+    // An unknown export: INFO fails, and negotiation goes on.
+    p.client.config_mut().unwrap().set_export_name("nope").unwrap();
+    p.client.opt_info().unwrap();
+    assert!(p.client.opt_list().is_err(), "one option at a time");
+    p.drive();
+    let e = p.option_result().unwrap().unwrap_err();
+    assert_eq!(e.errno(), ENOENT);
+    assert!(e.to_string().contains("no such export"), "{e}");
+    assert_eq!(p.state(), PublicState::Negotiating);
+
     p.client.config_mut().unwrap().set_export_name("b").unwrap();
     p.client.opt_info().unwrap();
     p.drive();
@@ -361,7 +423,11 @@ fn info_then_go_in_opt_mode_report_the_export() {
     assert_eq!(p.option_result(), Some(Ok(())));
     assert_eq!(p.state(), PublicState::Ready);
     assert_eq!(p.client.export().canonical_name.as_deref(), Some("b"));
-    assert_eq!(p.server.options, [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::INFO, opt::INFO, opt::GO]);
+    assert_eq!(
+        p.server.options,
+        [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::INFO, opt::INFO, opt::INFO, opt::GO]
+    );
+    assert_eq!(p.client.opt_go().unwrap_err().errno(), EINVAL, "opt_go only while negotiating");
     // A read-only export refuses writes locally.
     assert_eq!(p.client.write(0, vec![1], CmdFlags::empty()).unwrap_err().errno(), errno::EPERM);
 }
@@ -400,7 +466,9 @@ fn set_meta_context_with_none_supported() {
     let mut p = ready(c, Behaviour { contexts: vec![], ..Behaviour::nbdkit() });
     assert_eq!(p.server.options, [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::SET_META_CONTEXT, opt::GO]);
     assert_eq!(p.client.meta_contexts(), Some(&[][..]), "negotiated, and empty");
-    assert_eq!(p.client.block_status(0, 512, CmdFlags::empty()).unwrap_err().errno(), ENOTSUP);
+    let e = p.client.block_status(0, 512, CmdFlags::empty()).unwrap_err();
+    assert_eq!(e, Error::Local(LocalError::NoMetaContexts));
+    assert_eq!(e.errno(), ENOTSUP);
 
     // Only some of the requested contexts exist: just those are selected.
     let c = cfg(|c| {
@@ -413,6 +481,15 @@ fn set_meta_context_with_none_supported() {
     // None requested: no SET_META_CONTEXT at all.
     let p = ready(Config::default(), Behaviour::qemu());
     assert!(!p.server.options.contains(&opt::SET_META_CONTEXT));
+    assert_eq!(p.client.meta_contexts(), None);
+
+    // Nor when the server refuses structured replies.
+    let c = cfg(|c| {
+        c.set_export_name("exp").unwrap();
+        c.add_meta_context("base:allocation").unwrap();
+    });
+    let p = ready(c, Behaviour::nbd_server());
+    assert_eq!(p.server.options, [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::GO]);
     assert_eq!(p.client.meta_contexts(), None);
 }
 
@@ -640,6 +717,23 @@ fn auto_mode_with_an_unknown_export_dies() {
     assert_eq!(p.client.read(0, vec![0; 1], CmdFlags::empty()).unwrap_err().errno(), EINVAL);
 }
 
+// ---- names ------------------------------------------------------------------------
+
+#[test]
+fn names_longer_than_4096_bytes_are_refused() {
+    let long = "x".repeat(4097);
+    let mut c = Config::default();
+    let e = c.set_export_name(&long).unwrap_err();
+    assert_eq!((e.clone(), e.errno()), (LocalError::NameTooLong("export name"), ENAMETOOLONG));
+    let e = c.add_meta_context(&long).unwrap_err();
+    assert_eq!((e.clone(), e.errno()), (LocalError::NameTooLong("meta context name"), ENAMETOOLONG));
+    assert_eq!(c, Config::default(), "nothing was kept");
+
+    c.set_export_name(&long[..4096]).unwrap();
+    c.add_meta_context(&long[..4096]).unwrap();
+    assert_eq!((c.export_name().len(), c.meta_contexts().len()), (4096, 1));
+}
+
 // ---- export flags ---------------------------------------------------------------
 
 #[test]
@@ -684,6 +778,7 @@ fn direction_in_every_resting_state() {
     assert_eq!((c.state(), c.direction()), (PublicState::Connecting, Direction::Write));
     c.handle_connected().unwrap();
     assert_eq!((c.state(), c.direction()), (PublicState::Connecting, Direction::Read), "awaiting the greeting");
+    assert_eq!(c.handle_connected().unwrap_err().errno(), EINVAL, "connected once only");
 
     // Negotiating -> None; Ready -> Read; Processing -> Both; Closed -> None.
     let mut p = negotiating(opt_mode(), Behaviour::nbdkit());

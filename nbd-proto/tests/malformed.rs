@@ -12,7 +12,7 @@
 
 mod support;
 
-use nbd_proto::errno::{ECONNRESET, EINVAL, EIO, ENOSPC, ENOTCONN, EPERM, EPROTO};
+use nbd_proto::errno::{ECONNRESET, EINVAL, EIO, ENOSPC, ENOTCONN, ENOTSUP, EPERM, EPROTO};
 use nbd_proto::wire::{self, chunk, cmd, info, nbd_error, opt, rep, OptionHeader, RequestHeader};
 use nbd_proto::*;
 use std::collections::HashMap;
@@ -1808,6 +1808,38 @@ fn bytes_after_a_starttls_ack_before_tls() {
         p.events.clear();
         p.deliver(&[0x16]);
         assert_dead(&mut p, ProtocolError::DataBeforeTls, &[], false, &case);
+    }
+}
+
+/// TLS required: a server that refuses STARTTLS, or whose handshake has no
+/// room for it, is never talked to in plaintext.
+#[test]
+fn required_tls_is_never_downgraded() {
+    let tls_unavailable = |why| Cause::Exact(ServerError::TlsUnavailable(why).into());
+    let refused = option_reply(opt::STARTTLS, rep::ERR_POLICY, b"no");
+    for split in HS_SPLITS {
+        for opt_mode in [false, true] {
+            let case = format!("STARTTLS refused [opt mode {opt_mode}, {split:?}]");
+            let cfg = bare(|c| {
+                c.tls = TlsMode::Require;
+                c.opt_mode = opt_mode;
+            });
+            let mut p = play(cfg, Mode::Auto, split, &greeting(3), opt::STARTTLS, &refused);
+            assert_dead(&mut p, tls_unavailable("refused NBD_OPT_STARTTLS"), &[], false, &case);
+        }
+        let no_starttls = [
+            (oldstyle(4096, 1), "uses the oldstyle handshake"),
+            (greeting(0), "does not use the fixed newstyle handshake"),
+            (greeting(2), "does not use the fixed newstyle handshake"),
+        ];
+        for (hello, why) in no_starttls {
+            let case = format!("a server that {why} [{split:?}]");
+            let mut p = raw(bare(|c| c.tls = TlsMode::Require), split);
+            p.deliver(&hello);
+            let cause = tls_unavailable(why);
+            assert_eq!(cause.errno(), ENOTSUP, "{case}");
+            assert_dead(&mut p, cause, &[], false, &case);
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 //! data chunks) and nbd-server-like (simple replies only) servers: every
 //! command and flag, many commands in flight, structured reads with holes,
 //! block status with several contexts, server errors under every reply
-//! style, disconnect, strict-mode checks, wrong states, batching and
-//! zero-copy receives.
+//! style, disconnect, strict-mode checks, wrong states, replies out of
+//! order, vectored zero-copy sends, batching and zero-copy receives.
 
 mod support;
 
@@ -276,6 +276,37 @@ fn sixty_four_commands_in_flight() {
     }
 }
 
+#[test]
+fn replies_in_reverse_order() {
+    for preset in PRESETS {
+        let mut p = ready(preset);
+        for i in 0..8u8 {
+            p.server.disk[usize::from(i) * 512..][..512].fill(i + 1);
+        }
+        let reads: Vec<Cookie> =
+            (0..8u64).map(|i| p.client.read(i * 512, vec![0; 512], CmdFlags::empty()).unwrap()).collect();
+        send_to_server(&mut p);
+        // The eight replies are the same size: cut them apart, last first.
+        let stream = std::mem::take(&mut p.server.out);
+        assert_eq!(stream.len() % 8, 0, "{preset:?}");
+        let reversed: Vec<&[u8]> = stream.chunks(stream.len() / 8).rev().collect();
+        p.deliver(&reversed.concat());
+        let order: Vec<Cookie> = p
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Complete { cookie, .. } => Some(*cookie),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order, reads.iter().rev().copied().collect::<Vec<_>>(), "{preset:?}");
+        for (i, r) in reads.into_iter().enumerate() {
+            assert_eq!(p.completed(r).unwrap().unwrap(), vec![i as u8 + 1; 512], "{preset:?}: read {i}");
+        }
+        assert_eq!(p.state(), PublicState::Ready);
+    }
+}
+
 // ---- structured reads and block status -------------------------------------------
 
 #[test]
@@ -455,7 +486,11 @@ fn disconnect_with_commands_in_flight_then_closed() {
         assert_eq!(e, Error::Local(LocalError::AfterDisconnect));
         assert_eq!(e.errno(), EINVAL);
         assert_eq!(p.client.disconnect().unwrap_err(), Error::Local(LocalError::AfterDisconnect));
-        p.drive();
+        send_to_server(&mut p);
+        assert_eq!(p.state(), PublicState::Ready, "{preset:?}: DISC sent, the replies still to come");
+        // The replies alone, without the server's hang-up, close the connection.
+        let replies = std::mem::take(&mut p.server.out);
+        p.deliver(&replies);
         for c in reads {
             assert_eq!(p.completed(c).unwrap().unwrap(), vec![0; 4096], "{preset:?}");
         }
@@ -597,11 +632,22 @@ fn strict_cases() -> Vec<StrictCase> {
             Ok(()),
         ),
         StrictCase {
-            b: no_fua,
+            b: no_fua.clone(),
             ..case(
                 Preset::Nbdkit,
                 StrictMode::COMMANDS,
                 |c| c.write(0, vec![1; 512], CmdFlags::FUA),
+                LocalError::Unsupported("the FUA flag"),
+                EINVAL,
+                Ok(()),
+            )
+        },
+        StrictCase {
+            b: no_fua,
+            ..case(
+                Preset::Nbdkit,
+                StrictMode::COMMANDS,
+                |c| c.flush(CmdFlags::FUA),
                 LocalError::Unsupported("the FUA flag"),
                 EINVAL,
                 Ok(()),
@@ -708,20 +754,35 @@ fn strict_mode_refuses_locally_and_each_bit_lets_the_request_through() {
         assert_eq!(result, case.outcome, "{what}");
         assert_eq!(q.state(), PublicState::Ready, "{what}");
     }
+
+    // The payload limit stays 64 MiB where the server advertises a smaller maximum.
+    let b = Behaviour { block_size: Some((1, 4096, 32 << 20)), ..Behaviour::nbd_server() };
+    let mut p = ready_with(Preset::NbdServer, b, Preset::NbdServer.config(), (64 << 20) + 4096, Split::Whole);
+    let e = p.client.read(0, vec![0; (64 << 20) + 1], CmdFlags::empty()).unwrap_err();
+    assert_eq!(e, Error::Local(LocalError::TooLarge { max: 64 << 20 }));
 }
 
 #[test]
 fn compact_headers_cap_lengths_whatever_the_strictness() {
-    let mut config = Preset::Nbdkit.config();
-    config.strict = StrictMode::empty();
-    let mut p = ready_with(Preset::Nbdkit, Behaviour::nbdkit(), config.clone(), SIZE, Split::Whole);
-    let e = p.client.trim(0, 1 << 32, CmdFlags::empty()).unwrap_err();
-    assert_eq!(e, Error::Local(LocalError::TooLarge { max: u64::from(u32::MAX) }));
-    assert_eq!(e.errno(), ERANGE);
-    p.drive();
-    assert!(p.server.requests.is_empty());
+    for strict in [StrictMode::all(), StrictMode::empty()] {
+        let mut config = Preset::Nbdkit.config();
+        config.strict = strict;
+        let mut p = ready_with(Preset::Nbdkit, Behaviour::nbdkit(), config, SIZE, Split::Whole);
+        let e = p.client.trim(0, 1 << 32, CmdFlags::empty()).unwrap_err();
+        assert_eq!(e, Error::Local(LocalError::TooLarge { max: u64::from(u32::MAX) }), "{strict:?}: not OutOfBounds");
+        assert_eq!(e.errno(), ERANGE);
+        p.drive();
+        assert!(p.server.requests.is_empty());
+    }
 
-    // Extended headers carry 64-bit lengths: the server sees the whole length.
+    // Extended headers carry 64-bit lengths: strict mode refuses one beyond
+    // the disk as out of bounds, not as too large for the header...
+    let mut p = ready(Preset::Qemu);
+    let e = p.client.trim(0, 1 << 33, CmdFlags::empty()).unwrap_err();
+    assert_eq!(e, Error::Local(LocalError::OutOfBounds));
+    // ...and without it the server sees the whole length.
+    let mut config = Preset::Qemu.config();
+    config.strict = StrictMode::empty();
     let mut p = ready_with(Preset::Qemu, Behaviour::qemu(), config, SIZE, Split::Whole);
     let t = p.client.trim(0, (1 << 32) + 4096, CmdFlags::empty()).unwrap();
     p.drive();
@@ -816,16 +877,27 @@ fn many_small_replies_in_one_receive_are_all_parsed() {
     }
 }
 
-#[test]
-fn a_large_simple_read_is_received_straight_into_the_callers_buffer() {
-    let mut p = ready(Preset::NbdServer);
+/// Reads the whole (patterned) disk into a fresh buffer and lets the
+/// server answer, without delivering the answer: the cookie, where the
+/// buffer lives, the data, and the server's byte stream.
+fn read_whole_disk(p: &mut Pair, structured: bool) -> (Cookie, usize, Vec<u8>, Vec<u8>) {
     let data = pattern(SIZE, 0x21);
     p.server.disk.copy_from_slice(&data);
     let buf = vec![0u8; SIZE];
     let base = buf.as_ptr() as usize;
-    let r = p.client.read(0, buf, CmdFlags::empty()).unwrap();
-    send_to_server(&mut p);
-    let stream = std::mem::take(&mut p.server.out);
+    let r = if structured {
+        p.client.read_structured(0, buf, CmdFlags::empty())
+    } else {
+        p.client.read(0, buf, CmdFlags::empty())
+    };
+    send_to_server(p);
+    (r.unwrap(), base, data, std::mem::take(&mut p.server.out))
+}
+
+#[test]
+fn a_large_simple_read_is_received_straight_into_the_callers_buffer() {
+    let mut p = ready(Preset::NbdServer);
+    let (r, base, data, stream) = read_whole_disk(&mut p, false);
     assert_eq!(stream.len(), 16 + SIZE, "simple reply header, then the data");
 
     // The header and the first 1000 bytes arrive through internal space.
@@ -854,41 +926,40 @@ fn a_large_simple_read_is_received_straight_into_the_callers_buffer() {
 
 #[test]
 fn large_structured_data_chunks_are_received_straight_into_the_callers_buffer() {
-    let mut p = ready(Preset::Qemu);
-    let data = pattern(SIZE, 0x37);
-    p.server.disk.copy_from_slice(&data);
-    let buf = vec![0u8; SIZE];
-    let base = buf.as_ptr() as usize;
-    let r = p.client.read_structured(0, buf, CmdFlags::empty()).unwrap();
-    send_to_server(&mut p);
-    let stream = std::mem::take(&mut p.server.out);
-    // Sixteen 64 KiB DATA chunks (32-byte header, 8-byte offset, data), then NONE.
-    let chunk = 64 * KIB;
-    assert_eq!(stream.len(), 16 * (40 + chunk) + 32);
-    for i in 0..16 {
-        let at = i * (40 + chunk);
-        let internal = p.client.recv_buffer().as_ptr() as usize;
-        assert!(!(base..base + SIZE).contains(&internal), "chunk {i}: headers go to internal space");
-        receive_once(&mut p.client, &stream[at..at + 40]);
-        let dest = p.client.recv_buffer();
-        assert_eq!((dest.as_ptr() as usize, dest.len()), (base + i * chunk, chunk), "chunk {i}");
-        receive_once(&mut p.client, &stream[at + 40..at + 40 + chunk]);
-    }
-    receive_once(&mut p.client, &stream[16 * (40 + chunk)..]);
-    let mut reported = Vec::new();
-    let mut done = None;
-    while let Some(e) = p.client.poll_event() {
-        match e {
-            Event::ReadChunk { offset, length, status: ChunkStatus::Data, .. } => reported.push((offset, length)),
-            Event::Complete { cookie, result: Ok(()), buf: Some(buf) } if cookie == r => done = Some(buf),
-            other => panic!("{other:?}"),
+    // qemu: sixteen 64 KiB DATA chunks (32-byte header, 8-byte offset, data),
+    // then NONE. nbdkit: one DATA chunk (20-byte header) for the whole read.
+    for (preset, chunk, header, tail) in [(Preset::Qemu, 64 * KIB, 40, 32), (Preset::Nbdkit, SIZE, 28, 0)] {
+        let mut p = ready(preset);
+        let (r, base, data, stream) = read_whole_disk(&mut p, true);
+        let n = SIZE / chunk;
+        assert_eq!(stream.len(), n * (header + chunk) + tail, "{preset:?}");
+        for i in 0..n {
+            let at = i * (header + chunk);
+            let internal = p.client.recv_buffer().as_ptr() as usize;
+            assert!(!(base..base + SIZE).contains(&internal), "{preset:?} chunk {i}: headers go to internal space");
+            receive_once(&mut p.client, &stream[at..at + header]);
+            let dest = p.client.recv_buffer();
+            assert_eq!((dest.as_ptr() as usize, dest.len()), (base + i * chunk, chunk), "{preset:?} chunk {i}");
+            receive_once(&mut p.client, &stream[at + header..at + header + chunk]);
         }
+        if tail > 0 {
+            receive_once(&mut p.client, &stream[n * (header + chunk)..]);
+        }
+        let mut reported = Vec::new();
+        let mut done = None;
+        while let Some(e) = p.client.poll_event() {
+            match e {
+                Event::ReadChunk { offset, length, status: ChunkStatus::Data, .. } => reported.push((offset, length)),
+                Event::Complete { cookie, result: Ok(()), buf: Some(buf) } if cookie == r => done = Some(buf),
+                other => panic!("{preset:?}: {other:?}"),
+            }
+        }
+        let expected: Vec<(u64, u64)> = (0..n).map(|i| ((i * chunk) as u64, chunk as u64)).collect();
+        assert_eq!(reported, expected, "{preset:?}");
+        let buf = done.expect("the read completed");
+        assert_eq!(buf.as_ptr() as usize, base, "{preset:?}");
+        assert_eq!(buf, data);
     }
-    let expected: Vec<(u64, u64)> = (0..16).map(|i| ((i * chunk) as u64, chunk as u64)).collect();
-    assert_eq!(reported, expected);
-    let buf = done.expect("the read completed");
-    assert_eq!(buf.as_ptr() as usize, base);
-    assert_eq!(buf, data);
 }
 
 #[test]
@@ -905,4 +976,93 @@ fn small_payloads_are_batched_through_internal_space() {
     assert!(dest.len() >= 16 * KIB);
     receive_once(&mut p.client, &stream[16..]);
     assert!(matches!(p.client.poll_event(), Some(Event::Complete { result: Ok(()), .. })));
+}
+
+#[test]
+fn abandoning_unsent_requests_keeps_the_ones_already_leaving() {
+    for preset in PRESETS {
+        let mut p = ready(preset);
+        let header = if preset == Preset::Qemu { 32 } else { 28 };
+        let writes: Vec<Cookie> = (0..4u8)
+            .map(|i| p.client.write(u64::from(i) * 4096, vec![i + 1; 4096], CmdFlags::empty()).unwrap())
+            .collect();
+        // The first request has left, the second has started: both stay.
+        let first_two = {
+            let mut slices: [&[u8]; 8] = [&[]; 8];
+            let n = p.client.poll_transmit(&mut slices);
+            slices[..n].concat()[..2 * header + 4096 + 10].to_vec()
+        };
+        p.client.handle_sent(first_two.len());
+        p.server.receive(&first_two);
+
+        assert_eq!(p.client.abandon_unsent(), 2, "{preset:?}");
+        p.collect();
+        for &cookie in &writes[2..] {
+            let e = p.completed(cookie).unwrap_err();
+            assert_eq!((e.errno(), e), (ENOTCONN, Error::Local(LocalError::Abandoned)), "{preset:?}");
+        }
+        assert_eq!(p.client.in_flight(), 2, "{preset:?}");
+        // What is left to send is exactly the rest of the second write,
+        // and the connection carries on.
+        p.drive();
+        for (i, &cookie) in writes[..2].iter().enumerate() {
+            assert_eq!(p.completed(cookie).unwrap().unwrap(), vec![i as u8 + 1; 4096], "{preset:?}");
+        }
+        assert!(
+            p.server.disk[2 * 4096..4 * 4096].iter().all(|&b| b == 0),
+            "{preset:?}: abandoned writes reached the disk"
+        );
+        let read = p.client.read(0, vec![0; 8192], CmdFlags::empty()).unwrap();
+        p.drive();
+        assert_eq!(&p.completed(read).unwrap().unwrap()[4096..], &[2; 4096][..], "{preset:?}");
+        assert_eq!(p.client.abandon_unsent(), 0, "{preset:?}: nothing left to abandon");
+
+        // Once DISC is queued nothing is abandoned: it must stay last.
+        let late = p.client.flush(CmdFlags::empty()).unwrap();
+        p.client.disconnect().unwrap();
+        assert_eq!(p.client.abandon_unsent(), 0, "{preset:?}");
+        p.drive();
+        assert_eq!(p.completed(late).map(|_| ()), Ok(()), "{preset:?}");
+        assert_eq!(p.state(), PublicState::Closed, "{preset:?}");
+    }
+}
+
+#[test]
+fn requests_leave_in_one_vectored_send_with_payloads_from_the_callers_buffers() {
+    for preset in PRESETS {
+        let mut p = ready(preset);
+        let header = if preset == Preset::Qemu { 32 } else { 28 };
+        let mut writes = Vec::new();
+        for i in 0..10u8 {
+            let buf = vec![i + 1; 4096];
+            let base = buf.as_ptr() as usize;
+            writes.push((p.client.write(u64::from(i) * 4096, buf, CmdFlags::empty()).unwrap(), base));
+        }
+        let sent = {
+            let mut slices: [&[u8]; 64] = [&[]; 64];
+            let n = p.client.poll_transmit(&mut slices);
+            // Header, payload, header, payload... each payload the caller's own buffer.
+            assert_eq!(n, 20, "{preset:?}");
+            for (i, pair) in slices[..n].chunks(2).enumerate() {
+                assert_eq!(pair[0].len(), header, "{preset:?}: header {i}");
+                assert_eq!((pair[1].as_ptr() as usize, pair[1].len()), (writes[i].1, 4096), "{preset:?}: payload {i}");
+            }
+            slices[..n].concat()
+        };
+        // A partial send resumes in the middle of a payload.
+        p.client.handle_sent(header + 100);
+        p.server.receive(&sent[..header + 100]);
+        {
+            let mut slices: [&[u8]; 64] = [&[]; 64];
+            let n = p.client.poll_transmit(&mut slices);
+            assert_eq!(n, 19, "{preset:?}");
+            assert_eq!((slices[0].as_ptr() as usize, slices[0].len()), (writes[0].1 + 100, 4096 - 100), "{preset:?}");
+        }
+        p.drive();
+        for (i, (cookie, base)) in writes.into_iter().enumerate() {
+            let buf = p.completed(cookie).unwrap().unwrap();
+            assert_eq!(buf.as_ptr() as usize, base, "{preset:?}: the same buffer came back");
+            assert_eq!(&p.server.disk[i * 4096..][..4096], &buf[..], "{preset:?}: write {i}");
+        }
+    }
 }

@@ -385,6 +385,39 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* Shutdown with ABANDON_PENDING: requests still queued in the library
+ * fail with ENOTCONN, those the server has are answered, none hang. A
+ * slow-writing server lets the socket fill so that some stay queued. */
+static void
+test_shutdown_abandon (void)
+{
+  char *slow[] = { "nbdkit", "-s", "--exit-with-parent", "--filter=delay", "memory", "64M",
+                   "wdelay=50ms", NULL };
+  struct nbd_handle *h = connect_with (slow, 0);
+  enum { N = 48, SZ = 1024 * 1024 };
+  char *buf = calloc (1, SZ);
+  int64_t c[N];
+  int i, answered = 0, abandoned = 0, other = 0;
+
+  for (i = 0; i < N; i++)
+    c[i] = nbd_aio_pwrite (h, buf, SZ, (uint64_t) i * SZ, NBD_NULL_COMPLETION, 0);
+  CHECK (nbd_shutdown (h, LIBNBD_SHUTDOWN_ABANDON_PENDING) == 0, "shutdown abandon");
+  CHECK (nbd_aio_in_flight (h) == 0, "nothing in flight: %d", nbd_aio_in_flight (h));
+  for (i = 0; i < N; i++) {
+    int r = nbd_aio_command_completed (h, c[i]);
+    /* nbdkit answers what it has at DISC with ESHUTDOWN. */
+    if (r == 1 || (r == -1 && nbd_get_errno () == ESHUTDOWN)) answered++;
+    else if (r == -1 && nbd_get_errno () == ENOTCONN) abandoned++;
+    else other++;
+  }
+  CHECK (answered > 0 && abandoned > 0 && other == 0,
+         "answered %d, abandoned %d, other %d", answered, abandoned, other);
+  CHECK (nbd_aio_is_closed (h) == 1, "closed after shutdown: %s", nbd_connection_state (h));
+  CHECK_ERR (nbd_shutdown (h, 0x1), "nbd_shutdown", EINVAL);
+  free (buf);
+  nbd_close (h);
+}
+
 /* Debug messages reach the callback with the calling function as the
  * context, bracketed by "enter:" and "leave: ret=..."; the callback's
  * free runs once when it is replaced. */
@@ -430,6 +463,7 @@ main (void)
   test_transports ();
   test_server_death ();
   test_debug ();
+  test_shutdown_abandon ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

@@ -331,11 +331,9 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
         if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
-            // Commands not yet sent are abandoned: the connection ends now.
-            i.conn.handle_transport_error(libc::ESHUTDOWN, "shutdown abandoned pending commands");
+            // Requests not yet sent fail (ENOTCONN); those sent are answered.
+            i.conn.abandon_unsent();
             i.dispatch();
-            i.sock = None;
-            return Ok(0);
         }
         match i.conn.disconnect() {
             Ok(()) => {}

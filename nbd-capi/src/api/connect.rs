@@ -258,16 +258,11 @@ pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_in
             return Err(CError::new(libc::ESRCH, "no subprocess"));
         };
         let sig = if signum == 0 { libc::SIGTERM } else { signum };
-        // SAFETY: signalling and reaping our own child.
-        unsafe {
-            if libc::kill(*pid, sig) < 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            let mut status = 0;
-            libc::waitpid(*pid, &mut status, 0);
-        }
-        if let Some((_, Some(dir))) = i.subprocess.take() {
-            let _ = std::fs::remove_dir_all(dir);
+        // Like libnbd, only signal: the child is reaped at nbd_close, after
+        // the socket is closed, so a server that drains first cannot hang us.
+        // SAFETY: signalling our own child, not yet reaped.
+        if unsafe { libc::kill(*pid, sig) } < 0 {
+            return Err(std::io::Error::last_os_error().into());
         }
         Ok(0)
     })

@@ -15,6 +15,8 @@ pub(crate) struct Command<B> {
     pub offset: u64,
     pub length: u64,
     pub buf: Option<B>,
+    /// Where the request starts in the outgoing stream.
+    pub queued_at: u64,
     /// The request (header and payload) has left in full.
     pub sent: bool,
     pub report_chunks: bool,
@@ -37,6 +39,7 @@ impl<B> Command<B> {
             offset: 0,
             length: 0,
             buf: None,
+            queued_at: 0,
             sent: false,
             report_chunks: false,
             error: None,

@@ -127,6 +127,45 @@ impl Output {
         }
     }
 
+    /// Stream positions: bytes ever queued, and ever sent.
+    pub fn queued(&self) -> u64 {
+        self.queued
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Takes back everything queued after stream position `pos`, which
+    /// must not be before what was already sent.
+    pub fn truncate(&mut self, pos: u64) {
+        let pos = pos.clamp(self.sent, self.queued);
+        let mut excess = (self.queued - pos) as usize;
+        self.queued = pos;
+        while excess > 0 {
+            let only_front = self.segments.len() == 1;
+            let Some(back) = self.segments.back_mut() else { break };
+            let kept = if only_front { self.front_sent } else { 0 };
+            let (len, encoded) = match back {
+                Segment::Encoded { len } => (len, true),
+                Segment::Payload { len, .. } => (len, false),
+            };
+            let take = excess.min(*len - kept);
+            *len -= take;
+            if encoded {
+                self.encoded.truncate(self.encoded.len() - take);
+            }
+            if *len == kept {
+                self.segments.pop_back();
+                if only_front {
+                    self.front_sent = 0;
+                }
+            }
+            excess -= take;
+        }
+        self.milestones.retain(|&(at, _)| at <= pos);
+    }
+
     /// Drops everything queued (the connection is gone).
     pub fn clear(&mut self) {
         self.encoded.clear();
@@ -135,5 +174,57 @@ impl Output {
         self.front_sent = 0;
         self.milestones.clear();
         self.queued = self.sent;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remaining(o: &Output) -> Vec<(bool, usize)> {
+        o.pieces()
+            .map(|p| match p {
+                Piece::Encoded(r) => (true, r.len()),
+                Piece::Payload { range, .. } => (false, range.len()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn truncate_takes_back_whole_requests_and_keeps_what_left() {
+        let mut o = Output::default();
+        let mut passed = Vec::new();
+        for slot in 0..3 {
+            o.encode(|b| b.extend_from_slice(&[slot as u8; 28]));
+            o.push_payload(slot, 100);
+            o.milestone(Milestone::Request { slot });
+        }
+        o.advance(30, &mut passed);
+        assert_eq!(remaining(&o), [(false, 98), (true, 28), (false, 100), (true, 28), (false, 100)]);
+
+        // The second request has not started: it and the third go.
+        o.truncate(128);
+        assert_eq!(remaining(&o), [(false, 98)]);
+        assert_eq!(o.queued(), 128);
+        o.advance(98, &mut passed);
+        assert_eq!(passed, [Milestone::Request { slot: 0 }]);
+        assert!(o.is_empty());
+
+        // A cut before what was sent stops there; what follows queues
+        // after the sent part.
+        o.encode(|b| b.extend_from_slice(&[9; 28]));
+        o.advance(10, &mut passed);
+        o.truncate(0);
+        assert!(o.is_empty());
+        assert_eq!(o.queued(), o.sent());
+        o.encode(|b| b.extend_from_slice(&[7; 4]));
+        let bytes: Vec<u8> = o
+            .pieces()
+            .flat_map(|p| match p {
+                Piece::Encoded(r) => o.encoded_bytes()[r].to_vec(),
+                Piece::Payload { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(bytes, [7; 4]);
     }
 }

@@ -102,6 +102,26 @@ impl<B: CommandBuffer> Connection<B> {
         Ok(())
     }
 
+    /// Fails every command none of whose request has left yet, and takes
+    /// its bytes back (libnbd's `LIBNBD_SHUTDOWN_ABANDON_PENDING`); the
+    /// rest carry on. Returns how many were abandoned. Nothing is
+    /// abandoned once NBD_CMD_DISC is queued, which must stay last.
+    pub fn abandon_unsent(&mut self) -> usize {
+        if !matches!(self.state, State::Transmission) || self.disconnect_requested {
+            return 0;
+        }
+        let sent = self.output.sent();
+        let unsent: Vec<usize> =
+            self.cmds.live_slots().into_iter().filter(|&s| self.cmds.get(s).queued_at >= sent).collect();
+        let Some(cut) = unsent.iter().map(|&s| self.cmds.get(s).queued_at).min() else { return 0 };
+        self.output.truncate(cut);
+        for &slot in &unsent {
+            self.cmds.get_mut(slot).record_error(LocalError::Abandoned.into());
+            self.complete(slot);
+        }
+        unsent.len()
+    }
+
     fn issue(
         &mut self,
         kind: u16,
@@ -121,7 +141,9 @@ impl<B: CommandBuffer> Connection<B> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let slot = self.cmds.insert(cookie);
+        let queued_at = self.output.queued();
         let c = self.cmds.get_mut(slot);
+        c.queued_at = queued_at;
         c.kind = kind;
         c.flags = flags;
         c.offset = offset;

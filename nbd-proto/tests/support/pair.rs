@@ -56,7 +56,8 @@ impl Pair {
         }
     }
 
-    fn collect(&mut self) {
+    /// Moves what the client reported into `events`.
+    pub fn collect(&mut self) {
         while let Some(e) = self.client.poll_event() {
             self.transcript.push(format!("{e:?}"));
             self.events.push(e);

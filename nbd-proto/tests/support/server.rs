@@ -31,6 +31,9 @@ pub struct Behaviour {
     pub go: bool,
     /// Answers NBD_OPT_ABORT with an ACK (nbdkit) rather than just closing.
     pub abort_ack: bool,
+    /// Accepts NBD_OPT_STARTTLS (its TLS layer is transparent here);
+    /// otherwise refuses it with ERR_POLICY.
+    pub starttls: bool,
     pub contexts: Vec<String>,
     /// READ replies use HOLE chunks for runs of zeroes (qemu-nbd).
     pub sparse_reads: bool,
@@ -56,6 +59,7 @@ impl Behaviour {
             extended: false,
             go: true,
             abort_ack: true,
+            starttls: false,
             contexts: vec!["base:allocation".into()],
             sparse_reads: false,
             simple_errors: true,
@@ -301,6 +305,7 @@ impl Server {
                 }
                 self.reply(option, rep::ACK, &[]);
             }
+            opt::STARTTLS if self.b.starttls => self.reply(option, rep::ACK, &[]),
             opt::STARTTLS => self.reply(option, rep::ERR_POLICY, b"TLS not configured"),
             opt::STRUCTURED_REPLY if self.b.structured => {
                 self.structured = true;

@@ -96,20 +96,7 @@ fn check_state(inner: &Inner, row: Export) -> CResult<()> {
     }
     let required = describe(row.states);
     let errno = if state == table::CREATED { libc::ENOTCONN } else { libc::EINVAL };
-    Err(CError::new(errno, format!("invalid state: {}: the handle must be {required}", libnbd_state_name(inner))))
-}
-
-/// The state as libnbd's messages name it (its state machine's names).
-fn libnbd_state_name(inner: &Inner) -> &'static str {
-    match inner.state_name() {
-        "created" => "START",
-        "connecting" => "MAGIC.RECV_MAGIC",
-        "negotiating" => "NEGOTIATING",
-        "ready" => "READY",
-        "processing" => "ISSUE_COMMAND.START",
-        "closed" => "CLOSED",
-        _ => "DEAD",
-    }
+    Err(CError::new(errno, format!("invalid state: {}: the handle must be {required}", inner.libnbd_state_name())))
 }
 
 fn describe(states: table::States) -> String {

@@ -107,21 +107,14 @@ pub struct Dialing {
     tcp: Option<String>,
 }
 
-/// What one step of dialing produced.
-pub enum Dialed {
-    /// Connected; the handshake can start.
-    Connected(OwnedFd),
-    /// The connect is under way on this socket; wait for it to be writable.
-    InProgress(OwnedFd),
-}
-
 impl Dialing {
     pub fn new(addrs: Vec<Address>, tcp: Option<String>) -> Self {
         Dialing { pending: addrs.into(), last_errno: libc::ECONNREFUSED, tcp }
     }
 
-    /// Starts connecting to the next address that does not fail at once.
-    pub fn start_next(&mut self) -> CResult<Dialed> {
+    /// Starts connecting to the next address that does not fail at once,
+    /// and returns the socket to wait on until it is writable.
+    pub fn start_next(&mut self) -> CResult<OwnedFd> {
         while let Some(a) = self.pending.pop_front() {
             match start(&a) {
                 Ok(d) => return Ok(d),
@@ -179,7 +172,7 @@ impl Dialing {
 }
 
 /// socket(2) and a non-blocking connect(2); the errno if either fails.
-fn start(a: &Address) -> Result<Dialed, i32> {
+fn start(a: &Address) -> Result<OwnedFd, i32> {
     let errno = || std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO);
     // SAFETY: socket(2), checked.
     let fd = unsafe { libc::socket(a.family(), libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
@@ -191,12 +184,12 @@ fn start(a: &Address) -> Result<Dialed, i32> {
     // SAFETY: `storage` holds a sockaddr of `len` bytes.
     let r = unsafe { libc::connect(fd, (&a.storage as *const libc::sockaddr_storage).cast(), a.len) };
     if r == 0 {
-        return Ok(Dialed::Connected(sock));
+        return Ok(sock);
     }
     match errno() {
         // Linux says EAGAIN when a Unix socket's backlog is full; it is
         // still connecting.
-        libc::EINPROGRESS | libc::EAGAIN => Ok(Dialed::InProgress(sock)),
+        libc::EINPROGRESS | libc::EAGAIN => Ok(sock),
         e => Err(e),
     }
 }

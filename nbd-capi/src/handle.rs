@@ -4,12 +4,12 @@
 #![allow(non_camel_case_types)]
 
 use crate::callbacks::*;
-use crate::dial::{Address, Dialed, Dialing};
+use crate::dial::{Address, Dialing};
 use crate::error::{CError, CResult};
 use crate::table;
 use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
 use std::collections::{HashMap, VecDeque};
-use std::ffi::{c_int, c_uint, CString};
+use std::ffi::{c_int, c_uint, CStr, CString};
 use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -75,6 +75,22 @@ pub struct Pending {
     pub what: &'static str,
 }
 
+/// A command that completed and awaits retirement. Its callbacks are
+/// freed when it is retired (or the handle closed), as in libnbd.
+pub struct Done {
+    pub cookie: u64,
+    /// 0 for success.
+    pub errno: i32,
+    pending: Pending,
+}
+
+impl Done {
+    /// The command's name in messages ("read", "write", ...).
+    pub fn what(&self) -> &'static str {
+        self.pending.what
+    }
+}
+
 /// Callbacks of the `opt_*` command in progress.
 #[derive(Default)]
 pub struct OptPending {
@@ -100,9 +116,8 @@ pub struct Inner {
     pub tls_verify_peer: bool,
     pub tls_username: Option<CString>,
     pub pending: HashMap<u64, Pending>,
-    /// Completed and not yet retired: cookie, errno (0 = success) and
-    /// the command's name.
-    pub done: VecDeque<(u64, i32, &'static str)>,
+    /// Completed and not yet retired, in completion order.
+    pub done: VecDeque<Done>,
     pub opt: Option<OptPending>,
     pub last_option_error: Option<String>,
     /// How the handle connected, when a URI can describe it.
@@ -226,12 +241,32 @@ impl Inner {
         }
     }
 
-    pub fn state_name(&self) -> &'static str {
+    /// The state in libnbd's words: the name of the libnbd state the
+    /// handle is in, and its description, NUL-terminated as
+    /// `nbd_connection_state` returns it ("READY: Connection is ...").
+    pub fn libnbd_state(&self) -> &'static CStr {
         if self.poisoned {
-            "dead"
-        } else {
-            self.conn.state().name()
+            return c"DEAD: Connection is in an unrecoverable error state, can only be closed";
         }
+        match self.conn.state() {
+            PublicState::Created => c"START: Handle after being initially created",
+            PublicState::Connecting if self.dialing.is_some() => c"CONNECT.CONNECTING: Connecting to the remote server",
+            PublicState::Connecting => c"MAGIC.RECV_MAGIC: Receive initial magic identification from remote",
+            PublicState::Negotiating => c"NEGOTIATING: Connection is ready to negotiate an NBD option",
+            PublicState::Ready => c"READY: Connection is ready to process NBD commands",
+            PublicState::Processing if self.conn.direction().wants_write() => {
+                c"ISSUE_COMMAND.SEND_REQUEST: Sending a request to the remote server"
+            }
+            PublicState::Processing => c"REPLY.RECV_REPLY: Receive a reply from the remote server",
+            PublicState::Closed => c"CLOSED: Connection is closed",
+            PublicState::Dead => c"DEAD: Connection is in an unrecoverable error state, can only be closed",
+        }
+    }
+
+    /// The libnbd state's name alone, as error messages give it.
+    pub fn libnbd_state_name(&self) -> String {
+        let full = self.libnbd_state().to_string_lossy();
+        full.split(':').next().unwrap_or_default().to_owned()
     }
 
     /// A debug message from the current call, when debugging is on: to the
@@ -256,28 +291,20 @@ impl Inner {
         }
     }
 
-    /// Starts a non-blocking connect to the first of `addrs` that answers
-    /// (`tcp` names a TCP destination, "host:port"). A connect that ends
-    /// at once, as on loopback, is finished here, as in libnbd.
+    /// Starts a non-blocking connect to the first of `addrs` that does not
+    /// refuse at once (`tcp` names a TCP destination, "host:port"). Even a
+    /// connect that succeeds at once is finished by the next write event,
+    /// as in libnbd: until then the handle waits to write.
     pub fn dial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
         self.conn.start_connect()?;
         self.dialing = Some(Dialing::new(addrs, tcp));
-        self.dial_next()?;
-        self.continue_dial();
-        match self.dial_error.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.dial_next()
     }
 
     fn dial_next(&mut self) -> CResult<()> {
         let Some(d) = self.dialing.as_mut() else { return Ok(()) };
         match d.start_next() {
-            Ok(Dialed::Connected(fd)) => {
-                self.dialing = None;
-                self.attach(fd)
-            }
-            Ok(Dialed::InProgress(fd)) => {
+            Ok(fd) => {
                 self.sock = Some(UnixStream::from(fd));
                 Ok(())
             }
@@ -433,6 +460,18 @@ impl Inner {
         Ok(true)
     }
 
+    /// Why the connection is over, if it is dead or closed.
+    pub fn ended(&self) -> Option<CError> {
+        match self.conn.state() {
+            PublicState::Dead => {
+                let why = self.conn.error().map_or_else(|| "connection is dead".into(), |e| e.to_string());
+                Some(CError::new(self.conn.error().map_or(libc::ENOTCONN, |e| e.errno()), why))
+            }
+            PublicState::Closed => Some(CError::new(libc::ENOTCONN, "connection is closed")),
+            _ => None,
+        }
+    }
+
     /// Drives the connection until `done` holds, failing if it can no
     /// longer make progress.
     pub fn run_until(&mut self, done: impl Fn(&Inner) -> bool) -> CResult<()> {
@@ -440,14 +479,8 @@ impl Inner {
             if done(self) {
                 return Ok(());
             }
-            match self.conn.state() {
-                PublicState::Dead => {
-                    let why = self.conn.error().map_or_else(|| "connection is dead".into(), |e| e.to_string());
-                    let errno = self.conn.error().map_or(libc::ENOTCONN, |e| e.errno());
-                    return Err(CError::new(errno, why));
-                }
-                PublicState::Closed => return Err(CError::new(libc::ENOTCONN, "connection is closed")),
-                _ => {}
+            if let Some(e) = self.ended() {
+                return Err(e);
             }
             if self.direction() == 0 {
                 return Err(CError::new(libc::EINVAL, "the connection cannot make progress in this state"));
@@ -466,7 +499,7 @@ impl Inner {
         while let Some(ev) = self.conn.poll_event() {
             match ev {
                 Event::Complete { cookie, result, .. } => {
-                    let Some(mut p) = self.pending.remove(&cookie) else { continue };
+                    let Some(p) = self.pending.remove(&cookie) else { continue };
                     let mut err = match result {
                         Ok(()) => p.callback_error,
                         Err(e) => e.errno(),
@@ -478,12 +511,10 @@ impl Inner {
                             retire = unsafe { f(c.user_data, &mut err) } == 1;
                         }
                     }
-                    // Drop the guards now: every `free` runs exactly once.
-                    drop(p.completion.take());
-                    drop(p.chunk.take());
-                    drop(p.extent.take());
+                    // Auto-retired commands free their callbacks now; the
+                    // rest when retired.
                     if !retire {
-                        self.done.push_back((cookie, err, p.what));
+                        self.done.push_back(Done { cookie, errno: err, pending: p });
                     }
                 }
                 Event::ReadChunk { cookie, offset, length, status } => {

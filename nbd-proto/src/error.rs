@@ -103,9 +103,10 @@ pub enum ProtocolError {
 /// The server reported an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ServerError {
-    /// An option got an `NBD_REP_ERR_*` reply.
-    #[error("{}: {}{}", opt::name(*option), rep::error_meaning(*reply), MessageSuffix(message))]
-    OptionRefused { option: u32, reply: u32, message: String },
+    /// An option got an `NBD_REP_ERR_*` reply; `export` is the name a GO
+    /// or INFO asked for.
+    #[error("{}{}: {}{}", opt::name(*option), ExportSuffix(export.as_deref()), rep::error_meaning(*reply), MessageSuffix(message))]
+    OptionRefused { option: u32, reply: u32, export: Option<String>, message: String },
     /// A command failed with the given errno.
     #[error("server reported error: {}{}", ErrnoName(*errno), MessageSuffix(message.as_deref().unwrap_or("")))]
     Command { errno: i32, message: Option<String> },
@@ -155,6 +156,8 @@ pub enum LocalError {
     AfterDisconnect,
     #[error("{0} too long for NBD protocol")]
     NameTooLong(&'static str),
+    #[error("server lacks structured replies, needed to list meta contexts")]
+    NoStructuredReplies,
     #[error("command abandoned before it was sent")]
     Abandoned,
     #[error("{0}")]
@@ -166,7 +169,7 @@ impl LocalError {
         match self {
             LocalError::WrongState { state, .. } if *state == "created" => ENOTCONN,
             LocalError::ReadOnly => EPERM,
-            LocalError::NoMetaContexts => ENOTSUP,
+            LocalError::NoMetaContexts | LocalError::NoStructuredReplies => ENOTSUP,
             LocalError::TooLarge { .. } => ERANGE,
             LocalError::NameTooLong(_) => ENAMETOOLONG,
             LocalError::Abandoned => ENOTCONN,
@@ -201,6 +204,17 @@ impl fmt::Display for MessageSuffix<'_> {
             Ok(())
         } else {
             write!(f, " ({})", self.0)
+        }
+    }
+}
+
+struct ExportSuffix<'a>(Option<&'a str>);
+
+impl fmt::Display for ExportSuffix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(name) => write!(f, " for export '{name}'"),
+            None => Ok(()),
         }
     }
 }

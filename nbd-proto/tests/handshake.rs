@@ -631,7 +631,7 @@ fn opt_go_first_then_other_orders() {
     let mut p = negotiating(opt_mode(), nbd_server);
     assert_eq!(p.server.options, [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY], "both refused");
     let e = p.client.opt_list_meta_context().unwrap_err();
-    assert_eq!(e.errno(), EINVAL);
+    assert_eq!((e.errno(), e), (ENOTSUP, Error::Local(LocalError::NoStructuredReplies)));
     assert_eq!(p.state(), PublicState::Negotiating);
     p.client.opt_list().unwrap();
     p.drive();
@@ -680,9 +680,11 @@ fn opt_go_with_an_unknown_export_then_the_right_one() {
         Error::Server(ServerError::OptionRefused {
             option: opt::GO,
             reply: rep::ERR_UNKNOWN,
+            export: Some("nope".into()),
             message: "no such export".into()
         })
     );
+    assert_eq!(e.to_string(), "NBD_OPT_GO for export 'nope': the server has no such export (no such export)");
     assert_eq!(e.errno(), ENOENT);
     assert_eq!(p.state(), PublicState::Negotiating, "a refused GO is not fatal");
     assert_eq!(p.client.direction(), Direction::None);

@@ -17,28 +17,7 @@
 #include <sys/wait.h>
 #include <libnbd.h>
 
-static int failures, checks;
-
-#define CHECK(cond, ...) do {                                   \
-    checks++;                                                   \
-    if (!(cond)) {                                              \
-      failures++;                                               \
-      fprintf (stderr, "FAIL %s:%d: ", __FILE__, __LINE__);     \
-      fprintf (stderr, __VA_ARGS__);                            \
-      fprintf (stderr, " [%s]\n", nbd_get_error () ? nbd_get_error () : ""); \
-    }                                                           \
-  } while (0)
-
-/* An error with this errno whose message starts with the function name. */
-#define CHECK_ERR(r, fn, err) do {                                        \
-    long r_ = (long) (r);                                                 \
-    const char *m_ = nbd_get_error ();                                    \
-    CHECK (r_ == -1, "%s should fail", fn);                               \
-    CHECK (nbd_get_errno () == (err), "%s: errno %d, want %d", fn,        \
-           nbd_get_errno (), (err));                                      \
-    CHECK (m_ && strncmp (m_, fn, strlen (fn)) == 0,                      \
-           "%s: message does not name the function", fn);               \
-  } while (0)
+#include "check.h"
 
 static char *memory[] = { "nbdkit", "-s", "--exit-with-parent", "memory", "1M", NULL };
 

@@ -42,7 +42,7 @@ fn submit(
 /// Waits for `cookie` and retires it.
 fn wait(i: &mut Inner, cookie: i64) -> CResult<c_int> {
     let cookie = cookie as u64;
-    i.run_until(|i| i.done.iter().any(|(c, _, _)| *c == cookie))?;
+    i.run_until(|i| i.done.iter().any(|d| d.cookie == cookie))?;
     retire(i, cookie).map(|_| 0)
 }
 
@@ -50,10 +50,10 @@ fn wait(i: &mut Inner, cookie: i64) -> CResult<c_int> {
 /// still in flight, and (as libnbd 1.14 does) 0 for a cookie it does not
 /// know, such as one already retired.
 fn retire(i: &mut Inner, cookie: u64) -> CResult<c_int> {
-    if let Some(pos) = i.done.iter().position(|(c, _, _)| *c == cookie) {
-        let (_, err, what) = i.done.remove(pos).unwrap_or((0, 0, ""));
-        if err != 0 {
-            return Err(CError::new(err, format!("{what}: command failed")));
+    if let Some(done) = i.done.iter().position(|d| d.cookie == cookie).and_then(|at| i.done.remove(at)) {
+        // Dropping `done` frees the command's callbacks, once.
+        if done.errno != 0 {
+            return Err(CError::new(done.errno, format!("{}: command failed", done.what())));
         }
         return Ok(1);
     }
@@ -395,8 +395,8 @@ pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> 
 #[no_mangle]
 pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
     export!("nbd_aio_peek_command_completed", h, -1, |i| {
-        if let Some((c, _, _)) = i.done.front() {
-            return Ok(*c as i64);
+        if let Some(c) = i.done.front().map(|d| d.cookie) {
+            return Ok(c as i64);
         }
         if i.pending.is_empty() {
             return Err(CError::new(libc::EINVAL, "no commands are in flight"));

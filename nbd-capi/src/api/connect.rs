@@ -13,7 +13,7 @@ use std::os::fd::{FromRawFd, OwnedFd};
 /// Waits for the handshake to finish, as every synchronous connect does.
 fn finish_connect(i: &mut Inner) -> CResult<c_int> {
     i.run_until(|i| !matches!(i.conn.state(), PublicState::Connecting))?;
-    Ok(0)
+    i.ended().map_or(Ok(0), Err)
 }
 
 /// Starts connecting the transport, recording it for `nbd_get_uri`. A

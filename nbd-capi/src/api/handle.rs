@@ -115,15 +115,7 @@ pub extern "C" fn nbd_get_private_data(h: *mut nbd_handle) -> usize {
 #[no_mangle]
 pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
     export!("nbd_connection_state", h, std::ptr::null(), |i| {
-        let s: &'static CStr0 = match i.state_name() {
-            "created" => c"CREATED",
-            "connecting" => c"CONNECTING",
-            "negotiating" => c"NEGOTIATING",
-            "ready" => c"READY",
-            "processing" => c"PROCESSING",
-            "closed" => c"CLOSED",
-            _ => c"DEAD",
-        };
+        let s = i.libnbd_state();
         Ok(s.as_ptr())
     })
 }

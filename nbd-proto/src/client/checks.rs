@@ -27,10 +27,9 @@ impl<B: CommandBuffer> Connection<B> {
             return Err(LocalError::InvalidFlags(u32::from(flags.bits())));
         }
         if strict.contains(StrictMode::COMMANDS) {
-            let writes = matches!(kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
-            if writes && ef.contains(TF::READ_ONLY) {
-                return Err(LocalError::ReadOnly);
-            }
+            // libnbd asks whether the server offers the command before
+            // whether it takes writes: TRIM on a read-only export that
+            // offers no TRIM is EINVAL, not EPERM.
             let needs = match kind {
                 cmd::FLUSH => Some((TF::SEND_FLUSH, "flush operations")),
                 cmd::TRIM => Some((TF::SEND_TRIM, "trim operations")),
@@ -42,6 +41,10 @@ impl<B: CommandBuffer> Connection<B> {
                 if !ef.contains(flag) {
                     return Err(LocalError::Unsupported(what));
                 }
+            }
+            let writes = matches!(kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+            if writes && ef.contains(TF::READ_ONLY) {
+                return Err(LocalError::ReadOnly);
             }
             for (f, needed, what) in [
                 (CmdFlags::FUA, TF::SEND_FUA, "the FUA flag"),

@@ -81,7 +81,7 @@ impl<B: super::CommandBuffer> Connection<B> {
     /// each arrives as [`Event::MetaContextListed`].
     pub fn opt_list_meta_context(&mut self) -> Result<(), Error> {
         if matches!(self.state, State::Negotiating) && !self.neg.structured_replies {
-            return Err(LocalError::Unsupported("structured replies, needed to list meta contexts").into());
+            return Err(LocalError::NoStructuredReplies.into());
         }
         self.start_goal(Goal::ListMetaContext)
     }
@@ -317,6 +317,7 @@ impl<B: super::CommandBuffer> Connection<B> {
         let refused = (h.reply & rep::ERR_BIT != 0).then(|| ServerError::OptionRefused {
             option: sent,
             reply: h.reply,
+            export: matches!(sent, opt::GO | opt::INFO).then(|| self.config.export_name().to_owned()),
             message: String::from_utf8_lossy(payload).into_owned(),
         });
         match sent {

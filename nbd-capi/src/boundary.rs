@@ -126,3 +126,33 @@ macro_rules! export {
     }};
 }
 pub(crate) use export;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::handle::nbd_close;
+    use crate::api::info::nbd_get_size;
+    use crate::error::{nbd_get_errno, nbd_get_error};
+    use std::ffi::CStr;
+
+    fn last_error() -> String {
+        // SAFETY: nbd_get_error returns NULL or this thread's NUL-terminated message.
+        unsafe { nbd_get_error().as_ref().map(|p| CStr::from_ptr(p).to_string_lossy().into_owned()) }
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_panic_inside_an_export_is_an_error_and_the_handle_dies() {
+        let h = Box::into_raw(Box::new(nbd_handle::new()));
+        let r: i64 = enter(h, table::export("nbd_get_debug"), -1, |_| panic!("a bug"));
+        assert_eq!((r, nbd_get_errno()), (-1, libc::EIO));
+        assert!(last_error().starts_with("nbd_get_debug: internal error"), "{}", last_error());
+
+        // The handle is dead from now on; it still closes cleanly.
+        assert_eq!(nbd_get_size(h), -1);
+        assert_eq!(nbd_get_errno(), libc::EINVAL);
+        assert!(last_error().contains("DEAD"), "{}", last_error());
+        // SAFETY: `h` came from Box::into_raw above and is closed once.
+        unsafe { nbd_close(h) };
+    }
+}

@@ -3,8 +3,8 @@
 
 mod commands;
 mod connect;
-mod handle;
-mod info;
+pub(crate) mod handle;
+pub(crate) mod info;
 mod opt;
 mod settings;
 

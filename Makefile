@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
+PEERS := pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
 .PHONY: all build lib header check-header deps demo check check-c check-debian check-abi test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
@@ -15,7 +15,7 @@ CC ?= cc
 
 all: lib
 
-build:
+build: deps
 	$(CARGO) build --workspace --release
 
 # libnbd.so.0: the Rust staticlib linked by the C compiler with a version
@@ -25,7 +25,7 @@ lib: build
 	target/release/nbd-capi-gen version-script > $(LIBDIR)/libnbd.sym
 	$(CC) -shared -o $(LIBDIR)/libnbd.so.0 -Wl,-soname,libnbd.so.0 \
 	  -Wl,--version-script=$(LIBDIR)/libnbd.sym \
-	  -Wl,--whole-archive target/release/libnbd.a -Wl,--no-whole-archive -lpthread -ldl -lm
+	  -Wl,--whole-archive target/release/libnbd.a -Wl,--no-whole-archive -lssl -lcrypto -lpthread -ldl -lm
 	ln -sf libnbd.so.0 $(LIBDIR)/libnbd.so
 	cp target/release/libnbd.a $(LIBDIR)/libnbd.a
 	sed 's|@PREFIX@|$(PREFIX)|' nbd-capi/libnbd.pc.in > $(LIBDIR)/libnbd.pc
@@ -92,7 +92,7 @@ demo: deps
 	$(CARGO) build --release -p nbd-proto --example demo
 	nbdkit -U - memory 64M --run 'target/release/examples/demo "$$unixsocket"'
 
-lint:
+lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 

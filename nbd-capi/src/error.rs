@@ -19,7 +19,14 @@ impl CError {
 
 impl From<nbd_proto::Error> for CError {
     fn from(e: nbd_proto::Error) -> Self {
-        CError { errno: e.errno(), msg: e.to_string() }
+        match e {
+            // The errno's text is appended when the error is set; the
+            // context alone says what failed.
+            nbd_proto::Error::Transport(nbd_proto::TransportError::Io { errno, context }) => {
+                CError { errno, msg: context }
+            }
+            e => CError { errno: e.errno(), msg: e.to_string() },
+        }
     }
 }
 

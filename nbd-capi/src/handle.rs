@@ -7,6 +7,7 @@ use crate::callbacks::*;
 use crate::dial::{Address, Dialing};
 use crate::error::{CError, CResult};
 use crate::table;
+use crate::tls::{OpensslTls, Plain, TlsLayer, TlsSettings};
 use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_int, c_uint, CStr, CString};
@@ -113,8 +114,12 @@ pub struct Inner {
     pub uri_allow_transports: u32,
     pub uri_allow_tls: c_int,
     pub uri_allow_local_file: bool,
-    pub tls_verify_peer: bool,
-    pub tls_username: Option<CString>,
+    pub tls_settings: TlsSettings,
+    /// The TLS session below the NBD stream, once STARTTLS succeeded.
+    pub tls: Option<Box<dyn TlsLayer>>,
+    pub tls_established: bool,
+    /// Scratch space for ciphertext and for coalescing plaintext.
+    tls_scratch: Vec<u8>,
     pub pending: HashMap<u64, Pending>,
     /// Completed and not yet retired, in completion order.
     pub done: VecDeque<Done>,
@@ -165,6 +170,27 @@ pub struct nbd_handle {
     poisoned: AtomicBool,
 }
 
+/// Plaintext taken per TLS write, and ciphertext read per receive.
+const TLS_CHUNK: usize = 64 * 1024;
+
+/// Sends the TLS layer's ciphertext until the socket would block; `false`
+/// if the transport failed (the core then knows).
+fn flush_ciphertext(conn: &mut Connection<UserBuf>, sock: Option<&mut UnixStream>, tls: &mut dyn TlsLayer) -> bool {
+    let Some(sock) = sock else { return false };
+    while !tls.pending_ciphertext().is_empty() {
+        match sock.write(tls.pending_ciphertext()) {
+            Ok(n) => tls.consume_ciphertext(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "send");
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// The longest extent a 32-bit extent callback can carry: just below
 /// 4 GiB, kept 512-aligned.
 const MAX_EXTENT_32: u64 = 0xffff_fe00;
@@ -186,8 +212,10 @@ impl nbd_handle {
                 uri_allow_transports: 7,
                 uri_allow_tls: 1,
                 uri_allow_local_file: false,
-                tls_verify_peer: true,
-                tls_username: None,
+                tls_settings: TlsSettings::default(),
+                tls: None,
+                tls_established: false,
+                tls_scratch: Vec::new(),
                 pending: HashMap::new(),
                 done: VecDeque::new(),
                 opt: None,
@@ -364,16 +392,27 @@ impl Inner {
         self.sock.as_ref().map_or(-1, |s| s.as_raw_fd())
     }
 
-    /// `LIBNBD_AIO_DIRECTION_*` as libnbd reports it.
+    /// `LIBNBD_AIO_DIRECTION_*` as libnbd reports it: what the core waits
+    /// for, and what the TLS layer below it needs.
     pub fn direction(&self) -> c_uint {
         let d = self.conn.direction();
-        c_uint::from(d.wants_read()) | (c_uint::from(d.wants_write()) << 1)
+        let (mut read, mut write) = (d.wants_read(), d.wants_write());
+        if let Some(tls) = &self.tls {
+            write |= !tls.pending_ciphertext().is_empty();
+            read |= !self.tls_established;
+        }
+        c_uint::from(read) | (c_uint::from(write) << 1)
     }
 
     /// Sends what can be sent without blocking.
     pub fn notify_write(&mut self) {
         if self.dialing.is_some() {
             self.continue_dial();
+        }
+        if self.tls.is_some() {
+            self.tls_send();
+            self.dispatch();
+            return;
         }
         let Some(sock) = self.sock.as_mut() else { return };
         loop {
@@ -398,6 +437,11 @@ impl Inner {
 
     /// Receives what has arrived, without blocking.
     pub fn notify_read(&mut self) {
+        if self.tls.is_some() {
+            self.tls_receive();
+            self.dispatch();
+            return;
+        }
         let Some(sock) = self.sock.as_mut() else { return };
         while self.conn.direction().wants_read() {
             let buf = self.conn.recv_buffer();
@@ -418,11 +462,152 @@ impl Inner {
         self.dispatch();
     }
 
+    // ---- the same two directions through TLS ------------------------------------
+
+    /// STARTTLS was accepted: the session starts with its first flight.
+    fn start_tls(&mut self) {
+        let host = match &self.transport {
+            Some(crate::uri::Transport::Tcp { host, .. }) => Some(host.clone()),
+            _ => None,
+        };
+        match OpensslTls::new(&self.tls_settings, host.as_deref()) {
+            Ok(mut tls) => {
+                if let Err(e) = tls.handshake() {
+                    self.conn.handle_transport_error(e.errno, &e.msg);
+                    return;
+                }
+                self.tls = Some(Box::new(tls));
+                self.tls_established = false;
+            }
+            Err(e) => self.conn.handle_transport_error(e.errno, &e.msg),
+        }
+    }
+
+    /// Encrypts what the core has to send and sends the ciphertext.
+    fn tls_send(&mut self) {
+        self.tls_flush();
+        if !self.tls_established {
+            return;
+        }
+        let Some(tls) = self.tls.as_mut() else { return };
+        loop {
+            // Small pieces (headers) are coalesced into one record.
+            let mut slices: [&[u8]; 64] = [&[]; 64];
+            let n = self.conn.poll_transmit(&mut slices);
+            if n == 0 {
+                break;
+            }
+            self.tls_scratch.clear();
+            for s in &slices[..n] {
+                let room = TLS_CHUNK - self.tls_scratch.len();
+                self.tls_scratch.extend_from_slice(&s[..s.len().min(room)]);
+                if self.tls_scratch.len() == TLS_CHUNK {
+                    break;
+                }
+            }
+            match tls.write_plain(&self.tls_scratch) {
+                Ok(0) => break,
+                Ok(taken) => self.conn.handle_sent(taken),
+                Err(e) => {
+                    self.conn.handle_transport_error(e.errno, &e.msg);
+                    return;
+                }
+            }
+            if !flush_ciphertext(&mut self.conn, self.sock.as_mut(), tls.as_mut()) {
+                break;
+            }
+        }
+        self.tls_flush();
+    }
+
+    fn tls_flush(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            flush_ciphertext(&mut self.conn, self.sock.as_mut(), tls.as_mut());
+        }
+    }
+
+    /// Takes in ciphertext, advances the handshake, and decrypts for the core.
+    fn tls_receive(&mut self) {
+        let (Some(sock), Some(tls)) = (self.sock.as_mut(), self.tls.as_mut()) else { return };
+        self.tls_scratch.resize(TLS_CHUNK, 0);
+        let mut eof = false;
+        loop {
+            match sock.read(&mut self.tls_scratch) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => tls.handle_ciphertext(&self.tls_scratch[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "recv");
+                    return;
+                }
+            }
+        }
+        self.tls_progress();
+        if eof && !self.tls_established {
+            // A server that rejects our credentials just hangs up.
+            self.conn.handle_transport_error(0, "TLS handshake: the server closed the connection");
+        } else if eof {
+            self.conn.handle_eof();
+        }
+    }
+
+    /// Moves the TLS session on with what it holds: the handshake, then
+    /// decrypted bytes to the core while it wants them.
+    fn tls_progress(&mut self) {
+        let Some(tls) = self.tls.as_mut() else { return };
+        if !self.tls_established {
+            match tls.handshake() {
+                Ok(true) => {
+                    self.tls_established = true;
+                    if let Err(e) = self.conn.handle_tls_established() {
+                        self.conn.handle_transport_error(e.errno(), &e.to_string());
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => self.conn.handle_transport_error(e.errno, &e.msg),
+            }
+        }
+        if self.tls_established {
+            while self.conn.direction().wants_read() {
+                match tls.read_plain(self.conn.recv_buffer()) {
+                    Ok(Plain::Data(0) | Plain::NeedMore) => break,
+                    Ok(Plain::Data(n)) => self.conn.handle_received(n),
+                    Ok(Plain::Closed) => {
+                        self.conn.handle_eof();
+                        break;
+                    }
+                    Err(e) => {
+                        self.conn.handle_transport_error(e.errno, &e.msg);
+                        break;
+                    }
+                }
+            }
+        }
+        self.tls_flush();
+    }
+
+    /// Whether the TLS layer holds input the core wants, which no socket
+    /// event will announce.
+    fn tls_has_input_for_core(&self) -> bool {
+        self.tls_established
+            && self.tls.as_ref().is_some_and(|t| t.has_buffered_input())
+            && self.conn.direction().wants_read()
+    }
+
     /// Waits once for the socket to be ready in the direction the
     /// connection wants, and services it. `Ok(false)` on timeout.
     pub fn poll_once(&mut self, timeout_ms: c_int) -> CResult<bool> {
         self.notify_write();
         self.take_dial_error()?;
+        if self.tls_has_input_for_core() {
+            self.tls_progress();
+            self.dispatch();
+            return Ok(true);
+        }
         let dir = self.direction();
         let Some(sock) = self.sock.as_ref() else {
             return Err(CError::new(libc::EINVAL, "not connected"));
@@ -463,10 +648,12 @@ impl Inner {
     /// Why the connection is over, if it is dead or closed.
     pub fn ended(&self) -> Option<CError> {
         match self.conn.state() {
-            PublicState::Dead => {
-                let why = self.conn.error().map_or_else(|| "connection is dead".into(), |e| e.to_string());
-                Some(CError::new(self.conn.error().map_or(libc::ENOTCONN, |e| e.errno()), why))
-            }
+            PublicState::Dead => Some(
+                self.conn
+                    .error()
+                    .cloned()
+                    .map_or_else(|| CError::new(libc::ENOTCONN, "connection is dead"), CError::from),
+            ),
             PublicState::Closed => Some(CError::new(libc::ENOTCONN, "connection is closed")),
             _ => None,
         }
@@ -595,11 +782,7 @@ impl Inner {
                         self.last_option_error = Some(e.to_string());
                     }
                 }
-                Event::StartTls => {
-                    // TLS is not built yet (issue 4): the core only sends
-                    // STARTTLS when asked to, which nbd_set_tls refuses.
-                    self.conn.handle_transport_error(libc::ENOTSUP, "TLS is not supported by this build");
-                }
+                Event::StartTls => self.start_tls(),
                 Event::Connected => {}
             }
         }

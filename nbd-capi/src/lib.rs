@@ -5,8 +5,8 @@
 //! [`table`], the single source of truth for the exported surface.
 //!
 //! Connects are non-blocking ([`dial`]); the socket is serviced by the
-//! handle ([`handle`]); TLS is not built yet (issue 4), so the TLS calls
-//! behave as in a libnbd built without it.
+//! handle ([`handle`]), through a sans-IO TLS session ([`tls`]) after
+//! STARTTLS.
 
 // Exports take raw pointers from C by contract (NULL is checked, the rest
 // is the caller's promise, as in libnbd); each dereference carries its
@@ -22,4 +22,5 @@ pub mod error;
 pub mod handle;
 pub mod subprocess;
 pub mod table;
+pub mod tls;
 pub mod uri;

@@ -122,5 +122,5 @@ pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn nbd_supports_tls(h: *mut nbd_handle) -> c_int {
-    export!("nbd_supports_tls", h, -1, |_i| Ok(0))
+    export!("nbd_supports_tls", h, -1, |_i| Ok(1))
 }

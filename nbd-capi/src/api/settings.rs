@@ -5,7 +5,7 @@ use crate::boundary::export;
 use crate::error::CError;
 use crate::handle::nbd_handle;
 use nbd_proto::{HandshakeFlags, StrictMode};
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int};
 
 #[no_mangle]
 pub extern "C" fn nbd_set_export_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
@@ -153,19 +153,19 @@ pub extern "C" fn nbd_get_meta_context(h: *mut nbd_handle, n: usize) -> *mut c_c
     })
 }
 
-// ---- TLS settings: this build has no TLS yet (issue 4) ---------------------
+// ---- TLS settings ---------------------------------------------------------------
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
     export!("nbd_set_tls", h, -1, |i| {
-        match tls {
-            0 => {
-                i.conn.config_mut()?.tls = nbd_proto::TlsMode::Disable;
-                Ok(0)
-            }
-            1 | 2 => Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support")),
-            _ => Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}"))),
-        }
+        let mode = match tls {
+            0 => nbd_proto::TlsMode::Disable,
+            1 => nbd_proto::TlsMode::Allow,
+            2 => nbd_proto::TlsMode::Require,
+            _ => return Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}"))),
+        };
+        i.conn.config_mut()?.tls = mode;
+        Ok(0)
     })
 }
 
@@ -177,45 +177,43 @@ pub extern "C" fn nbd_get_tls(h: *mut nbd_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_verify_peer(h: *mut nbd_handle, v: bool) -> c_int {
     export!("nbd_set_tls_verify_peer", h, -1, |i| {
-        i.tls_verify_peer = v;
+        i.tls_settings.verify_peer = v;
         Ok(0)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_verify_peer(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_tls_verify_peer", h, -1, |i| Ok(c_int::from(i.tls_verify_peer)))
+    export!("nbd_get_tls_verify_peer", h, -1, |i| Ok(c_int::from(i.tls_settings.verify_peer)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_username(h: *mut nbd_handle, user: *const c_char) -> c_int {
     export!("nbd_set_tls_username", h, -1, |i| {
-        let user = arg_str(user, "username")?;
-        i.tls_username = Some(CString::new(user).unwrap_or_default());
+        i.tls_settings.username = Some(arg_str(user, "username")?);
         Ok(0)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_tls_username", h, std::ptr::null_mut(), |i| match &i.tls_username {
-        Some(u) => c_string(&u.to_string_lossy()),
-        None => c_string(&std::env::var("USER").unwrap_or_default()),
+    export!("nbd_get_tls_username", h, std::ptr::null_mut(), |i| {
+        c_string(&i.tls_settings.username.clone().unwrap_or_else(crate::tls::local_username))
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_certificates(h: *mut nbd_handle, dir: *const c_char) -> c_int {
-    export!("nbd_set_tls_certificates", h, -1, |_i| {
-        arg_str(dir, "dir")?;
-        Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"))
+    export!("nbd_set_tls_certificates", h, -1, |i| {
+        i.tls_settings.certificates = Some(arg_str(dir, "dir")?.into());
+        Ok(0)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_psk_file(h: *mut nbd_handle, file: *const c_char) -> c_int {
-    export!("nbd_set_tls_psk_file", h, -1, |_i| {
-        arg_str(file, "filename")?;
-        Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"))
+    export!("nbd_set_tls_psk_file", h, -1, |i| {
+        i.tls_settings.psk_file = Some(arg_str(file, "filename")?.into());
+        Ok(0)
     })
 }

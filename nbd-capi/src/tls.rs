@@ -1,0 +1,275 @@
+//! TLS below the NBD stream, sans-IO: the session consumes and produces
+//! ciphertext in memory, and the handle's I/O loop moves it to and from
+//! the socket, so the TLS layer never blocks and never sees a descriptor.
+//! The backend is OpenSSL; X.509 (a certificates directory laid out as
+//! libnbd reads it, or the system's trust) and PSK (a psktool file).
+
+use crate::error::{CError, CResult};
+use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslFiletype, SslMethod, SslStream, SslVerifyMode, SslVersion};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// What a TLS layer offers the I/O loop. Bytes from the socket go in with
+/// `handle_ciphertext`; bytes for the socket come out of
+/// `pending_ciphertext` and are reported sent with `consume_ciphertext`.
+pub trait TlsLayer: Send {
+    fn handle_ciphertext(&mut self, bytes: &[u8]);
+    fn pending_ciphertext(&self) -> &[u8];
+    fn consume_ciphertext(&mut self, n: usize);
+    /// Advances the handshake: `Ok(true)` once it is complete.
+    fn handshake(&mut self) -> CResult<bool>;
+    /// Decrypts into `buf`.
+    fn read_plain(&mut self, buf: &mut [u8]) -> CResult<Plain>;
+    /// Encrypts as much of `data` as the layer takes; returns how much.
+    fn write_plain(&mut self, data: &[u8]) -> CResult<usize>;
+    /// Whether decrypted bytes or undecrypted records wait inside the
+    /// layer, so that reading needs no new bytes from the socket.
+    fn has_buffered_input(&self) -> bool;
+}
+
+/// The result of a decrypting read.
+pub enum Plain {
+    Data(usize),
+    /// More ciphertext is needed.
+    NeedMore,
+    /// The peer closed the TLS session.
+    Closed,
+}
+
+/// The handle's TLS settings, as `nbd_set_tls_*` and URIs give them.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub certificates: Option<PathBuf>,
+    pub psk_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub verify_peer: bool,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings { certificates: None, psk_file: None, username: None, verify_peer: true }
+    }
+}
+
+/// The name PSK authentication uses when none is set: the local user's.
+pub fn local_username() -> String {
+    for var in ["LOGNAME", "USER"] {
+        if let Ok(name) = std::env::var(var) {
+            if !name.is_empty() {
+                return name;
+            }
+        }
+    }
+    // SAFETY: getpwuid returns NULL or a pointer to static storage, read at once.
+    let pw = unsafe { libc::getpwuid(libc::geteuid()) };
+    if pw.is_null() {
+        return "root".into();
+    }
+    // SAFETY: non-NULL passwd with a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }.to_string_lossy().into_owned()
+}
+
+/// The key for `username` in a psktool file (`user:hexkey` per line).
+fn psk_key(file: &Path, username: &str) -> CResult<Vec<u8>> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("{}: {e}", file.display())))?;
+    let line = text.lines().filter_map(|l| l.split_once(':')).find(|(user, _)| *user == username).ok_or_else(|| {
+        CError::new(libc::EINVAL, format!("{}: username {username} was not found in PSK file", file.display()))
+    })?;
+    let hex = line.1.trim();
+    let bad = || CError::new(libc::EINVAL, format!("{}: the key of '{username}' is not hexadecimal", file.display()));
+    if hex.len() % 2 != 0 || hex.is_empty() {
+        return Err(bad());
+    }
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| bad())).collect()
+}
+
+/// The in-memory transport under the OpenSSL session.
+#[derive(Default)]
+struct Pipe {
+    incoming: Vec<u8>,
+    read_at: usize,
+    outgoing: Vec<u8>,
+}
+
+impl Read for Pipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let avail = &self.incoming[self.read_at..];
+        if avail.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = avail.len().min(buf.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.read_at += n;
+        if self.read_at == self.incoming.len() {
+            self.incoming.clear();
+            self.read_at = 0;
+        }
+        Ok(n)
+    }
+}
+
+impl Write for Pipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.outgoing.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Ciphertext waiting for the socket beyond which no more plaintext is
+/// taken: the socket is the bottleneck, and memory stays bounded.
+const MAX_PENDING_CIPHERTEXT: usize = 1 << 20;
+
+pub struct OpensslTls {
+    stream: SslStream<Pipe>,
+}
+
+impl OpensslTls {
+    /// A client session for `hostname` (checked against the certificate
+    /// when verifying, if known).
+    pub fn new(settings: &TlsSettings, hostname: Option<&str>) -> CResult<Self> {
+        let tls_err = |what: &str, e: openssl::error::ErrorStack| CError::new(libc::EIO, format!("{what}: {e}"));
+        let mut ctx = SslContextBuilder::new(SslMethod::tls_client()).map_err(|e| tls_err("TLS context", e))?;
+        ctx.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| tls_err("TLS context", e))?;
+        if let Some(file) = &settings.psk_file {
+            let user = settings.username.clone().unwrap_or_else(local_username);
+            let key = psk_key(file, &user)?;
+            ctx.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
+                let id = user.as_bytes();
+                if id.len() >= identity.len() || key.len() > psk.len() {
+                    return Ok(0);
+                }
+                identity[..id.len()].copy_from_slice(id);
+                identity[id.len()] = 0;
+                psk[..key.len()].copy_from_slice(&key);
+                Ok(key.len())
+            });
+            // PSK needs no certificates; TLS 1.2 PSK suites for older servers.
+            ctx.set_cipher_list("PSK:ECDHE-PSK:DHE-PSK:@SECLEVEL=0").map_err(|e| tls_err("PSK ciphers", e))?;
+            ctx.set_verify(SslVerifyMode::NONE);
+        } else {
+            let dir = settings.certificates.as_deref();
+            match dir.map(|d| d.join("ca-cert.pem")).filter(|f| f.exists()) {
+                Some(ca) => ctx.set_ca_file(&ca).map_err(|e| tls_err(&ca.display().to_string(), e))?,
+                None => ctx.set_default_verify_paths().map_err(|e| tls_err("system trust", e))?,
+            }
+            if let Some(d) = dir {
+                let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));
+                if cert.exists() && key.exists() {
+                    ctx.set_certificate_chain_file(&cert).map_err(|e| tls_err(&cert.display().to_string(), e))?;
+                    ctx.set_private_key_file(&key, SslFiletype::PEM)
+                        .map_err(|e| tls_err(&key.display().to_string(), e))?;
+                }
+            }
+            ctx.set_verify(if settings.verify_peer { SslVerifyMode::PEER } else { SslVerifyMode::NONE });
+        }
+        let ctx = ctx.build();
+        let mut ssl = Ssl::new(&ctx).map_err(|e| tls_err("TLS session", e))?;
+        if let (Some(host), true, None) = (hostname, settings.verify_peer, &settings.psk_file) {
+            let param = ssl.param_mut();
+            let checked = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => param.set_ip(ip),
+                Err(_) => param.set_host(host),
+            };
+            checked.map_err(|e| tls_err("TLS host name", e))?;
+            if host.parse::<std::net::IpAddr>().is_err() {
+                ssl.set_hostname(host).map_err(|e| tls_err("TLS server name", e))?;
+            }
+        }
+        ssl.set_connect_state();
+        let stream = SslStream::new(ssl, Pipe::default()).map_err(|e| tls_err("TLS session", e))?;
+        Ok(OpensslTls { stream })
+    }
+
+    /// A failed TLS operation, in words: the certificate check that
+    /// failed, or OpenSSL's reasons. libnbd reports a failed handshake
+    /// with no errno; a session that breaks later is EIO.
+    fn failure(&self, what: &str, errno: i32, e: openssl::ssl::Error) -> CError {
+        let verify = self.stream.ssl().verify_result();
+        let detail = if verify != openssl::x509::X509VerifyResult::OK {
+            format!("certificate verification failed: {}", verify.error_string())
+        } else if let Some(stack) = e.ssl_error() {
+            let reasons: Vec<&str> = stack.errors().iter().filter_map(|x| x.reason()).collect();
+            if reasons.is_empty() {
+                stack.to_string()
+            } else {
+                reasons.join("; ")
+            }
+        } else if let Some(io) = e.io_error() {
+            io.to_string()
+        } else {
+            "the server closed the connection".into()
+        };
+        CError::new(errno, format!("{what}: {detail}"))
+    }
+}
+
+impl TlsLayer for OpensslTls {
+    fn handle_ciphertext(&mut self, bytes: &[u8]) {
+        self.stream.get_mut().incoming.extend_from_slice(bytes);
+    }
+
+    fn pending_ciphertext(&self) -> &[u8] {
+        &self.stream.get_ref().outgoing
+    }
+
+    fn consume_ciphertext(&mut self, n: usize) {
+        self.stream.get_mut().outgoing.drain(..n);
+    }
+
+    fn handshake(&mut self) -> CResult<bool> {
+        match self.stream.do_handshake() {
+            Ok(()) => Ok(true),
+            Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(false),
+            Err(e) => Err(self.failure("TLS handshake", 0, e)),
+        }
+    }
+
+    fn read_plain(&mut self, buf: &mut [u8]) -> CResult<Plain> {
+        if buf.is_empty() {
+            return Ok(Plain::Data(0));
+        }
+        match self.stream.ssl_read(buf) {
+            Ok(n) => Ok(Plain::Data(n)),
+            Err(e) if e.code() == ErrorCode::ZERO_RETURN => Ok(Plain::Closed),
+            Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(Plain::NeedMore),
+            Err(e) => Err(self.failure("TLS receive", libc::EIO, e)),
+        }
+    }
+
+    fn write_plain(&mut self, data: &[u8]) -> CResult<usize> {
+        if data.is_empty() || self.pending_ciphertext().len() >= MAX_PENDING_CIPHERTEXT {
+            return Ok(0);
+        }
+        match self.stream.ssl_write(data) {
+            Ok(n) => Ok(n),
+            Err(e) if matches!(e.code(), ErrorCode::WANT_READ | ErrorCode::WANT_WRITE) => Ok(0),
+            Err(e) => Err(self.failure("TLS send", libc::EIO, e)),
+        }
+    }
+
+    fn has_buffered_input(&self) -> bool {
+        self.stream.ssl().pending() > 0 || self.stream.get_ref().read_at < self.stream.get_ref().incoming.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psk_files_are_read_as_psktool_writes_them() {
+        let dir = std::env::temp_dir().join(format!("nbd-psk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys.psk");
+        std::fs::write(&file, "bob:00ff\nalice:0a1B2c\n").unwrap();
+        assert_eq!(psk_key(&file, "alice").unwrap(), [0x0a, 0x1b, 0x2c]);
+        assert_eq!(psk_key(&file, "carol").unwrap_err().errno, libc::EINVAL);
+        std::fs::write(&file, "alice:0g\n").unwrap();
+        assert_eq!(psk_key(&file, "alice").unwrap_err().errno, libc::EINVAL);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

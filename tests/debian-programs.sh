@@ -128,5 +128,22 @@ else
   fail=1; echo "FAIL nbdkit nbd plugin proxy"
 fi
 
+# The same programs over TLS (PSK): nbds URIs, output and copies identical.
+echo "alice:$(openssl rand -hex 32)" > "$dir/keys.psk"
+nbdkit -f --exit-with-parent -U "$dir/ts.sock" --tls=require --tls-psk="$dir/keys.psk" \
+  sparse-random 64M seed=7 & pids+=($!)
+nbdkit -f --exit-with-parent -U "$dir/tm.sock" --tls=require --tls-psk="$dir/keys.psk" memory 64M & pids+=($!)
+for s in ts tm; do wait_for "$dir/$s.sock"; done
+tls="tls-psk-file=$dir/keys.psk"
+for mode in "" --map --json; do
+  same "nbdinfo $mode over TLS" nbdinfo $mode "nbds+unix://alice@/?socket=$dir/ts.sock&$tls"
+done
+same "nbdinfo with a wrong TLS user" nbdinfo "nbds+unix://bob@/?socket=$dir/ts.sock&$tls"
+check "nbdcopy sparse-random over TLS to file" nbdcopy "nbds+unix://alice@/?socket=$dir/ts.sock&$tls" "$dir/tls.img"
+check "nbdcopy over TLS identical" cmp "$dir/ref.img" "$dir/tls.img"
+check "nbdcopy file to memory over TLS" nbdcopy "$dir/tls.img" "nbds+unix://alice@/?socket=$dir/tm.sock&$tls"
+check "nbdcopy memory back over TLS" nbdcopy "nbds+unix://alice@/?socket=$dir/tm.sock&$tls" "$dir/tls-back.img"
+check "nbdcopy TLS round trip identical" cmp "$dir/ref.img" "$dir/tls-back.img"
+
 echo "debian programs: $passed passed, fail=$fail"
 exit $fail

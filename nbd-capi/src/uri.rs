@@ -192,17 +192,31 @@ fn split_host_port(s: &str) -> Option<(String, Option<String>)> {
 }
 
 /// The URI that reconnects to what the handle is connected to, as
-/// `nbd_get_uri` writes it.
-pub fn format(tls: bool, transport: &Transport, export: &str) -> String {
+/// `nbd_get_uri` writes it: the TLS user name, if one was set, and the
+/// TLS files as query parameters after the socket.
+pub fn format(
+    tls: bool,
+    transport: &Transport,
+    export: &str,
+    user: Option<&str>,
+    tls_files: &[(&str, &str)],
+) -> String {
     let s = if tls { "nbds" } else { "nbd" };
     let export = encode(export, PATH_KEEP);
+    let user = user.map(|u| format!("{}@", encode(u, b""))).unwrap_or_default();
+    let mut query: Vec<String> = match transport {
+        Transport::Unix { socket } => vec![format!("socket={}", encode(socket, PATH_KEEP))],
+        _ => Vec::new(),
+    };
+    query.extend(tls_files.iter().map(|(k, v)| format!("{k}={}", encode(v, PATH_KEEP))));
+    let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     match transport {
         Transport::Tcp { host, port } => {
             let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
-            format!("{s}://{host}:{port}/{export}")
+            format!("{s}://{user}{host}:{port}/{export}{query}")
         }
-        Transport::Unix { socket } => format!("{s}+unix:///{export}?socket={}", encode(socket, PATH_KEEP)),
-        Transport::Vsock { cid, port } => format!("{s}+vsock://{cid}:{port}/{export}"),
+        Transport::Unix { .. } => format!("{s}+unix://{user}/{export}{query}"),
+        Transport::Vsock { cid, port } => format!("{s}+vsock://{user}{cid}:{port}/{export}{query}"),
     }
 }
 
@@ -250,13 +264,22 @@ mod tests {
 
     #[test]
     fn formats_as_libnbd_does() {
-        assert_eq!(format(false, &tcp("localhost", "10999"), ""), "nbd://localhost:10999/");
-        assert_eq!(format(false, &tcp("::1", "10999"), "my disk"), "nbd://[::1]:10999/my%20disk");
-        assert_eq!(format(false, &tcp("h", "1"), "/my disk"), "nbd://h:1//my%20disk");
+        assert_eq!(format(false, &tcp("localhost", "10999"), "", None, &[]), "nbd://localhost:10999/");
+        assert_eq!(format(false, &tcp("::1", "10999"), "my disk", None, &[]), "nbd://[::1]:10999/my%20disk");
+        assert_eq!(format(false, &tcp("h", "1"), "/my disk", None, &[]), "nbd://h:1//my%20disk");
         let unix = Transport::Unix { socket: "/tmp/nbdkitgM7KkE/socket".into() };
-        assert_eq!(format(false, &unix, ""), "nbd+unix:///?socket=/tmp/nbdkitgM7KkE/socket");
+        assert_eq!(format(false, &unix, "", None, &[]), "nbd+unix:///?socket=/tmp/nbdkitgM7KkE/socket");
         // What format writes, parse reads back.
-        let u = parse(&format(true, &unix, "x y")).unwrap();
-        assert_eq!((u.tls, u.transport, u.export.as_str()), (true, unix, "x y"));
+        let u = parse(&format(true, &unix, "x y", None, &[])).unwrap();
+        assert_eq!((u.tls, u.transport.clone(), u.export.as_str()), (true, unix.clone(), "x y"));
+        // TLS: the user set, then the files after the socket.
+        let text = format(true, &unix, "", Some("alice"), &[("tls-psk-file", "/k/keys.psk")]);
+        assert_eq!(text, "nbds+unix://alice@/?socket=/tmp/nbdkitgM7KkE/socket&tls-psk-file=/k/keys.psk");
+        let u = parse(&text).unwrap();
+        assert_eq!((u.username.as_deref(), u.tls_psk_file.as_deref()), (Some("alice"), Some("/k/keys.psk")));
+        assert_eq!(
+            format(true, &tcp("h", "1"), "e", None, &[("tls-certificates", "/pki")]),
+            "nbds://h:1/e?tls-certificates=/pki"
+        );
     }
 }

@@ -58,8 +58,13 @@ fn connect_uri(i: &mut Inner, uri: *const c_char) -> CResult<()> {
         return Err(CError::new(libc::EPERM, "local file access (tls-certificates or tls-psk-file) is not allowed"));
     }
     if u.tls {
-        return Err(CError::new(libc::ENOTSUP, "libnbd was compiled without TLS support"));
+        i.conn.config_mut()?.tls = nbd_proto::TlsMode::Require;
     }
+    let t = &mut i.tls_settings;
+    t.certificates = u.tls_certificates.map(Into::into).or(t.certificates.take());
+    t.psk_file = u.tls_psk_file.map(Into::into).or(t.psk_file.take());
+    t.username = u.username.or(t.username.take());
+    t.verify_peer = u.tls_verify_peer.unwrap_or(t.verify_peer);
     i.conn.config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
 }
@@ -152,7 +157,17 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
             .transport
             .as_ref()
             .ok_or_else(|| CError::new(libc::ENOTSUP, "cannot construct a URI for this connection method"))?;
-        super::c_string(&uri::format(i.conn.tls_negotiated(), t, i.conn.config().export_name()))
+        let tls = i.conn.tls_negotiated() || i.conn.config().tls == nbd_proto::TlsMode::Require;
+        let s = &i.tls_settings;
+        let mut files = Vec::new();
+        if let Some(d) = &s.certificates {
+            files.push(("tls-certificates", d.to_string_lossy()));
+        }
+        if let Some(f) = &s.psk_file {
+            files.push(("tls-psk-file", f.to_string_lossy()));
+        }
+        let files: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_ref())).collect();
+        super::c_string(&uri::format(tls, t, i.conn.config().export_name(), s.username.as_deref(), &files))
     })
 }
 

@@ -4,7 +4,7 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
+PEERS := openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
 .PHONY: all build lib header check-header deps demo check check-c check-debian check-abi test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean

@@ -25,7 +25,7 @@ for src in tests/c/*.c; do
   ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0
   for lib in debian ours; do
     libpath=""; [ $lib = ours ] && libpath=$PWD/target/lib
-    if LD_LIBRARY_PATH=$libpath "$out/$name" > "$out/$name.$lib.log" 2>&1; then
+    if NBD_TEST_LIBRARY=$lib LD_LIBRARY_PATH=$libpath "$out/$name" > "$out/$name.$lib.log" 2>&1; then
       echo "$name on $lib: $(tail -n1 "$out/$name.$lib.log")"
     else
       echo "$name on $lib failed:"; grep -v '^nbdkit: ' "$out/$name.$lib.log" | tail -n 30; fail=1

@@ -25,6 +25,10 @@ impl From<nbd_proto::Error> for CError {
             nbd_proto::Error::Transport(nbd_proto::TransportError::Io { errno, context }) => {
                 CError { errno, msg: context }
             }
+            // libnbd reports a server that hangs up mid-handshake with no errno.
+            e @ nbd_proto::Error::Transport(nbd_proto::TransportError::Eof(_)) => {
+                CError { errno: 0, msg: e.to_string() }
+            }
             e => CError { errno: e.errno(), msg: e.to_string() },
         }
     }

@@ -183,12 +183,17 @@ fn flush_ciphertext(conn: &mut Connection<UserBuf>, sock: Option<&mut UnixStream
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "send");
+                // Under TLS, libnbd reports transport failures with no errno.
+                conn.handle_transport_error(0, &format!("TLS send: {}", crate::error::strerror(os_errno(&e))));
                 return false;
             }
         }
     }
     true
+}
+
+fn os_errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// The longest extent a 32-bit extent callback can carry: just below
@@ -541,7 +546,9 @@ impl Inner {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.conn.handle_transport_error(e.raw_os_error().unwrap_or(libc::EIO), "recv");
+                    // Under TLS, libnbd reports transport failures with no errno.
+                    self.conn
+                        .handle_transport_error(0, &format!("TLS receive: {}", crate::error::strerror(os_errno(&e))));
                     return;
                 }
             }

@@ -2,10 +2,13 @@
 //! ciphertext in memory, and the handle's I/O loop moves it to and from
 //! the socket, so the TLS layer never blocks and never sees a descriptor.
 //! The backend is OpenSSL; X.509 (a certificates directory laid out as
-//! libnbd reads it, or the system's trust) and PSK (a psktool file).
+//! libnbd reads it: ca-cert.pem, client-cert.pem, client-key.pem,
+//! ca-crl.pem; or the system's trust) and PSK (a psktool file).
 
 use crate::error::{CError, CResult};
 use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslFiletype, SslMethod, SslStream, SslVerifyMode, SslVersion};
+use openssl::x509::store::X509Lookup;
+use openssl::x509::verify::X509VerifyFlags;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
@@ -51,28 +54,50 @@ impl Default for TlsSettings {
     }
 }
 
-/// The name PSK authentication uses when none is set: the local user's.
-pub fn local_username() -> String {
-    for var in ["LOGNAME", "USER"] {
-        if let Ok(name) = std::env::var(var) {
-            if !name.is_empty() {
-                return name;
+/// The name PSK authentication uses when none is set, found as libnbd
+/// finds it: `$LOGNAME`, else the login name of the terminal's session.
+pub fn local_username() -> CResult<String> {
+    if let Some(name) = std::env::var("LOGNAME").ok().filter(|n| !n.is_empty()) {
+        return Ok(name);
+    }
+    let mut buf = vec![0 as libc::c_char; 256];
+    loop {
+        // SAFETY: getlogin_r writes a NUL-terminated name of at most
+        // `buf.len()` bytes into the buffer we own.
+        let r = unsafe { getlogin_r(buf.as_mut_ptr(), buf.len()) };
+        match r {
+            0 => {
+                // SAFETY: on success the buffer holds a C string.
+                return Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned());
             }
+            libc::ERANGE if buf.len() < 65536 => buf.resize(buf.len() * 2, 0),
+            errno => return Err(CError::new(errno, "getlogin_r")),
         }
     }
-    // SAFETY: getpwuid returns NULL or a pointer to static storage, read at once.
-    let pw = unsafe { libc::getpwuid(libc::geteuid()) };
-    if pw.is_null() {
-        return "root".into();
-    }
-    // SAFETY: non-NULL passwd with a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr((*pw).pw_name) }.to_string_lossy().into_owned()
+}
+
+// POSIX; the libc crate does not declare it.
+unsafe extern "C" {
+    fn getlogin_r(buf: *mut libc::c_char, size: libc::size_t) -> libc::c_int;
+}
+
+/// Where libnbd looks for certificates when none were set: the first of
+/// these directories that holds a readable `ca-cert.pem`.
+fn default_certificates() -> Option<PathBuf> {
+    // SAFETY: geteuid cannot fail.
+    let dirs: Vec<PathBuf> = if unsafe { libc::geteuid() } == 0 {
+        vec!["/etc/pki/libnbd".into()]
+    } else {
+        let home = std::env::var_os("HOME").map(PathBuf::from)?;
+        vec![home.join(".pki/libnbd"), home.join(".config/pki/libnbd")]
+    };
+    dirs.into_iter().find(|d| std::fs::File::open(d.join("ca-cert.pem")).is_ok())
 }
 
 /// The key for `username` in a psktool file (`user:hexkey` per line).
 fn psk_key(file: &Path, username: &str) -> CResult<Vec<u8>> {
     let text = std::fs::read_to_string(file)
-        .map_err(|e| CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("{}: {e}", file.display())))?;
+        .map_err(|e| CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("open: {}", file.display())))?;
     let line = text.lines().filter_map(|l| l.split_once(':')).find(|(user, _)| *user == username).ok_or_else(|| {
         CError::new(libc::EINVAL, format!("{}: username {username} was not found in PSK file", file.display()))
     })?;
@@ -135,7 +160,10 @@ impl OpensslTls {
         let mut ctx = SslContextBuilder::new(SslMethod::tls_client()).map_err(|e| tls_err("TLS context", e))?;
         ctx.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| tls_err("TLS context", e))?;
         if let Some(file) = &settings.psk_file {
-            let user = settings.username.clone().unwrap_or_else(local_username);
+            let user = match &settings.username {
+                Some(u) => u.clone(),
+                None => local_username()?,
+            };
             let key = psk_key(file, &user)?;
             ctx.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
                 let id = user.as_bytes();
@@ -151,10 +179,23 @@ impl OpensslTls {
             ctx.set_cipher_list("PSK:ECDHE-PSK:DHE-PSK:@SECLEVEL=0").map_err(|e| tls_err("PSK ciphers", e))?;
             ctx.set_verify(SslVerifyMode::NONE);
         } else {
-            let dir = settings.certificates.as_deref();
+            let default_dir = settings.certificates.is_none().then(default_certificates).flatten();
+            let dir = settings.certificates.as_deref().or(default_dir.as_deref());
             match dir.map(|d| d.join("ca-cert.pem")).filter(|f| f.exists()) {
                 Some(ca) => ctx.set_ca_file(&ca).map_err(|e| tls_err(&ca.display().to_string(), e))?,
                 None => ctx.set_default_verify_paths().map_err(|e| tls_err("system trust", e))?,
+            }
+            if let Some(crl) = dir.map(|d| d.join("ca-crl.pem")).filter(|f| f.exists()) {
+                let name = crl.display().to_string();
+                if crl.to_str().is_none() {
+                    return Err(CError::new(libc::EINVAL, format!("{name}: the path is not UTF-8")));
+                }
+                let store = ctx.cert_store_mut();
+                store
+                    .add_lookup(X509Lookup::file())
+                    .and_then(|l| l.load_crl_file(&crl, SslFiletype::PEM))
+                    .and_then(|_| store.set_flags(X509VerifyFlags::CRL_CHECK))
+                    .map_err(|e| tls_err(&name, e))?;
             }
             if let Some(d) = dir {
                 let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));

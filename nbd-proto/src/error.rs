@@ -191,6 +191,9 @@ impl TransportError {
     pub fn errno(&self) -> i32 {
         match self {
             TransportError::Eof(_) => ENOTCONN,
+            // A failure with no errno (a TLS layer's, say) must still fail
+            // the commands it ends.
+            TransportError::Io { errno: 0, .. } => ENOTCONN,
             TransportError::Io { errno, .. } => *errno,
         }
     }

@@ -33,108 +33,9 @@
 #include <sys/wait.h>
 #include <libnbd.h>
 
-#include "check.h"
+#include "servers.h"
 
-/* ---------------------------------------------------------------------- */
-/* Servers: started here, always torn down. */
-
-static char dir[] = "/tmp/peers-test.XXXXXX";
 static char live_port[16];      /* an nbdkit memory 1M on 127.0.0.1 */
-static int have_dir;
-static pid_t children[32];
-static int nchildren;
-static char daemon_pidfiles[4][300];
-static int ndaemons;
-static pid_t main_pid;
-
-static void
-stop_pid (pid_t pid, int is_child)
-{
-  if (pid <= 0) return;
-  kill (pid, SIGTERM);
-  for (int i = 0; i < 200; i++) {
-    if (is_child ? waitpid (pid, NULL, WNOHANG) != 0 : kill (pid, 0) == -1)
-      return;
-    usleep (10000);
-  }
-  kill (pid, SIGKILL);
-  if (is_child) waitpid (pid, NULL, 0);
-}
-
-static pid_t
-read_pidfile (const char *path)
-{
-  FILE *fp = fopen (path, "r");
-  long pid = 0;
-  if (fp == NULL) return 0;
-  if (fscanf (fp, "%ld", &pid) != 1 || pid <= 1) pid = 0;
-  fclose (fp);
-  return pid;
-}
-
-static int
-rm_entry (const char *path, const struct stat *st, int flag, struct FTW *ftw)
-{
-  (void) st; (void) flag; (void) ftw;
-  remove (path);
-  return 0;
-}
-
-static void
-cleanup (void)
-{
-  if (getpid () != main_pid) return;          /* never in a forked child */
-  for (int i = 0; i < ndaemons; i++) {
-    pid_t pid = 0;
-    /* A daemon that forked may not have written its pidfile yet. */
-    for (int j = 0; j < 100 && (pid = read_pidfile (daemon_pidfiles[i])) == 0; j++)
-      usleep (10000);
-    stop_pid (pid, 0);
-  }
-  ndaemons = 0;
-  for (int i = 0; i < nchildren; i++)
-    stop_pid (children[i], 1);
-  nchildren = 0;
-  if (have_dir) {
-    nftw (dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
-    have_dir = 0;
-  }
-}
-
-static void
-on_signal (int sig)
-{
-  fprintf (stderr, "peers-test: FAIL: %s, cleaning up\n",
-           sig == SIGALRM ? "timed out" : "killed");
-  cleanup ();
-  _exit (3);
-}
-
-static void __attribute__ ((noreturn, format (printf, 1, 2)))
-fatal (const char *fmt, ...)
-{
-  va_list ap;
-  fprintf (stderr, "peers-test: FAIL: ");
-  va_start (ap, fmt);
-  vfprintf (stderr, fmt, ap);
-  va_end (ap);
-  fprintf (stderr, "\n");
-  printf ("peers-test: %d checks, %d failures (aborted)\n", checks, failures + 1);
-  exit (2);                     /* atexit runs cleanup */
-}
-
-static void
-need_binary (const char *name)
-{
-  char *path = getenv ("PATH"), *copy, *p, *save = NULL, full[512];
-  copy = strdup (path ? path : "/usr/bin:/bin");
-  for (p = strtok_r (copy, ":", &save); p; p = strtok_r (NULL, ":", &save)) {
-    snprintf (full, sizeof full, "%s/%s", p, name);
-    if (access (full, X_OK) == 0) { free (copy); return; }
-  }
-  free (copy);
-  fatal ("server binary %s is not installed (apt-get install nbdkit nbd-server qemu-utils)", name);
-}
 
 static char *
 path_in_dir (const char *name)
@@ -142,40 +43,6 @@ path_in_dir (const char *name)
   char *p;
   if (asprintf (&p, "%s/%s", dir, name) == -1) fatal ("asprintf");
   return p;
-}
-
-/* fork/exec; stdin/stdout from fds when >= 0, else /dev/null for stdout. */
-static pid_t
-spawn (char **argv, int in_fd, int out_fd)
-{
-  pid_t pid = fork ();
-  if (pid == -1) fatal ("fork: %m");
-  if (pid == 0) {
-    signal (SIGTERM, SIG_DFL);
-    signal (SIGINT, SIG_DFL);
-    signal (SIGALRM, SIG_DFL);
-    signal (SIGPIPE, SIG_DFL);
-    alarm (0);
-    prctl (PR_SET_PDEATHSIG, SIGKILL);
-    if (in_fd >= 0) dup2 (in_fd, 0);
-    if (out_fd >= 0) dup2 (out_fd, 1);
-    else {
-      int null = open ("/dev/null", O_WRONLY);
-      dup2 (null, 1);
-    }
-    execvp (argv[0], argv);
-    fprintf (stderr, "peers-test: FAIL: cannot run %s: %m\n", argv[0]);
-    _exit (127);
-  }
-  if (nchildren < 32) children[nchildren++] = pid;
-  return pid;
-}
-
-static void
-forget_child (pid_t pid)
-{
-  for (int i = 0; i < nchildren; i++)
-    if (children[i] == pid) children[i] = children[--nchildren];
 }
 
 static void
@@ -186,20 +53,6 @@ run (char **argv)
   if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
     fatal ("%s %s failed", argv[0], argv[1]);
   forget_child (pid);
-}
-
-static bool
-file_nonempty (const char *path)
-{
-  struct stat st;
-  return stat (path, &st) == 0 && st.st_size > 0;
-}
-
-static bool
-is_socket (const char *path)
-{
-  struct stat st;
-  return stat (path, &st) == 0 && S_ISSOCK (st.st_mode);
 }
 
 /* Wait until the pidfile is written and, for Unix servers, the socket
@@ -1495,20 +1348,9 @@ test_callback_rules (void)
 int
 main (void)
 {
-  const char *bins[] = { "nbdkit", "qemu-nbd", "qemu-img", "nbd-server" };
-  struct sigaction sa = { .sa_handler = on_signal };
+  const char *needs[] = { "nbdkit", "qemu-nbd", "qemu-img", "nbd-server", NULL };
 
-  main_pid = getpid ();
-  sigfillset (&sa.sa_mask);     /* one cleanup at a time */
-  for (int i = 0; i < 4; i++) need_binary (bins[i]);
-  if (mkdtemp (dir) == NULL) fatal ("mkdtemp: %m");
-  have_dir = 1;
-  atexit (cleanup);
-  sigaction (SIGALRM, &sa, NULL);
-  sigaction (SIGINT, &sa, NULL);
-  sigaction (SIGTERM, &sa, NULL);
-  signal (SIGPIPE, SIG_IGN);
-  alarm (50);
+  servers_init ("peers-test", needs, 50);
 
   test_qemu_raw ();
   test_qemu_qcow2 ();

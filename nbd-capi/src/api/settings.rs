@@ -198,7 +198,11 @@ pub extern "C" fn nbd_set_tls_username(h: *mut nbd_handle, user: *const c_char) 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
     export!("nbd_get_tls_username", h, std::ptr::null_mut(), |i| {
-        c_string(&i.tls_settings.username.clone().unwrap_or_else(crate::tls::local_username))
+        let name = match &i.tls_settings.username {
+            Some(u) => u.clone(),
+            None => crate::tls::local_username()?,
+        };
+        c_string(&name)
     })
 }
 

@@ -1,0 +1,190 @@
+/* Servers the C tests start themselves, and their teardown: a private
+ * temporary directory, children and daemons (by pidfile), all removed at
+ * exit, on a signal and on the alarm. A test calls servers_init first,
+ * with its name and the binaries it needs (a missing one is a failure).
+ */
+#ifndef NBD_TESTS_SERVERS_H
+#define NBD_TESTS_SERVERS_H
+
+#include <fcntl.h>
+#include <ftw.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "check.h"
+
+static const char *test_name = "test";
+static char dir[64];
+static int have_dir;
+static pid_t children[32];
+static int nchildren;
+static char daemon_pidfiles[4][300];
+static int ndaemons;
+static pid_t main_pid;
+
+static void
+stop_pid (pid_t pid, int is_child)
+{
+  if (pid <= 0) return;
+  kill (pid, SIGTERM);
+  for (int i = 0; i < 200; i++) {
+    if (is_child ? waitpid (pid, NULL, WNOHANG) != 0 : kill (pid, 0) == -1)
+      return;
+    usleep (10000);
+  }
+  kill (pid, SIGKILL);
+  if (is_child) waitpid (pid, NULL, 0);
+}
+
+static pid_t
+read_pidfile (const char *path)
+{
+  FILE *fp = fopen (path, "r");
+  long pid = 0;
+  if (fp == NULL) return 0;
+  if (fscanf (fp, "%ld", &pid) != 1 || pid <= 1) pid = 0;
+  fclose (fp);
+  return pid;
+}
+
+static int
+rm_entry (const char *path, const struct stat *st, int flag, struct FTW *ftw)
+{
+  (void) st; (void) flag; (void) ftw;
+  remove (path);
+  return 0;
+}
+
+static void
+cleanup (void)
+{
+  if (getpid () != main_pid) return;          /* never in a forked child */
+  for (int i = 0; i < ndaemons; i++) {
+    pid_t pid = 0;
+    /* A daemon that forked may not have written its pidfile yet. */
+    for (int j = 0; j < 100 && (pid = read_pidfile (daemon_pidfiles[i])) == 0; j++)
+      usleep (10000);
+    stop_pid (pid, 0);
+  }
+  ndaemons = 0;
+  for (int i = 0; i < nchildren; i++)
+    stop_pid (children[i], 1);
+  nchildren = 0;
+  if (have_dir) {
+    nftw (dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+    have_dir = 0;
+  }
+}
+
+static void
+on_signal (int sig)
+{
+  fprintf (stderr, "%s: FAIL: %s, cleaning up\n", test_name,
+           sig == SIGALRM ? "timed out" : "killed");
+  cleanup ();
+  _exit (3);
+}
+
+static void __attribute__ ((noreturn, format (printf, 1, 2)))
+fatal (const char *fmt, ...)
+{
+  va_list ap;
+  fprintf (stderr, "%s: FAIL: ", test_name);
+  va_start (ap, fmt);
+  vfprintf (stderr, fmt, ap);
+  va_end (ap);
+  fprintf (stderr, "\n");
+  printf ("%s: %d checks, %d failures (aborted)\n", test_name, checks, failures + 1);
+  exit (2);                     /* atexit runs cleanup */
+}
+
+static void
+need_binary (const char *name)
+{
+  char *path = getenv ("PATH"), *copy, *p, *save = NULL, full[512];
+  copy = strdup (path ? path : "/usr/bin:/bin");
+  for (p = strtok_r (copy, ":", &save); p; p = strtok_r (NULL, ":", &save)) {
+    snprintf (full, sizeof full, "%s/%s", p, name);
+    if (access (full, X_OK) == 0) { free (copy); return; }
+  }
+  free (copy);
+  fatal ("%s is not installed (make deps installs it)", name);
+}
+
+/* fork/exec; stdin and stdout from the fds when >= 0, else /dev/null. */
+static pid_t
+spawn (char **argv, int in_fd, int out_fd)
+{
+  pid_t pid = fork ();
+  if (pid == -1) fatal ("fork: %m");
+  if (pid == 0) {
+    signal (SIGTERM, SIG_DFL);
+    signal (SIGINT, SIG_DFL);
+    signal (SIGALRM, SIG_DFL);
+    signal (SIGPIPE, SIG_DFL);
+    alarm (0);
+    prctl (PR_SET_PDEATHSIG, SIGKILL);
+    int null = open ("/dev/null", O_RDWR);
+    dup2 (in_fd >= 0 ? in_fd : null, 0);
+    dup2 (out_fd >= 0 ? out_fd : null, 1);
+    execvp (argv[0], argv);
+    fprintf (stderr, "%s: FAIL: cannot run %s: %m\n", test_name, argv[0]);
+    _exit (127);
+  }
+  if (nchildren < 32) children[nchildren++] = pid;
+  return pid;
+}
+
+static void
+forget_child (pid_t pid)
+{
+  for (int i = 0; i < nchildren; i++)
+    if (children[i] == pid) children[i] = children[--nchildren];
+}
+
+static bool
+file_nonempty (const char *path)
+{
+  struct stat st;
+  return stat (path, &st) == 0 && st.st_size > 0;
+}
+
+static bool
+is_socket (const char *path)
+{
+  struct stat st;
+  return stat (path, &st) == 0 && S_ISSOCK (st.st_mode);
+}
+
+/* The private directory, cleanup at exit and on signals, and a time
+ * limit of `seconds`; every binary in the NULL-terminated `needs` must
+ * be installed. */
+static void
+servers_init (const char *name, const char **needs, unsigned seconds)
+{
+  struct sigaction sa = { .sa_handler = on_signal };
+
+  test_name = name;
+  main_pid = getpid ();
+  sigfillset (&sa.sa_mask);     /* one cleanup at a time */
+  for (; *needs; needs++) need_binary (*needs);
+  snprintf (dir, sizeof dir, "/tmp/%s.XXXXXX", name);
+  if (mkdtemp (dir) == NULL) fatal ("mkdtemp: %m");
+  have_dir = 1;
+  atexit (cleanup);
+  sigaction (SIGALRM, &sa, NULL);
+  sigaction (SIGINT, &sa, NULL);
+  sigaction (SIGTERM, &sa, NULL);
+  signal (SIGPIPE, SIG_IGN);
+  alarm (seconds);
+}
+
+#endif

@@ -14,6 +14,8 @@
 #                     nbd_set_tls_certificates: CA plus a client certificate)
 #   DIR/client-ca/    ca-cert.pem only (libnbd: trusts ca, no client certificate)
 #   DIR/client-ca2/   ca-cert.pem of ca2 only (the wrong CA)
+#   DIR/client-crl/   ca-cert.pem and ca-crl.pem, which revokes DIR/server's
+#                     certificate
 #   DIR/psk/keys.psk      alice:<key>        (psktool format; qemu-nbd
 #                                             tls-creds-psk dir=DIR/psk)
 #   DIR/psk-bad/keys.psk  alice:<other key>  (same user, wrong key)
@@ -31,7 +33,7 @@ mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 command -v openssl > /dev/null || { echo "tls-certs.sh: openssl is not installed" >&2; exit 1; }
 cd "$dir"
-mkdir -p ca ca2 server server-other client client-ca client-ca2 psk psk-bad
+mkdir -p ca ca2 server server-other client client-ca client-ca2 client-crl psk psk-bad
 tmp=$(mktemp -d "$dir/.tmp.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 
@@ -82,6 +84,20 @@ cp ca2/ca-cert.pem client-ca2/
 for c in server/server-cert.pem server-other/server-cert.pem client/client-cert.pem; do
   openssl verify -CAfile ca/ca-cert.pem "$c" > /dev/null
 done
+
+# A CRL from ca that revokes the localhost server certificate.
+touch "$tmp/index.txt"
+echo 1000 > "$tmp/crlnumber"
+printf '[ca]\ndefault_ca = test\n[test]\ndatabase = %s\ncrlnumber = %s\ndefault_md = sha256\ndefault_crl_days = 3650\n' \
+  "$tmp/index.txt" "$tmp/crlnumber" > "$tmp/ca.cnf"
+ca_cmd=(openssl ca -config "$tmp/ca.cnf" -keyfile ca/ca-key.pem -cert ca/ca-cert.pem)
+"${ca_cmd[@]}" -revoke server/server-cert.pem 2> /dev/null
+"${ca_cmd[@]}" -gencrl -out client-crl/ca-crl.pem 2> /dev/null
+cp ca/ca-cert.pem client-crl/
+if openssl verify -crl_check -CAfile ca/ca-cert.pem -CRLfile client-crl/ca-crl.pem server/server-cert.pem \
+    > /dev/null 2>&1; then
+  echo "tls-certs.sh: the CRL does not revoke the server certificate" >&2; exit 1
+fi
 
 # PSK files as psktool writes them: user:hexkey.
 good=$(openssl rand -hex 32)

@@ -734,6 +734,12 @@ test_nbdkit_x509 (void)
   CHECK_CONNECT_FAILS (nbd_connect_tcp (h, "localhost", portstr), h, "nbd_connect_tcp", 0, "x509: wrong CA");
   nbd_close (h);
 
+  /* The right CA, whose ca-crl.pem revokes the server's certificate. */
+  h = x509_handle (LIBNBD_TLS_REQUIRE, CERTS ("client-crl"), true);
+  CHECK_CONNECT_FAILS (nbd_connect_tcp (h, "localhost", portstr), h, "nbd_connect_tcp", 0,
+                       "x509: server certificate revoked");
+  nbd_close (h);
+
   /* The wrong CA without verification. */
   h = x509_handle (LIBNBD_TLS_REQUIRE, CERTS ("client-ca2"), false);
   CHECK (nbd_connect_tcp (h, "localhost", portstr) == 0, "x509: wrong CA, verify_peer off");

@@ -42,6 +42,19 @@ same() { # name, then the command to run on both libraries
     fail=1; echo "FAIL $name: outputs differ"; diff <(echo "$theirs") <(echo "$mine") | head -20
   fi
 }
+same_failure() { # name, then a command that must fail the same way on both: same
+  # status and the same "program: function:" prefix (the TLS libraries word
+  # the reason differently)
+  local name=$1; shift
+  local theirs mine
+  theirs=$("$@" 2>&1 | cut -d: -f1-2; echo "rc=${PIPESTATUS[0]}")
+  mine=$(LD_LIBRARY_PATH=$ours "$@" 2>&1 | cut -d: -f1-2; echo "rc=${PIPESTATUS[0]}")
+  if [ "$theirs" == "$mine" ] && [ "${mine##*rc=}" != 0 ]; then
+    passed=$((passed + 1)); echo "ok   $name (both: $(echo "$mine" | tr '\n' ' '))"
+  else
+    fail=1; echo "FAIL $name"; diff <(echo "$theirs") <(echo "$mine") | head -20
+  fi
+}
 check() { # name, command (run on our library only)
   local name=$1; shift
   if LD_LIBRARY_PATH=$ours "$@" > "$dir/out" 2>&1; then
@@ -144,6 +157,28 @@ check "nbdcopy over TLS identical" cmp "$dir/ref.img" "$dir/tls.img"
 check "nbdcopy file to memory over TLS" nbdcopy "$dir/tls.img" "nbds+unix://alice@/?socket=$dir/tm.sock&$tls"
 check "nbdcopy memory back over TLS" nbdcopy "nbds+unix://alice@/?socket=$dir/tm.sock&$tls" "$dir/tls-back.img"
 check "nbdcopy TLS round trip identical" cmp "$dir/ref.img" "$dir/tls-back.img"
+
+# And X.509: qemu-nbd (which wants a client certificate) and nbdkit over
+# TCP, verified against the test CA.
+tests/tls-certs.sh "$dir/certs" > /dev/null
+free_port() { /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+qport=$(free_port)
+qemu-nbd -t -f raw -p "$qport" -b 127.0.0.1 -x qe \
+  --object "tls-creds-x509,id=t0,endpoint=server,dir=$dir/certs/server" --tls-creds t0 "$dir/q.img" & pids+=($!)
+kport=$(free_port)
+nbdkit -f --exit-with-parent -p "$kport" -i 127.0.0.1 --tls=require --tls-certificates="$dir/certs/server" \
+  memory 64M & pids+=($!)
+for p in $qport $kport; do
+  for _ in $(seq 100); do /usr/bin/python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])))' $p 2>/dev/null && break; sleep 0.1; done
+done
+x509="tls-certificates=$dir/certs/client"
+for mode in "" --map --json; do
+  same "nbdinfo $mode over TLS X.509 (qemu-nbd)" nbdinfo $mode "nbds://localhost:$qport/qe?$x509"
+done
+same_failure "nbdinfo with an untrusted CA" nbdinfo "nbds://localhost:$qport/qe?tls-certificates=$dir/certs/client-ca2"
+check "nbdcopy file to memory over TLS X.509" nbdcopy "$dir/ref.img" "nbds://localhost:$kport/?$x509"
+check "nbdcopy memory back over TLS X.509" nbdcopy "nbds://localhost:$kport/?$x509" "$dir/x509-back.img"
+check "nbdcopy TLS X.509 round trip identical" cmp "$dir/ref.img" "$dir/x509-back.img"
 
 echo "debian programs: $passed passed, fail=$fail"
 exit $fail

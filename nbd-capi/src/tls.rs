@@ -76,7 +76,8 @@ pub fn local_username() -> CResult<String> {
     }
 }
 
-// POSIX; the libc crate does not declare it.
+// POSIX; the libc crate does not declare it. Not ours to export:
+/// cbindgen:ignore
 unsafe extern "C" {
     fn getlogin_r(buf: *mut libc::c_char, size: libc::size_t) -> libc::c_int;
 }

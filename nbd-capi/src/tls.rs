@@ -76,8 +76,7 @@ pub fn local_username() -> CResult<String> {
     }
 }
 
-// POSIX; the libc crate does not declare it. Not ours to export:
-/// cbindgen:ignore
+// POSIX; the libc crate does not declare it.
 unsafe extern "C" {
     fn getlogin_r(buf: *mut libc::c_char, size: libc::size_t) -> libc::c_int;
 }

@@ -4,10 +4,10 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
+PEERS := strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -76,6 +76,14 @@ check-c: lib deps
 # plugin, unchanged, on our libnbd.so.0.
 check-debian: lib deps
 	tests/debian-programs.sh
+
+# Ours against Debian's libnbd, same programs, alternated rounds; the table
+# goes to target/bench.md. BENCH_ARGS="--rounds 7 --seconds 5", "--quick".
+BENCH_ARGS ?=
+bench: lib deps
+	mkdir -p target/bench
+	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
+	/usr/bin/python3 bench/bench.py --markdown target/bench.md $(BENCH_ARGS)
 
 # Installs the test peers that are missing (Debian; needs root).
 deps:

@@ -1,0 +1,237 @@
+#!/usr/bin/python3
+"""`make bench`: the same programs on Debian's libnbd and on ours, side by side.
+
+Each workload runs the same binary once per library per round, the two
+alternating (which goes first alternates too), for ROUNDS rounds. It prints
+the medians and the ratio ours/libnbd of: throughput, the client's CPU time
+per request (user + sys, from wait4), and its peak RSS. A separate shorter
+run of each under `strace -c -f` counts the client's syscalls per request.
+The servers listen on Unix sockets and are started here.
+
+Usage: bench/bench.py [--rounds N] [--seconds S] [--quick] [--markdown FILE]
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = os.path.join(ROOT, "target", "lib")
+AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
+
+
+def wait_for_socket(path, proc):
+    for _ in range(200):
+        if proc.poll() is not None:
+            sys.exit(f"bench: server for {path} exited")
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            s.close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    sys.exit(f"bench: no server on {path}")
+
+
+def run(cmd, library, env_extra=None, strace_out=None):
+    """Runs cmd on `library` ("debian" or "ours"); returns (stdout, seconds, cpu, maxrss_kib)."""
+    env = dict(os.environ)
+    env.pop("LD_LIBRARY_PATH", None)
+    if library == "ours":
+        env["LD_LIBRARY_PATH"] = OURS
+    env.update(env_extra or {})
+    if strace_out:
+        cmd = ["strace", "-f", "-c", "-o", strace_out] + cmd
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = proc.stdout.read()
+    err = proc.stderr.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    took = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"bench: {' '.join(cmd)} failed on {library}:\n{err.decode(errors='replace')[-2000:]}")
+    return out.decode(), took, ru.ru_utime + ru.ru_stime, ru.ru_maxrss
+
+
+def syscalls(path):
+    with open(path) as f:
+        for line in f:
+            fields = line.split()
+            if fields and fields[-1] == "total":
+                return int(fields[3]) if len(fields) >= 5 else int(fields[2])
+    sys.exit(f"bench: no total in {path}")
+
+
+class Fio:
+    """fio's nbd engine; one thread, so wait4 sees all of its CPU."""
+
+    def __init__(self, name, rw, bs, depth, sock):
+        self.name, self.rw, self.bs, self.depth, self.sock = name, rw, bs, depth, sock
+        self.unit = "IOPS"
+
+    def cmd(self, seconds):
+        return ["fio", "--name=" + self.name, "--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}",
+                f"--rw={self.rw}", f"--bs={self.bs}", f"--iodepth={self.depth}", "--size=256m",
+                "--time_based", f"--runtime={seconds}", "--thread", "--output-format=json",
+                "--randrepeat=0", "--norandommap"]
+
+    def parse(self, out, took):
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        ios = job["read"]["total_ios"] + job["write"]["total_ios"]
+        iops = job["read"]["iops"] + job["write"]["iops"]
+        return iops, ios
+
+
+class Copy:
+    """nbdcopy of the whole disk to null:, one request size."""
+
+    def __init__(self, name, uri, size, request):
+        self.name, self.uri, self.size, self.request = name, uri, size, request
+        self.unit = "MiB/s"
+
+    def cmd(self, seconds):
+        return ["nbdcopy", f"--request-size={self.request}", self.uri, "null:"]
+
+    def parse(self, out, took):
+        return self.size / took / (1 << 20), self.size // self.request
+
+
+class Aio:
+    """bench/aio-bench.c: its own poll loop."""
+
+    def __init__(self, name, uri, depth, size):
+        self.name, self.uri, self.depth, self.size = name, uri, depth, size
+        self.unit = "IOPS"
+
+    def cmd(self, seconds):
+        return [AIO, self.uri, str(self.depth), str(self.size), str(seconds)]
+
+    def parse(self, out, took):
+        m = re.search(r"requests (\d+) seconds ([\d.]+)", out)
+        n, s = int(m.group(1)), float(m.group(2))
+        return n / s, n
+
+
+def machine():
+    model = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    debian = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libnbd0"], capture_output=True, text=True).stdout
+    return (f"{model}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Linux {platform.release()}; "
+            f"Debian's libnbd {debian}; {time.strftime('%Y-%m-%d')}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=4)
+    ap.add_argument("--quick", action="store_true", help="smaller copy, for a smoke run")
+    ap.add_argument("--markdown", help="also write the table here")
+    ap.add_argument("--only", help="run only workloads whose name contains this")
+    args = ap.parse_args()
+    for prog in ["fio", "nbdcopy", "nbdkit", "qemu-nbd", "strace"]:
+        if shutil.which(prog) is None:
+            sys.exit(f"bench: {prog} is not installed (make deps)")
+    for f in [os.path.join(OURS, "libnbd.so.0"), AIO]:
+        if not os.path.exists(f):
+            sys.exit(f"bench: {f} is missing (make bench builds it)")
+
+    tmp = tempfile.mkdtemp(prefix="nbd-bench.")
+    servers = []
+    try:
+        def serve(name, argv):
+            sock = os.path.join(tmp, name + ".sock")
+            p = subprocess.Popen([a.replace("SOCK", sock) for a in argv],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(p)
+            wait_for_socket(sock, p)
+            return sock
+
+        mem = serve("memory", ["nbdkit", "-f", "-U", "SOCK", "memory", "256M"])
+        wmem = serve("wmemory", ["nbdkit", "-f", "-U", "SOCK", "memory", "256M"])
+        copy_size = (256 << 20) if args.quick else (4 << 30)
+        pattern = serve("pattern", ["nbdkit", "-f", "-U", "SOCK", "pattern", str(copy_size)])
+        image = os.path.join(tmp, "disk.img")
+        with open(image, "wb") as f:
+            f.truncate(256 << 20)
+        qemu = serve("qemu", ["qemu-nbd", "-k", "SOCK", "-f", "raw", "-t", "-e", "0", image])
+        # Reads must find data: fill both read servers once.
+        for s in [mem, qemu]:
+            subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={s}",
+                            "--rw=write", "--bs=1m", "--iodepth=8", "--size=256m", "--thread",
+                            "--output=/dev/null"], check=True)
+
+        workloads = [
+            Fio("4k randread, 64 in flight (fio)", "randread", "4k", 64, mem),
+            Fio("4k randwrite, 64 in flight (fio)", "randwrite", "4k", 64, wmem),
+            Fio("1M seq read, 8 in flight (fio)", "read", "1m", 8, mem),
+            Fio("4k randread, 1 in flight (fio)", "randread", "4k", 1, mem),
+            Copy(f"nbdcopy {copy_size >> 20} MiB pattern to null:", f"nbd+unix:///?socket={pattern}",
+                 copy_size, 256 << 10),
+            Aio("4k reads, 64 in flight, own poll loop (nbdkit)", f"nbd+unix:///?socket={mem}", 64, 4096),
+            Aio("4k reads, 64 in flight, own poll loop (qemu-nbd)", f"nbd+unix:///?socket={qemu}", 64, 4096),
+        ]
+        if args.only:
+            workloads = [w for w in workloads if args.only in w.name]
+        rows = []
+        for w in workloads:
+            res = {"debian": [], "ours": []}
+            for r in range(args.rounds):
+                order = ["debian", "ours"] if r % 2 == 0 else ["ours", "debian"]
+                for lib in order:
+                    out, took, cpu, rss = run(w.cmd(args.seconds), lib)
+                    rate, reqs = w.parse(out, took)
+                    res[lib].append((rate, cpu / reqs * 1e6, rss))
+            sc = {}
+            for lib in ["debian", "ours"]:
+                trace = os.path.join(tmp, f"strace.{lib}")
+                out, took, cpu, rss = run(w.cmd(max(1.0, args.seconds / 2)), lib, strace_out=trace)
+                _, reqs = w.parse(out, took)
+                sc[lib] = syscalls(trace) / reqs
+            med = {lib: [statistics.median(x[i] for x in res[lib]) for i in range(3)] for lib in res}
+            rows.append((w.name, w.unit, med, sc))
+            d, o = med["debian"], med["ours"]
+            print(f"{w.name}: {w.unit} {d[0]:.0f} -> {o[0]:.0f} ({o[0] / d[0]:.2f}x); "
+                  f"CPU/req {d[1]:.1f} -> {o[1]:.1f} us; syscalls/req {sc['debian']:.2f} -> {sc['ours']:.2f}; "
+                  f"RSS {d[2] // 1024} -> {o[2] // 1024} MiB", flush=True)
+    finally:
+        for p in servers:
+            p.terminate()
+        for p in servers:
+            p.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    lines = [f"Machine: {machine()}. Medians of {args.rounds} alternated rounds of {args.seconds:g} s.", "",
+             "| workload | libnbd | ours | ratio | CPU µs/req libnbd → ours (ratio) "
+             "| syscalls/req libnbd → ours (ratio) | peak RSS MiB libnbd → ours (ratio) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, unit, med, sc in rows:
+        d, o = med["debian"], med["ours"]
+        lines.append(f"| {name} | {d[0]:,.0f} {unit} | {o[0]:,.0f} {unit} | **{o[0] / d[0]:.2f}x** "
+                     f"| {d[1]:.1f} → {o[1]:.1f} ({o[1] / d[1]:.2f}x) "
+                     f"| {sc['debian']:.2f} → {sc['ours']:.2f} ({sc['ours'] / sc['debian']:.2f}x) "
+                     f"| {d[2] / 1024:.1f} → {o[2] / 1024:.1f} ({o[2] / d[2]:.2f}x) |")
+    table = "\n".join(lines)
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

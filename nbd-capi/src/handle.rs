@@ -71,6 +71,8 @@ pub struct Pending {
     pub callback_error: i32,
     /// The read buffer's start, for chunk callbacks.
     pub buf: *mut u8,
+    /// Bytes of `buf` to zero if the read fails (`set_pread_initialize`).
+    pub zero_on_error: usize,
     pub offset: u64,
     /// The command's name in messages ("read", "write", ...).
     pub what: &'static str,
@@ -698,6 +700,11 @@ impl Inner {
                         Ok(()) => p.callback_error,
                         Err(e) => e.errno(),
                     };
+                    if err != 0 && p.zero_on_error > 0 {
+                        // SAFETY: the read's buffer, `zero_on_error` bytes the
+                        // caller lent until completion, which is now.
+                        unsafe { std::ptr::write_bytes(p.buf, 0, p.zero_on_error) };
+                    }
                     let mut retire = false;
                     if let Some(c) = p.completion.as_ref().map(|c| *c.get()) {
                         if let Some(f) = c.callback {

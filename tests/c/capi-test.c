@@ -364,6 +364,29 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* set_pread_initialize: a read that fails leaves zeros, not the stale
+ * contents of the buffer (on by default); off, the buffer is untouched. */
+static void
+test_pread_initialize (void)
+{
+  char *failing[] = { "nbdkit", "-s", "--exit-with-parent", "--filter=error", "memory", "1M",
+                      "error-pread=EIO", "error-pread-rate=100%", NULL };
+  struct nbd_handle *h = connect_with (failing, 0);
+  static char buf[65536];
+  size_t i, stale;
+
+  memset (buf, 0xaa, sizeof buf);
+  CHECK_ERR (nbd_pread (h, buf, sizeof buf, 0, 0), "nbd_pread", EIO);
+  for (i = 0, stale = 0; i < sizeof buf; i++) stale += buf[i] != 0;
+  CHECK (stale == 0, "a failed read leaves zeros: %zu stale bytes", stale);
+  CHECK (nbd_set_pread_initialize (h, false) == 0, "pread_initialize off");
+  memset (buf, 0xaa, sizeof buf);
+  CHECK_ERR (nbd_pread (h, buf, sizeof buf, 0, 0), "nbd_pread", EIO);
+  for (i = 0, stale = 0; i < sizeof buf; i++) stale += (unsigned char) buf[i] == 0xaa;
+  CHECK (stale == sizeof buf, "off: the buffer is left alone: %zu of %zu", stale, sizeof buf);
+  nbd_close (h);
+}
+
 /* Shutdown with ABANDON_PENDING: requests still queued in the library
  * fail with ENOTCONN, those the server has are answered, none hang. A
  * slow-writing server lets the socket fill so that some stay queued. */
@@ -443,6 +466,7 @@ main (void)
   test_server_death ();
   test_debug ();
   test_shutdown_abandon ();
+  test_pread_initialize ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

@@ -20,17 +20,19 @@ fn submit(
     i: &mut Inner,
     what: &'static str,
     cbs: Callbacks,
-    buf: *mut u8,
+    read_into: Option<(*mut u8, usize)>,
     offset: u64,
     issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, Error>,
 ) -> CResult<i64> {
     let cookie = issue(&mut i.conn)?;
+    let (buf, len) = read_into.unwrap_or((std::ptr::null_mut(), 0));
     let pending = Pending {
         completion: cbs.completion,
         chunk: cbs.chunk,
         extent: cbs.extent,
         callback_error: 0,
         buf,
+        zero_on_error: if i.pread_initialize { len } else { 0 },
         offset,
         what,
     };
@@ -60,13 +62,13 @@ fn retire(i: &mut Inner, cookie: u64) -> CResult<c_int> {
     Ok(0)
 }
 
-fn read_buf(i: &Inner, buf: *mut c_void, count: usize) -> CResult<UserBuf> {
+/// A read's buffer. `set_pread_initialize` is honoured when the read
+/// completes: a successful read has written every byte (the core checks
+/// that the reply covers the request, and zero-fills holes), so only a
+/// failed one is zeroed, and no read pays for a memset it overwrites.
+fn read_buf(buf: *mut c_void, count: usize) -> CResult<UserBuf> {
     if buf.is_null() && count > 0 {
         return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
-    }
-    if i.pread_initialize && count > 0 {
-        // SAFETY: the caller gave `count` writable bytes at `buf`.
-        unsafe { std::ptr::write_bytes(buf.cast::<u8>(), 0, count) };
     }
     Ok(UserBuf::read(buf.cast(), count))
 }
@@ -104,8 +106,8 @@ pub extern "C" fn nbd_aio_pread(
     let cbs = completion(cb);
     export!("nbd_aio_pread", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
-        let b = read_buf(i, buf, count)?;
-        submit(i, "read", cbs, buf.cast(), offset, |c| c.read(offset, b, f))
+        let b = read_buf(buf, count)?;
+        submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))
     })
 }
 
@@ -123,8 +125,8 @@ pub extern "C" fn nbd_aio_pread_structured(
     export!("nbd_aio_pread_structured", h, -1, |i| {
         required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
-        let b = read_buf(i, buf, count)?;
-        submit(i, "read", cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))
+        let b = read_buf(buf, count)?;
+        submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))
     })
 }
 
@@ -141,7 +143,7 @@ pub extern "C" fn nbd_aio_pwrite(
     export!("nbd_aio_pwrite", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let b = write_buf(buf, count)?;
-        submit(i, "write", cbs, std::ptr::null_mut(), offset, |c| c.write(offset, b, f))
+        submit(i, "write", cbs, None, offset, |c| c.write(offset, b, f))
     })
 }
 
@@ -150,7 +152,7 @@ pub extern "C" fn nbd_aio_flush(h: *mut nbd_handle, cb: nbd_completion_callback,
     let cbs = completion(cb);
     export!("nbd_aio_flush", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        submit(i, "flush", cbs, std::ptr::null_mut(), 0, |c| c.flush(f))
+        submit(i, "flush", cbs, None, 0, |c| c.flush(f))
     })
 }
 
@@ -165,7 +167,7 @@ pub extern "C" fn nbd_aio_trim(
     let cbs = completion(cb);
     export!("nbd_aio_trim", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        submit(i, "trim", cbs, std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))
+        submit(i, "trim", cbs, None, offset, |c| c.trim(offset, count, f))
     })
 }
 
@@ -180,7 +182,7 @@ pub extern "C" fn nbd_aio_cache(
     let cbs = completion(cb);
     export!("nbd_aio_cache", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
-        submit(i, "cache", cbs, std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))
+        submit(i, "cache", cbs, None, offset, |c| c.cache(offset, count, f))
     })
 }
 
@@ -195,7 +197,7 @@ pub extern "C" fn nbd_aio_zero(
     let cbs = completion(cb);
     export!("nbd_aio_zero", h, -1, |i| {
         let f = cmd_flags(i, flags, ZERO_FLAGS)?;
-        submit(i, "zero", cbs, std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))
+        submit(i, "zero", cbs, None, offset, |c| c.write_zeroes(offset, count, f))
     })
 }
 
@@ -212,7 +214,7 @@ pub extern "C" fn nbd_aio_block_status(
     export!("nbd_aio_block_status", h, -1, |i| {
         required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
-        submit(i, "block-status", cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))
+        submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))
     })
 }
 
@@ -222,8 +224,8 @@ pub extern "C" fn nbd_aio_block_status(
 pub extern "C" fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int {
     export!("nbd_pread", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
-        let b = read_buf(i, buf, count)?;
-        let c = submit(i, "read", no_callbacks(), buf.cast(), offset, |c| c.read(offset, b, f))?;
+        let b = read_buf(buf, count)?;
+        let c = submit(i, "read", no_callbacks(), Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -241,8 +243,8 @@ pub extern "C" fn nbd_pread_structured(
     export!("nbd_pread_structured", h, -1, |i| {
         required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
-        let b = read_buf(i, buf, count)?;
-        let c = submit(i, "read", cbs, buf.cast(), offset, |c| c.read_structured(offset, b, f))?;
+        let b = read_buf(buf, count)?;
+        let c = submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -252,7 +254,7 @@ pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usiz
     export!("nbd_pwrite", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let b = write_buf(buf, count)?;
-        let c = submit(i, "write", no_callbacks(), std::ptr::null_mut(), offset, |c| c.write(offset, b, f))?;
+        let c = submit(i, "write", no_callbacks(), None, offset, |c| c.write(offset, b, f))?;
         wait(i, c)
     })
 }
@@ -261,7 +263,7 @@ pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usiz
 pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_flush", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        let c = submit(i, "flush", no_callbacks(), std::ptr::null_mut(), 0, |c| c.flush(f))?;
+        let c = submit(i, "flush", no_callbacks(), None, 0, |c| c.flush(f))?;
         wait(i, c)
     })
 }
@@ -270,7 +272,7 @@ pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
 pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_trim", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        let c = submit(i, "trim", no_callbacks(), std::ptr::null_mut(), offset, |c| c.trim(offset, count, f))?;
+        let c = submit(i, "trim", no_callbacks(), None, offset, |c| c.trim(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -279,7 +281,7 @@ pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u
 pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_cache", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
-        let c = submit(i, "cache", no_callbacks(), std::ptr::null_mut(), offset, |c| c.cache(offset, count, f))?;
+        let c = submit(i, "cache", no_callbacks(), None, offset, |c| c.cache(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -288,7 +290,7 @@ pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: 
 pub extern "C" fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
     export!("nbd_zero", h, -1, |i| {
         let f = cmd_flags(i, flags, ZERO_FLAGS)?;
-        let c = submit(i, "zero", no_callbacks(), std::ptr::null_mut(), offset, |c| c.write_zeroes(offset, count, f))?;
+        let c = submit(i, "zero", no_callbacks(), None, offset, |c| c.write_zeroes(offset, count, f))?;
         wait(i, c)
     })
 }
@@ -305,7 +307,7 @@ pub extern "C" fn nbd_block_status(
     export!("nbd_block_status", h, -1, |i| {
         required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
-        let c = submit(i, "block-status", cbs, std::ptr::null_mut(), offset, |c| c.block_status(offset, count, f))?;
+        let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))?;
         wait(i, c)
     })
 }

@@ -452,12 +452,20 @@ impl Inner {
         let Some(sock) = self.sock.as_mut() else { return };
         while self.conn.direction().wants_read() {
             let buf = self.conn.recv_buffer();
+            let room = buf.len();
             match sock.read(buf) {
                 Ok(0) => {
                     self.conn.handle_eof();
                     break;
                 }
-                Ok(n) => self.conn.handle_received(n),
+                Ok(n) => {
+                    self.conn.handle_received(n);
+                    // A stream socket gives all it has: a short read
+                    // drained it, and another would only say EAGAIN.
+                    if n < room {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -544,7 +552,12 @@ impl Inner {
                     eof = true;
                     break;
                 }
-                Ok(n) => tls.handle_ciphertext(&self.tls_scratch[..n]),
+                Ok(n) => {
+                    tls.handle_ciphertext(&self.tls_scratch[..n]);
+                    if n < self.tls_scratch.len() {
+                        break;
+                    }
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {

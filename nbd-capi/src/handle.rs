@@ -460,9 +460,11 @@ impl Inner {
                 }
                 Ok(n) => {
                     self.conn.handle_received(n);
-                    // A stream socket gives all it has: a short read
-                    // drained it, and another would only say EAGAIN.
-                    if n < room {
+                    // A stream socket gives all it has: a short read at a
+                    // message boundary drained it, and another read would
+                    // only say EAGAIN. Mid-message (a large payload
+                    // streaming in), reading on is cheaper than polling.
+                    if n < room && !self.conn.is_mid_message() {
                         break;
                     }
                 }

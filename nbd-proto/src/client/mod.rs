@@ -283,6 +283,12 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
+    /// Whether part of a reply (or of a handshake message) has arrived and
+    /// the rest is awaited: more bytes are probably on their way.
+    pub fn is_mid_message(&self) -> bool {
+        !self.input.is_empty() || !matches!(self.rx, Rx::Header)
+    }
+
     fn is_mid_exchange(&self) -> bool {
         !self.output.is_empty() || !self.input.is_empty() || !matches!(self.rx, Rx::Header)
     }

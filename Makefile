@@ -4,10 +4,10 @@ CARGO ?= cargo
 FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 20
 # Programs the tests need, and the Debian packages that provide them.
-PEERS := strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
+PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -72,6 +72,11 @@ check-abi: lib deps
 check-c: lib deps
 	tests/c-compare.sh
 
+# The C examples and tests on our library under valgrind: no invalid
+# access, no leak.
+check-valgrind: lib deps
+	tests/valgrind.sh
+
 # Debian's nbdinfo, nbdcopy, nbdsh, python3-libnbd, fio and nbdkit's nbd
 # plugin, unchanged, on our libnbd.so.0.
 check-debian: lib deps
@@ -107,7 +112,7 @@ lint: deps
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-header check-abi check-c check-debian fuzz-smoke
+check: lint test check-header check-abi check-c check-valgrind check-debian fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

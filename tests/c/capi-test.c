@@ -393,8 +393,10 @@ test_pread_initialize (void)
 static void
 test_shutdown_abandon (void)
 {
-  char *slow[] = { "nbdkit", "-s", "--exit-with-parent", "--filter=delay", "memory", "64M",
-                   "wdelay=50ms", NULL };
+  /* One server thread, each write half a second: whatever the speed of
+   * this process (valgrind, say), most writes are still queued here. */
+  char *slow[] = { "nbdkit", "-s", "--exit-with-parent", "-t", "1", "--filter=delay", "memory", "64M",
+                   "wdelay=500ms", NULL };
   struct nbd_handle *h = connect_with (slow, 0);
   enum { N = 48, SZ = 1024 * 1024 };
   char *buf = calloc (1, SZ);

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The C examples and C tests on our libnbd.so.0 under valgrind's memcheck:
+# any invalid access or leak fails (--error-exitcode). tls-test is left
+# out: its thousands of handshakes outlast its own time limit under
+# valgrind.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind > /dev/null || { echo "valgrind is not installed (make deps)" >&2; exit 1; }
+out=target/valgrind
+mkdir -p "$out"
+ours=$PWD/target/lib
+vg=(valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect,possible --error-exitcode=99)
+fail=0
+report() { # name, log, status
+  local errors leaked
+  errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$2" | tail -1 | grep -o '[0-9]*$')
+  leaked=$(grep -o 'in use at exit: [0-9,]* bytes' "$2" | tail -1 | grep -o '[0-9,]* bytes')
+  if [ "$3" = 0 ]; then
+    echo "ok   $1 under valgrind: $errors errors, $leaked in use at exit"
+  else
+    fail=1; echo "FAIL $1 under valgrind (status $3)"; grep -v '^nbdkit' "$2" | tail -30
+  fi
+}
+for src in examples-c/*.c; do
+  name=$(basename "$src" .c)
+  ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0
+  status=0
+  nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$ours ${vg[*]} $out/$name \$unixsocket" > "$out/$name.log" 2>&1 || status=$?
+  report "$name" "$out/$name.log" $status
+done
+for name in capi-test peers-test; do
+  ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -l:libnbd.so.0
+  status=0
+  NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "$out/$name" > "$out/$name.log" 2>&1 || status=$?
+  report "$name" "$out/$name.log" $status
+done
+exit $fail

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <unistd.h>
@@ -364,6 +365,40 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* Nothing is left behind by a closed handle: no file descriptor, no
+ * child (connect_command, socket activation), after a clean shutdown and
+ * after the server was killed. */
+static int
+open_fds (void)
+{
+  int n = 0;
+  for (int fd = 0; fd < 1024; fd++)
+    n += fcntl (fd, F_GETFD) != -1;
+  return n;
+}
+
+static void
+test_nothing_left_behind (void)
+{
+  char *activated[] = { "nbdkit", "--exit-with-parent", "memory", "1M", NULL };
+  int before = open_fds ();
+  for (int round = 0; round < 3; round++) {
+    struct nbd_handle *h = connect_with (memory, 0);
+    static char buf[512];
+    if (round == 1) nbd_shutdown (h, 0);
+    if (round == 2) {
+      nbd_kill_subprocess (h, SIGKILL);
+      nbd_pread (h, buf, sizeof buf, 0, 0);
+    }
+    nbd_close (h);
+  }
+  struct nbd_handle *h = nbd_create ();
+  CHECK (nbd_connect_systemd_socket_activation (h, activated) == 0, "socket activation");
+  nbd_close (h);
+  CHECK (open_fds () == before, "file descriptors: %d before, %d after", before, open_fds ());
+  CHECK (waitpid (-1, NULL, WNOHANG) == -1 && errno == ECHILD, "every child was reaped");
+}
+
 /* set_pread_initialize: a read that fails leaves zeros, not the stale
  * contents of the buffer (on by default); off, the buffer is untouched. */
 static void
@@ -469,6 +504,7 @@ main (void)
   test_debug ();
   test_shutdown_abandon ();
   test_pread_initialize ();
+  test_nothing_left_behind ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

@@ -55,6 +55,19 @@ same_failure() { # name, then a command that must fail the same way on both: sam
     fail=1; echo "FAIL $name"; diff <(echo "$theirs") <(echo "$mine") | head -20
   fi
 }
+round_trip() { # how (for the names), a memory server's URI: file -> server -> file, identical
+  check "nbdcopy file to memory$1" nbdcopy "$dir/ref.img" "$2"
+  check "nbdcopy memory back$1" nbdcopy "$2" "$dir/back.img"
+  check "nbdcopy round trip identical$1" cmp "$dir/ref.img" "$dir/back.img"
+  rm -f "$dir/back.img"
+}
+wait_for_port() {
+  for _ in $(seq 100); do
+    /usr/bin/python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])))' "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "no server on port $1" >&2; exit 1
+}
 check() { # name, command (run on our library only)
   local name=$1; shift
   if LD_LIBRARY_PATH=$ours "$@" > "$dir/out" 2>&1; then
@@ -92,9 +105,7 @@ same "nbdinfo of a bad URI" nbdinfo "nbd://bad uri"
 nbdcopy "nbd+unix:///?socket=$dir/s.sock" "$dir/ref.img"
 check "nbdcopy sparse-random to file" nbdcopy "nbd+unix:///?socket=$dir/s.sock" "$dir/copy.img"
 check "nbdcopy file identical" cmp "$dir/ref.img" "$dir/copy.img"
-check "nbdcopy file to memory" nbdcopy "$dir/copy.img" "nbd+unix:///?socket=$dir/m.sock"
-check "nbdcopy memory back" nbdcopy "nbd+unix:///?socket=$dir/m.sock" "$dir/back.img"
-check "nbdcopy round trip identical" cmp "$dir/ref.img" "$dir/back.img"
+round_trip "" "nbd+unix:///?socket=$dir/m.sock"
 check "nbdcopy pattern to null" nbdcopy "nbd+unix:///?socket=$dir/p.sock" null:
 
 # Python and nbdsh.
@@ -154,9 +165,7 @@ done
 same "nbdinfo with a wrong TLS user" nbdinfo "nbds+unix://bob@/?socket=$dir/ts.sock&$tls"
 check "nbdcopy sparse-random over TLS to file" nbdcopy "nbds+unix://alice@/?socket=$dir/ts.sock&$tls" "$dir/tls.img"
 check "nbdcopy over TLS identical" cmp "$dir/ref.img" "$dir/tls.img"
-check "nbdcopy file to memory over TLS" nbdcopy "$dir/tls.img" "nbds+unix://alice@/?socket=$dir/tm.sock&$tls"
-check "nbdcopy memory back over TLS" nbdcopy "nbds+unix://alice@/?socket=$dir/tm.sock&$tls" "$dir/tls-back.img"
-check "nbdcopy TLS round trip identical" cmp "$dir/ref.img" "$dir/tls-back.img"
+round_trip " over TLS" "nbds+unix://alice@/?socket=$dir/tm.sock&$tls"
 
 # And X.509: qemu-nbd (which wants a client certificate) and nbdkit over
 # TCP, verified against the test CA.
@@ -168,17 +177,13 @@ qemu-nbd -t -f raw -p "$qport" -b 127.0.0.1 -x qe \
 kport=$(free_port)
 nbdkit -f --exit-with-parent -p "$kport" -i 127.0.0.1 --tls=require --tls-certificates="$dir/certs/server" \
   memory 64M & pids+=($!)
-for p in $qport $kport; do
-  for _ in $(seq 100); do /usr/bin/python3 -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])))' $p 2>/dev/null && break; sleep 0.1; done
-done
+for p in $qport $kport; do wait_for_port $p; done
 x509="tls-certificates=$dir/certs/client"
 for mode in "" --map --json; do
   same "nbdinfo $mode over TLS X.509 (qemu-nbd)" nbdinfo $mode "nbds://localhost:$qport/qe?$x509"
 done
 same_failure "nbdinfo with an untrusted CA" nbdinfo "nbds://localhost:$qport/qe?tls-certificates=$dir/certs/client-ca2"
-check "nbdcopy file to memory over TLS X.509" nbdcopy "$dir/ref.img" "nbds://localhost:$kport/?$x509"
-check "nbdcopy memory back over TLS X.509" nbdcopy "nbds://localhost:$kport/?$x509" "$dir/x509-back.img"
-check "nbdcopy TLS X.509 round trip identical" cmp "$dir/ref.img" "$dir/x509-back.img"
+round_trip " over TLS X.509" "nbds://localhost:$kport/?$x509"
 
 echo "debian programs: $passed passed, fail=$fail"
 exit $fail

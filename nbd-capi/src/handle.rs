@@ -120,8 +120,8 @@ pub struct Inner {
     /// The TLS session below the NBD stream, once STARTTLS succeeded.
     pub tls: Option<Box<dyn TlsLayer>>,
     pub tls_established: bool,
-    /// Scratch space for ciphertext and for coalescing plaintext.
-    tls_scratch: Vec<u8>,
+    /// Small pieces of plaintext coalesced into one TLS record.
+    tls_coalesced: Vec<u8>,
     pub pending: HashMap<u64, Pending>,
     /// Completed and not yet retired, in completion order.
     pub done: VecDeque<Done>,
@@ -172,8 +172,10 @@ pub struct nbd_handle {
     poisoned: AtomicBool,
 }
 
-/// Plaintext taken per TLS write, and ciphertext read per receive.
+/// Plaintext taken per TLS write.
 const TLS_CHUNK: usize = 64 * 1024;
+/// A TLS record's largest plaintext: a piece this large fills records by itself.
+const TLS_RECORD: usize = 16 * 1024;
 
 /// Sends the TLS layer's ciphertext until the socket would block; `false`
 /// if the transport failed (the core then knows).
@@ -222,7 +224,7 @@ impl nbd_handle {
                 tls_settings: TlsSettings::default(),
                 tls: None,
                 tls_established: false,
-                tls_scratch: Vec::new(),
+                tls_coalesced: Vec::new(),
                 pending: HashMap::new(),
                 done: VecDeque::new(),
                 opt: None,
@@ -508,21 +510,27 @@ impl Inner {
         }
         let Some(tls) = self.tls.as_mut() else { return };
         loop {
-            // Small pieces (headers) are coalesced into one record.
             let mut slices: [&[u8]; 64] = [&[]; 64];
             let n = self.conn.poll_transmit(&mut slices);
             if n == 0 {
                 break;
             }
-            self.tls_scratch.clear();
-            for s in &slices[..n] {
-                let room = TLS_CHUNK - self.tls_scratch.len();
-                self.tls_scratch.extend_from_slice(&s[..s.len().min(room)]);
-                if self.tls_scratch.len() == TLS_CHUNK {
-                    break;
+            // A large piece (a WRITE payload) is encrypted from the caller's
+            // buffer; small ones (headers) are coalesced into one record.
+            let plain = if slices[0].len() >= TLS_RECORD {
+                &slices[0][..slices[0].len().min(TLS_CHUNK)]
+            } else {
+                self.tls_coalesced.clear();
+                for s in &slices[..n] {
+                    let room = TLS_CHUNK - self.tls_coalesced.len();
+                    self.tls_coalesced.extend_from_slice(&s[..s.len().min(room)]);
+                    if self.tls_coalesced.len() == TLS_CHUNK {
+                        break;
+                    }
                 }
-            }
-            match tls.write_plain(&self.tls_scratch) {
+                &self.tls_coalesced[..]
+            };
+            match tls.write_plain(plain) {
                 Ok(0) => break,
                 Ok(taken) => self.conn.handle_sent(taken),
                 Err(e) => {
@@ -546,17 +554,18 @@ impl Inner {
     /// Takes in ciphertext, advances the handshake, and decrypts for the core.
     fn tls_receive(&mut self) {
         let (Some(sock), Some(tls)) = (self.sock.as_mut(), self.tls.as_mut()) else { return };
-        self.tls_scratch.resize(TLS_CHUNK, 0);
         let mut eof = false;
         loop {
-            match sock.read(&mut self.tls_scratch) {
+            let buf = tls.recv_buffer();
+            let room = buf.len();
+            match sock.read(buf) {
                 Ok(0) => {
                     eof = true;
                     break;
                 }
                 Ok(n) => {
-                    tls.handle_ciphertext(&self.tls_scratch[..n]);
-                    if n < self.tls_scratch.len() {
+                    tls.handle_received(n);
+                    if n < room {
                         break;
                     }
                 }

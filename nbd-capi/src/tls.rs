@@ -12,11 +12,14 @@ use openssl::x509::verify::X509VerifyFlags;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-/// What a TLS layer offers the I/O loop. Bytes from the socket go in with
-/// `handle_ciphertext`; bytes for the socket come out of
-/// `pending_ciphertext` and are reported sent with `consume_ciphertext`.
+/// What a TLS layer offers the I/O loop, in the core's own shape: bytes
+/// from the socket are received into `recv_buffer` and reported with
+/// `handle_received`; bytes for the socket come out of `pending_ciphertext`
+/// and are reported sent with `consume_ciphertext`.
 pub trait TlsLayer: Send {
-    fn handle_ciphertext(&mut self, bytes: &[u8]);
+    /// Room for ciphertext straight from the socket.
+    fn recv_buffer(&mut self) -> &mut [u8];
+    fn handle_received(&mut self, n: usize);
     fn pending_ciphertext(&self) -> &[u8];
     fn consume_ciphertext(&mut self, n: usize);
     /// Advances the handshake: `Ok(true)` once it is complete.
@@ -109,26 +112,45 @@ fn psk_key(file: &Path, username: &str) -> CResult<Vec<u8>> {
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| bad())).collect()
 }
 
-/// The in-memory transport under the OpenSSL session.
+/// Ciphertext received per socket read, at most.
+const RECV_CHUNK: usize = 64 * 1024;
+
+/// The in-memory transport under the OpenSSL session. Received ciphertext
+/// sits in `incoming[start..end]`; the buffer is reused, never shrunk.
 #[derive(Default)]
 struct Pipe {
     incoming: Vec<u8>,
-    read_at: usize,
+    start: usize,
+    end: usize,
     outgoing: Vec<u8>,
+}
+
+impl Pipe {
+    fn recv_buffer(&mut self) -> &mut [u8] {
+        if self.incoming.len() - self.end < RECV_CHUNK {
+            self.incoming.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.incoming.len() - self.end < RECV_CHUNK {
+                self.incoming.resize(self.end + RECV_CHUNK, 0);
+            }
+        }
+        &mut self.incoming[self.end..]
+    }
 }
 
 impl Read for Pipe {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let avail = &self.incoming[self.read_at..];
+        let avail = &self.incoming[self.start..self.end];
         if avail.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
         let n = avail.len().min(buf.len());
         buf[..n].copy_from_slice(&avail[..n]);
-        self.read_at += n;
-        if self.read_at == self.incoming.len() {
-            self.incoming.clear();
-            self.read_at = 0;
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
         }
         Ok(n)
     }
@@ -249,8 +271,13 @@ impl OpensslTls {
 }
 
 impl TlsLayer for OpensslTls {
-    fn handle_ciphertext(&mut self, bytes: &[u8]) {
-        self.stream.get_mut().incoming.extend_from_slice(bytes);
+    fn recv_buffer(&mut self) -> &mut [u8] {
+        self.stream.get_mut().recv_buffer()
+    }
+
+    fn handle_received(&mut self, n: usize) {
+        let pipe = self.stream.get_mut();
+        pipe.end = (pipe.end + n).min(pipe.incoming.len());
     }
 
     fn pending_ciphertext(&self) -> &[u8] {
@@ -293,7 +320,8 @@ impl TlsLayer for OpensslTls {
     }
 
     fn has_buffered_input(&self) -> bool {
-        self.stream.ssl().pending() > 0 || self.stream.get_ref().read_at < self.stream.get_ref().incoming.len()
+        let pipe = self.stream.get_ref();
+        self.stream.ssl().pending() > 0 || pipe.start < pipe.end
     }
 }
 

@@ -55,69 +55,8 @@ run (char **argv)
   forget_child (pid);
 }
 
-/* Wait until the pidfile is written and, for Unix servers, the socket
- * exists.  A server that exits (except a daemonizing parent with status 0)
- * is fatal. */
-static bool
-unix_accepts (const char *path)
-{
-  struct sockaddr_un sun = { .sun_family = AF_UNIX };
-  int fd = socket (AF_UNIX, SOCK_STREAM, 0);
-  bool ok;
-  snprintf (sun.sun_path, sizeof sun.sun_path, "%s", path);
-  ok = connect (fd, (struct sockaddr *) &sun, sizeof sun) == 0;
-  close (fd);
-  return ok;
-}
 
-/* nbd-server may create its socket file before it listens: for it (a
- * daemon) also probe with a connection. */
-static void
-wait_ready (const char *what, pid_t pid, const char *pidfile, const char *sock,
-            bool daemonizes)
-{
-  int status;
-  for (int i = 0; i < 1000; i++) {
-    if (pid > 0 && waitpid (pid, &status, WNOHANG) == pid) {
-      forget_child (pid);
-      if (!daemonizes || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
-        fatal ("%s exited before it was ready (status 0x%x)", what, status);
-      pid = 0;
-    }
-    if ((pidfile == NULL || file_nonempty (pidfile)) &&
-        (sock == NULL || (is_socket (sock) && (!daemonizes || unix_accepts (sock)))))
-      return;
-    usleep (10000);
-  }
-  fatal ("%s did not become ready in 10 s", what);
-}
 
-/* A loopback port nobody listens on right now. */
-static int
-free_port (int family)
-{
-  struct sockaddr_storage ss = { 0 };
-  socklen_t len;
-  int fd = socket (family, SOCK_STREAM, 0), port;
-  if (family == AF_INET) {
-    struct sockaddr_in *sin = (struct sockaddr_in *) &ss;
-    sin->sin_family = AF_INET;
-    sin->sin_addr.s_addr = htonl (INADDR_LOOPBACK);
-    len = sizeof *sin;
-  } else {
-    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *) &ss;
-    sin6->sin6_family = AF_INET6;
-    sin6->sin6_addr = in6addr_loopback;
-    len = sizeof *sin6;
-  }
-  if (fd == -1 || bind (fd, (struct sockaddr *) &ss, len) == -1 ||
-      getsockname (fd, (struct sockaddr *) &ss, &len) == -1)
-    fatal ("free_port: %m");
-  port = ntohs (family == AF_INET ? ((struct sockaddr_in *) &ss)->sin_port
-                : ((struct sockaddr_in6 *) &ss)->sin6_port);
-  close (fd);
-  return port;
-}
 
 static bool
 port_is_free (int port)
@@ -166,7 +105,7 @@ start_nbdkit_unix (const char *name, char **args)
   while (*args && n < 31) argv[n++] = *args++;
   argv[n] = NULL;
   pid_t pid = spawn (argv, -1, -1);
-  wait_ready ("nbdkit", pid, pidfile, sock, false);
+  wait_ready ("nbdkit", pid, pidfile, sock, 0, false);
   free (sock); free (pidfile);
   return pid;
 }
@@ -179,7 +118,7 @@ start_nbdkit_tcp (const char *addr, int port, const char *tag)
   char *argv[] = { "nbdkit", "-f", "--exit-with-parent", "-p", portstr, "-i", (char *) addr,
                    "-P", pidfile, "memory", "1M", NULL };
   pid_t pid = spawn (argv, -1, -1);
-  wait_ready ("nbdkit (tcp)", pid, pidfile, NULL, false);
+  wait_ready ("nbdkit (tcp)", pid, pidfile, NULL, 0, false);
   free (pidfile);
   return pid;
 }
@@ -342,7 +281,7 @@ test_qemu_raw (void)
   fd = open (img, O_CREAT | O_RDWR | O_TRUNC, 0644);
   if (fd == -1 || ftruncate (fd, 1000000) == -1) fatal ("%s: %m", img);
   close (fd);
-  wait_ready ("qemu-nbd", spawn (argv, -1, -1), pidfile, sock, false);
+  wait_ready ("qemu-nbd", spawn (argv, -1, -1), pidfile, sock, 0, false);
 
   h = nbd_create ();
   CHECK (nbd_set_export_name (h, "NAME") == 0 && nbd_set_full_info (h, true) == 0 &&
@@ -499,7 +438,7 @@ test_qemu_qcow2 (void)
 
   run (create);
   run (bitmap);
-  wait_ready ("qemu-nbd (qcow2)", spawn (argv, -1, -1), pidfile, sock, false);
+  wait_ready ("qemu-nbd (qcow2)", spawn (argv, -1, -1), pidfile, sock, 0, false);
 
   /* What the server offers, in opt mode. */
   h = nbd_create ();
@@ -611,7 +550,7 @@ test_nbd_server (void)
            "[ro]\nexportname = %s\nreadonly = true\n", sock, img, img);
   fclose (fp);
   snprintf (daemon_pidfiles[ndaemons++], sizeof daemon_pidfiles[0], "%s", pidfile);
-  wait_ready ("nbd-server", spawn (argv, -1, -1), pidfile, sock, true);
+  wait_ready ("nbd-server", spawn (argv, -1, -1), pidfile, sock, 0, true);
 
   h = nbd_create ();
   nbd_set_export_name (h, "exp");

@@ -15,7 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 
@@ -184,6 +188,82 @@ is_socket (const char *path)
 {
   struct stat st;
   return stat (path, &st) == 0 && S_ISSOCK (st.st_mode);
+}
+
+static bool
+unix_accepts (const char *path)
+{
+  struct sockaddr_un sun = { .sun_family = AF_UNIX };
+  int fd = socket (AF_UNIX, SOCK_STREAM, 0);
+  bool ok;
+  snprintf (sun.sun_path, sizeof sun.sun_path, "%s", path);
+  ok = connect (fd, (struct sockaddr *) &sun, sizeof sun) == 0;
+  close (fd);
+  return ok;
+}
+
+static bool
+tcp_accepts (int port)
+{
+  struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons (port),
+                             .sin_addr.s_addr = htonl (INADDR_LOOPBACK) };
+  int fd = socket (AF_INET, SOCK_STREAM, 0);
+  bool ok = connect (fd, (struct sockaddr *) &sin, sizeof sin) == 0;
+  close (fd);
+  return ok;
+}
+
+/* Wait for the pidfile, the Unix socket and (port > 0) a listening TCP
+ * port. nbd-server (a daemon) may create its socket file before it
+ * listens, so for daemons the socket is also probed with a connection.
+ * A server that exits (except a daemonizing parent with status 0) is
+ * fatal. */
+static void
+wait_ready (const char *what, pid_t pid, const char *pidfile, const char *sock,
+            int port, bool daemonizes)
+{
+  int status;
+  for (int i = 0; i < 1000; i++) {
+    if (pid > 0 && waitpid (pid, &status, WNOHANG) == pid) {
+      forget_child (pid);
+      if (!daemonizes || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
+        fatal ("%s exited before it was ready (status 0x%x)", what, status);
+      pid = 0;
+    }
+    if ((pidfile == NULL || file_nonempty (pidfile)) &&
+        (sock == NULL || (is_socket (sock) && (!daemonizes || unix_accepts (sock)))) &&
+        (port == 0 || tcp_accepts (port)))
+      return;
+    usleep (10000);
+  }
+  fatal ("%s did not become ready in 10 s", what);
+}
+
+/* A loopback port nobody listens on right now. */
+static int
+free_port (int family)
+{
+  struct sockaddr_storage ss = { 0 };
+  socklen_t len;
+  int fd = socket (family, SOCK_STREAM, 0), port;
+  if (family == AF_INET) {
+    struct sockaddr_in *sin = (struct sockaddr_in *) &ss;
+    sin->sin_family = AF_INET;
+    sin->sin_addr.s_addr = htonl (INADDR_LOOPBACK);
+    len = sizeof *sin;
+  } else {
+    struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *) &ss;
+    sin6->sin6_family = AF_INET6;
+    sin6->sin6_addr = in6addr_loopback;
+    len = sizeof *sin6;
+  }
+  if (fd == -1 || bind (fd, (struct sockaddr *) &ss, len) == -1 ||
+      getsockname (fd, (struct sockaddr *) &ss, &len) == -1)
+    fatal ("free_port: %m");
+  port = ntohs (family == AF_INET ? ((struct sockaddr_in *) &ss)->sin_port
+                : ((struct sockaddr_in6 *) &ss)->sin6_port);
+  close (fd);
+  return port;
 }
 
 /* The private directory, cleanup at exit and on signals, and a time

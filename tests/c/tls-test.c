@@ -61,54 +61,8 @@ P (const char *fmt, ...)
   return p;
 }
 
-static bool
-tcp_accepts (int port)
-{
-  struct sockaddr_in sin = { .sin_family = AF_INET, .sin_port = htons (port),
-                             .sin_addr.s_addr = htonl (INADDR_LOOPBACK) };
-  int fd = socket (AF_INET, SOCK_STREAM, 0);
-  bool ok = connect (fd, (struct sockaddr *) &sin, sizeof sin) == 0;
-  close (fd);
-  return ok;
-}
 
-/* Wait for the pidfile, the Unix socket or (port > 0) a listening TCP
- * port.  A server that exits (except a daemonizing parent with status 0)
- * is fatal. */
-static void
-wait_ready (const char *what, pid_t pid, const char *pidfile, const char *sock,
-            int port, bool daemonizes)
-{
-  int status;
-  for (int i = 0; i < 1000; i++) {
-    if (pid > 0 && waitpid (pid, &status, WNOHANG) == pid) {
-      forget_child (pid);
-      if (!daemonizes || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
-        fatal ("%s exited before it was ready (status 0x%x)", what, status);
-      pid = 0;
-    }
-    if ((pidfile == NULL || file_nonempty (pidfile)) &&
-        (sock == NULL || is_socket (sock)) &&
-        (port == 0 || tcp_accepts (port)))
-      return;
-    usleep (10000);
-  }
-  fatal ("%s did not become ready in 10 s", what);
-}
 
-/* A loopback port nobody listens on right now. */
-static int
-free_port (void)
-{
-  struct sockaddr_in sin = { .sin_family = AF_INET, .sin_addr.s_addr = htonl (INADDR_LOOPBACK) };
-  socklen_t len = sizeof sin;
-  int fd = socket (AF_INET, SOCK_STREAM, 0);
-  if (fd == -1 || bind (fd, (struct sockaddr *) &sin, len) == -1 ||
-      getsockname (fd, (struct sockaddr *) &sin, &len) == -1)
-    fatal ("free_port: %m");
-  close (fd);
-  return ntohs (sin.sin_port);
-}
 
 /* nbdkit on a Unix socket DIR/TAG.sock (port 0) or on 127.0.0.1:PORT;
  * args: options, plugin and its parameters, NULL-terminated.  Returns the
@@ -546,7 +500,7 @@ static void
 test_nbdkit_psk (void)
 {
   char *keys = CERTS ("psk/keys.psk"), *bad = CERTS ("psk-bad/keys.psk");
-  int port = free_port ();
+  int port = free_port (AF_INET);
   struct nbd_handle *h;
 
   psk_sock = start_nbdkit ("psk", 0, "--tls=require", "--tls-psk", keys, "memory", "64M", NULL);
@@ -693,17 +647,17 @@ static void
 test_nbdkit_x509 (void)
 {
   char portstr[16], otherstr[16], verifystr[16];
-  int other = free_port (), verify;
+  int other = free_port (AF_INET), verify;
   struct nbd_handle *h;
 
-  x509_port = free_port ();
+  x509_port = free_port (AF_INET);
   start_nbdkit ("x509", x509_port, "--tls=require", "--tls-certificates", CERTS ("server"),
                 "memory", "64M", NULL);
   snprintf (portstr, sizeof portstr, "%d", x509_port);
   start_nbdkit ("x509-other", other, "--tls=require", "--tls-certificates", CERTS ("server-other"),
                 "memory", "1M", NULL);
   snprintf (otherstr, sizeof otherstr, "%d", other);
-  verify = free_port ();
+  verify = free_port (AF_INET);
   start_nbdkit ("x509-verify", verify, "--tls=require", "--tls-verify-peer",
                 "--tls-certificates", CERTS ("server"), "memory", "1M", NULL);
   snprintf (verifystr, sizeof verifystr, "%d", verify);
@@ -993,7 +947,7 @@ test_qemu (void)
   char *keys = CERTS ("psk/keys.psk"), *img = P ("qemu-psk.img"), *img2 = P ("qemu-x509.img");
   char *sock = P ("qemu-psk.sock"), *pidfile = P ("qemu-psk.pid"), *pidfile2 = P ("qemu-x509.pid");
   char *pskobj, *x509obj, portstr[16];
-  int port = free_port ();
+  int port = free_port (AF_INET);
   struct nbd_handle *h;
 
   make_image (img, 32 << 20);
@@ -1062,7 +1016,7 @@ test_nbd_server (void)
   char *conf = P ("nbd-server.conf"), *img = P ("nbd-server.img"), *pidfile = P ("nbd-server.pid");
   char *argv[] = { "nbd-server", "-C", conf, "-p", pidfile, NULL };
   char portstr[16];
-  int port = free_port ();
+  int port = free_port (AF_INET);
   struct nbd_handle *h;
   FILE *fp;
 
@@ -1415,7 +1369,7 @@ static void
 test_default_dirs (void)
 {
   char *home1 = P ("home1"), *home2 = P ("home2"), *home3 = P ("home3");
-  int other = free_port (), verify = free_port ();
+  int other = free_port (AF_INET), verify = free_port (AF_INET);
   start_nbdkit ("x509-other-2", other, "--tls=require", "--tls-certificates", CERTS ("server-other"),
                 "memory", "1M", NULL);
   start_nbdkit ("x509-verify-2", verify, "--tls=require", "--tls-verify-peer",

@@ -73,7 +73,7 @@ check-c: lib deps
 	tests/c-compare.sh
 
 # The C examples and tests on our library under valgrind: no invalid
-# access, no leak.
+# access, no leak; and stress-test's threads under helgrind: no race.
 check-valgrind: lib deps
 	tests/valgrind.sh
 

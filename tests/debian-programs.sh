@@ -141,6 +141,41 @@ check "fio randrw verify=crc32c" fio --name=v --ioengine=nbd --uri="nbd+unix:///
 
 cd - >/dev/null
 
+# Errors injected at random by nbdkit's error filter reach the program,
+# every one, on both libraries: fio (continuing on errors) counts as many
+# as the filter logged, and nbdcopy fails with EIO whichever way it copies.
+# A fresh server per run: nbdkit 1.32 can abort when a client drops its
+# connections with replies in flight.
+injecting_server() { # name, then plugin and error filter arguments
+  local sock=$dir/$1.sock; shift
+  nbdkit -f --exit-with-parent -U "$sock" --filter=error "$@" 2> "$sock.log" & pids+=($!)
+  wait_for "$sock"
+}
+ok_if() { # name, then a test command
+  local name=$1; shift
+  if "$@"; then passed=$((passed + 1)); echo "ok   $name"; else fail=1; echo "FAIL $name"; fi
+}
+# Random data, so that every piece is a write (sparse-random's are mostly zeroes).
+head -c 16M /dev/urandom > "$dir/random.img"
+for lib in debian ours; do
+  libpath=""; [ $lib = ours ] && libpath=$ours
+  injecting_server "fio-$lib" memory 64M error=EIO error-rate=2%
+  (cd "$dir" && LD_LIBRARY_PATH=$libpath fio --name="e-$lib" --ioengine=nbd --uri="nbd+unix:///?socket=$dir/fio-$lib.sock" \
+    --rw=randrw --bs=4k --size=16m --iodepth=32 --continue_on_error=all --output-format=json \
+    --output="$dir/fio-$lib.json" > /dev/null 2>&1)
+  reported=$(/usr/bin/python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["jobs"][0]["total_err"])' \
+    "$dir/fio-$lib.json" 2>/dev/null || echo none)
+  injected=$(grep -c 'injecting EIO' "$dir/fio-$lib.sock.log")
+  ok_if "fio on $lib reports all $injected injected errors (it counted $reported)" \
+    test "$injected" -gt 0 -a "$reported" = "$injected"
+  injecting_server "rd-$lib" pattern 64M error-pread=EIO error-pread-rate=10%
+  LD_LIBRARY_PATH=$libpath nbdcopy "nbd+unix:///?socket=$dir/rd-$lib.sock" "$dir/eio.img" > "$dir/rd.out" 2>&1
+  ok_if "nbdcopy on $lib fails on an injected read error (status $?)" grep -q 'Input/output error' "$dir/rd.out"
+  injecting_server "wr-$lib" memory 64M error-pwrite=EIO error-pwrite-rate=10%
+  LD_LIBRARY_PATH=$libpath nbdcopy "$dir/random.img" "nbd+unix:///?socket=$dir/wr-$lib.sock" > "$dir/wr.out" 2>&1
+  ok_if "nbdcopy on $lib fails on an injected write error (status $?)" grep -q 'Input/output error' "$dir/wr.out"
+done
+
 # nbdkit's nbd plugin proxying through our library, read by Debian's libnbd.
 LD_LIBRARY_PATH=$ours nbdkit -f --exit-with-parent -U "$dir/x.sock" nbd socket="$dir/p.sock" & pids+=($!)
 wait_for "$dir/x.sock"

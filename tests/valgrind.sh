@@ -2,7 +2,8 @@
 # The C examples and C tests on our libnbd.so.0 under valgrind's memcheck:
 # any invalid access or leak fails (--error-exitcode). tls-test is left
 # out: its thousands of handshakes outlast its own time limit under
-# valgrind.
+# valgrind. Then stress-test's threads under helgrind: any race or lock
+# misuse fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind > /dev/null || { echo "valgrind is not installed (make deps)" >&2; exit 1; }
@@ -14,7 +15,7 @@ fail=0
 report() { # name, log, status
   local errors leaked
   errors=$(grep -o 'ERROR SUMMARY: [0-9]*' "$2" | tail -1 | grep -o '[0-9]*$')
-  leaked=$(grep -o 'in use at exit: [0-9,]* bytes' "$2" | tail -1 | grep -o '[0-9,]* bytes')
+  leaked=$(grep -o 'in use at exit: [0-9,]* bytes' "$2" | tail -1 | grep -o '[0-9,]* bytes' || echo "not measured")
   if [ "$3" = 0 ]; then
     echo "ok   $1 under valgrind: $errors errors, $leaked in use at exit"
   else
@@ -28,10 +29,15 @@ for src in examples-c/*.c; do
   nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$ours ${vg[*]} $out/$name \$unixsocket" > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status
 done
-for name in capi-test peers-test; do
+for name in capi-test peers-test stress-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -l:libnbd.so.0
   status=0
-  NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "$out/$name" > "$out/$name.log" 2>&1 || status=$?
+  STRESS_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "$out/$name" > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status
 done
+status=0
+STRESS_OPS=${HELGRIND_OPS:-100} STRESS_THREADS_ONLY=1 LD_LIBRARY_PATH=$ours \
+  valgrind --tool=helgrind --error-exitcode=99 "$out/stress-test" > "$out/stress-test.helgrind.log" 2>&1 || status=$?
+report "stress-test (helgrind)" "$out/stress-test.helgrind.log" $status
+grep -E "threads on one handle|handles in 8 threads|injected, " "$out/stress-test.helgrind.log" || fail=1
 exit $fail

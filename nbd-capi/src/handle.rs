@@ -6,6 +6,7 @@
 use crate::callbacks::*;
 use crate::dial::{Address, Dialing};
 use crate::error::{CError, CResult};
+use crate::lock::{PthreadGuard, PthreadMutex};
 use crate::table;
 use crate::tls::{OpensslTls, Plain, TlsLayer, TlsSettings};
 use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
@@ -15,7 +16,6 @@ use std::io::{IoSlice, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
-use std::sync::{Mutex, MutexGuard};
 
 /// A caller's buffer lent to one command. READ buffers are writable;
 /// WRITE buffers are not, and offer no mutable view.
@@ -167,7 +167,7 @@ impl Drop for Inner {
 
 /// `struct nbd_handle`, opaque to C.
 pub struct nbd_handle {
-    inner: Mutex<Inner>,
+    inner: PthreadMutex<Inner>,
     pub private_data: AtomicUsize,
     poisoned: AtomicBool,
 }
@@ -211,7 +211,7 @@ impl nbd_handle {
         let n = HANDLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let debug = std::env::var("LIBNBD_DEBUG").is_ok_and(|v| v == "1");
         nbd_handle {
-            inner: Mutex::new(Inner {
+            inner: PthreadMutex::new(Inner {
                 conn: Connection::new(Config::default()),
                 sock: None,
                 debug,
@@ -242,8 +242,8 @@ impl nbd_handle {
         }
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, Inner> {
-        let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+    pub fn lock(&self) -> PthreadGuard<'_, Inner> {
+        let mut g = self.inner.lock();
         if self.poisoned.load(std::sync::atomic::Ordering::Relaxed) {
             g.poisoned = true;
         }

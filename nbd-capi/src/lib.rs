@@ -20,6 +20,7 @@ pub mod constants;
 pub mod dial;
 pub mod error;
 pub mod handle;
+pub mod lock;
 pub mod subprocess;
 pub mod table;
 pub mod tls;

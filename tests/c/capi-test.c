@@ -19,6 +19,7 @@
 #include <libnbd.h>
 
 #include "check.h"
+#include "servers.h"
 
 static char *memory[] = { "nbdkit", "-s", "--exit-with-parent", "memory", "1M", NULL };
 
@@ -368,15 +369,6 @@ test_server_death (void)
 /* Nothing is left behind by a closed handle: no file descriptor, no
  * child (connect_command, socket activation), after a clean shutdown and
  * after the server was killed. */
-static int
-open_fds (void)
-{
-  int n = 0;
-  for (int fd = 0; fd < 1024; fd++)
-    n += fcntl (fd, F_GETFD) != -1;
-  return n;
-}
-
 static void
 test_nothing_left_behind (void)
 {
@@ -494,6 +486,8 @@ test_debug (void)
 int
 main (void)
 {
+  const char *needs[] = { "nbdkit", NULL };
+  servers_init ("capi-test", needs, 300);
   test_states_and_argument_errors ();
   test_commands_and_flags ();
   test_callbacks ();

@@ -37,14 +37,6 @@
 
 static char live_port[16];      /* an nbdkit memory 1M on 127.0.0.1 */
 
-static char *
-path_in_dir (const char *name)
-{
-  char *p;
-  if (asprintf (&p, "%s/%s", dir, name) == -1) fatal ("asprintf");
-  return p;
-}
-
 static void
 run (char **argv)
 {
@@ -92,22 +84,6 @@ free_service (int *port)
   }
   endservent ();
   fatal ("no TCP service name in /etc/services with a free port");
-}
-
-static pid_t
-start_nbdkit_unix (const char *name, char **args)
-{
-  char *sock = path_in_dir (name), *pidfile, *argv[32];
-  int n = 0;
-  if (asprintf (&pidfile, "%s.pid", sock) == -1) fatal ("asprintf");
-  argv[n++] = "nbdkit"; argv[n++] = "-f"; argv[n++] = "--exit-with-parent";
-  argv[n++] = "-U"; argv[n++] = sock; argv[n++] = "-P"; argv[n++] = pidfile;
-  while (*args && n < 31) argv[n++] = *args++;
-  argv[n] = NULL;
-  pid_t pid = spawn (argv, -1, -1);
-  wait_ready ("nbdkit", pid, pidfile, sock, 0, false);
-  free (sock); free (pidfile);
-  return pid;
 }
 
 static pid_t

@@ -240,7 +240,7 @@ wait_ready (const char *what, pid_t pid, const char *pidfile, const char *sock,
 }
 
 /* A loopback port nobody listens on right now. */
-static int
+static int __attribute__ ((unused))
 free_port (int family)
 {
   struct sockaddr_storage ss = { 0 };
@@ -264,6 +264,43 @@ free_port (int family)
                 : ((struct sockaddr_in6 *) &ss)->sin6_port);
   close (fd);
   return port;
+}
+
+/* A file in the private directory (allocated). */
+static char *
+path_in_dir (const char *name)
+{
+  char *p;
+  if (asprintf (&p, "%s/%s", dir, name) == -1) fatal ("asprintf");
+  return p;
+}
+
+/* nbdkit -f on a Unix socket NAME in the private directory, with ARGS
+ * (NULL-terminated) after the common options; ready when it returns. */
+static pid_t __attribute__ ((unused))
+start_nbdkit_unix (const char *name, char **args)
+{
+  char *sock = path_in_dir (name), *pidfile, *argv[32];
+  int n = 0;
+  if (asprintf (&pidfile, "%s.pid", sock) == -1) fatal ("asprintf");
+  argv[n++] = "nbdkit"; argv[n++] = "-f"; argv[n++] = "--exit-with-parent";
+  argv[n++] = "-U"; argv[n++] = sock; argv[n++] = "-P"; argv[n++] = pidfile;
+  while (*args && n < 31) argv[n++] = *args++;
+  argv[n] = NULL;
+  pid_t pid = spawn (argv, -1, -1);
+  wait_ready ("nbdkit", pid, pidfile, sock, 0, false);
+  free (sock); free (pidfile);
+  return pid;
+}
+
+/* Open file descriptors below 1024. */
+static int __attribute__ ((unused))
+open_fds (void)
+{
+  int n = 0;
+  for (int fd = 0; fd < 1024; fd++)
+    n += fcntl (fd, F_GETFD) != -1;
+  return n;
 }
 
 /* The private directory, cleanup at exit and on signals, and a time

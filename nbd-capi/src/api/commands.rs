@@ -73,6 +73,25 @@ fn read_buf(buf: *mut c_void, count: usize) -> CResult<UserBuf> {
     Ok(UserBuf::read(buf.cast(), count))
 }
 
+/// libnbd zeroes a read's buffer "prior to checking for any other errors"
+/// (`set_pread_initialize`), so a read refused before it was submitted
+/// (a dead or closed handle, bad flags) leaves no stale bytes behind
+/// either; a submitted read that fails was zeroed when it completed. Only
+/// a failed call pays for the memset. Returns `r`.
+fn initialize_refused<R: PartialEq + From<i8>>(h: *mut nbd_handle, buf: *mut c_void, count: usize, r: R) -> R {
+    if r != R::from(-1) || buf.is_null() || count == 0 {
+        return r;
+    }
+    // SAFETY: as in the export that failed: NULL or a live handle.
+    let Some(handle) = (unsafe { h.as_ref() }) else { return r };
+    if handle.lock().pread_initialize {
+        // SAFETY: the caller's buffer of `count` bytes, writable by the
+        // read's contract; the call failed, so it is the caller's again.
+        unsafe { std::ptr::write_bytes(buf.cast::<u8>(), 0, count) };
+    }
+    r
+}
+
 fn write_buf(buf: *const c_void, count: usize) -> CResult<UserBuf> {
     if buf.is_null() && count > 0 {
         return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
@@ -104,11 +123,12 @@ pub extern "C" fn nbd_aio_pread(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_pread", h, -1, |i| {
+    let r = export!("nbd_aio_pread", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(buf, count)?;
         submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))
-    })
+    });
+    initialize_refused(h, buf, count, r)
 }
 
 #[no_mangle]
@@ -122,12 +142,13 @@ pub extern "C" fn nbd_aio_pread_structured(
     flags: u32,
 ) -> i64 {
     let mut cbs = Callbacks { chunk: Owned::some(chunk), ..completion(cb) };
-    export!("nbd_aio_pread_structured", h, -1, |i| {
+    let r = export!("nbd_aio_pread_structured", h, -1, |i| {
         required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
         let b = read_buf(buf, count)?;
         submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))
-    })
+    });
+    initialize_refused(h, buf, count, r)
 }
 
 #[no_mangle]
@@ -222,12 +243,13 @@ pub extern "C" fn nbd_aio_block_status(
 
 #[no_mangle]
 pub extern "C" fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int {
-    export!("nbd_pread", h, -1, |i| {
+    let r = export!("nbd_pread", h, -1, |i| {
         let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(buf, count)?;
         let c = submit(i, "read", no_callbacks(), Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))?;
         wait(i, c)
-    })
+    });
+    initialize_refused(h, buf, count, r)
 }
 
 #[no_mangle]
@@ -240,13 +262,14 @@ pub extern "C" fn nbd_pread_structured(
     flags: u32,
 ) -> c_int {
     let mut cbs = Callbacks { chunk: Owned::some(chunk), ..Callbacks::default() };
-    export!("nbd_pread_structured", h, -1, |i| {
+    let r = export!("nbd_pread_structured", h, -1, |i| {
         required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
         let b = read_buf(buf, count)?;
         let c = submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))?;
         wait(i, c)
-    })
+    });
+    initialize_refused(h, buf, count, r)
 }
 
 #[no_mangle]

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <inttypes.h>
 #include <signal.h>
 #include <unistd.h>
@@ -366,6 +367,32 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* A loop that waits only for the socket to become readable, ignoring
+ * nbd_aio_get_direction, still completes a burst of commands: a library
+ * may hold submissions back to send them together, but never all of them
+ * (the first leaves at once, and each reply lets the rest out). */
+static void
+test_read_only_loop (void)
+{
+  struct nbd_handle *h = connect_with (memory, 0);
+  static char buf[64][4096];
+  int i, timeouts = 0, done = 0;
+
+  for (i = 0; i < 64; i++)
+    CHECK (nbd_aio_pread (h, buf[i], sizeof buf[i], (uint64_t) i * 4096, NBD_NULL_COMPLETION, 0) > 0,
+           "aio_pread %d", i);
+  while (nbd_aio_in_flight (h) > 0 && timeouts == 0) {
+    struct pollfd pfd = { .fd = nbd_aio_get_fd (h), .events = POLLIN };
+    if (poll (&pfd, 1, 5000) == 0) timeouts++;
+    else nbd_aio_notify_read (h);
+  }
+  CHECK (timeouts == 0, "a POLLIN-only loop stalled with %d in flight", nbd_aio_in_flight (h));
+  while (nbd_aio_peek_command_completed (h) > 0)
+    done += nbd_aio_command_completed (h, nbd_aio_peek_command_completed (h)) == 1;
+  CHECK (done == 64, "%d of 64 commands completed", done);
+  nbd_close (h);
+}
+
 /* Nothing is left behind by a closed handle: no file descriptor, no
  * child (connect_command, socket activation), after a clean shutdown and
  * after the server was killed. */
@@ -498,6 +525,7 @@ main (void)
   test_debug ();
   test_shutdown_abandon ();
   test_pread_initialize ();
+  test_read_only_loop ();
   test_nothing_left_behind ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;

@@ -15,7 +15,12 @@ struct Callbacks {
     extent: Option<Owned<nbd_extent_callback>>,
 }
 
-/// Submits one command and remembers its callbacks; sends at once.
+/// Submits one command and remembers its callbacks. It leaves at once
+/// if the connection is idle; behind commands still awaiting replies it
+/// waits for the next poll or notify call, so that a burst of submissions
+/// leaves in one send. Like Nagle's algorithm, this never delays a lone
+/// command, and a reply is always due to wake even a caller that ignores
+/// the write direction (notify_read sends too).
 fn submit(
     i: &mut Inner,
     what: &'static str,
@@ -24,6 +29,7 @@ fn submit(
     offset: u64,
     issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, Error>,
 ) -> CResult<i64> {
+    let idle = i.conn.in_flight() == 0;
     let cookie = issue(&mut i.conn)?;
     let (buf, len) = read_into.unwrap_or((std::ptr::null_mut(), 0));
     let pending = Pending {
@@ -37,7 +43,9 @@ fn submit(
         what,
     };
     i.pending.insert(cookie, pending);
-    i.notify_write();
+    if idle {
+        i.notify_write();
+    }
     Ok(cookie as i64)
 }
 

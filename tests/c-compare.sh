@@ -32,5 +32,7 @@ for src in tests/c/*.c; do
     fi
   done
 done
-LD_LIBRARY_PATH=$PWD/target/lib ldd "$out/sync-rw" | grep -q "$PWD/target/lib/libnbd.so.0" || { echo "our libnbd.so.0 was not the one loaded"; fail=1; }
+# (ldd's output to a file first: grep -q closing the pipe early would fail the pipeline.)
+LD_LIBRARY_PATH=$PWD/target/lib ldd "$out/sync-rw" > "$out/ldd.txt"
+grep -q "$PWD/target/lib/libnbd.so.0" "$out/ldd.txt" || { echo "our libnbd.so.0 was not the one loaded"; fail=1; }
 exit $fail

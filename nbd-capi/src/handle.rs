@@ -406,6 +406,9 @@ impl Inner {
     pub fn direction(&self) -> c_uint {
         let d = self.conn.direction();
         let (mut read, mut write) = (d.wants_read(), d.wants_write());
+        if self.sock.is_none() {
+            return 0;
+        }
         if let Some(tls) = &self.tls {
             write |= !tls.pending_ciphertext().is_empty();
             read |= !self.tls_established;
@@ -642,13 +645,13 @@ impl Inner {
             return Ok(true);
         }
         let dir = self.direction();
-        let Some(sock) = self.sock.as_ref() else {
-            return Err(CError::new(libc::EINVAL, "not connected"));
-        };
         if dir == 0 {
             // Sending changed the state (DISC or ABORT left): progress.
             return Ok(true);
         }
+        let Some(sock) = self.sock.as_ref() else {
+            return Err(CError::new(libc::EINVAL, "not connected"));
+        };
         let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: 0, revents: 0 };
         if dir & 1 != 0 {
             pfd.events |= libc::POLLIN;
@@ -711,6 +714,10 @@ impl Inner {
 
     /// Turns core events into callbacks and completion records.
     pub fn dispatch(&mut self) {
+        // As in libnbd, the socket closes when the connection ends.
+        if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) {
+            self.sock = None;
+        }
         if self.debug && self.conn.state() != self.debug_state {
             let (from, to) = (self.debug_state, self.conn.state());
             self.debug(|| format!("transition: {} -> {}", from.name(), to.name()));

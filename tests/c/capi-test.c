@@ -367,6 +367,32 @@ test_server_death (void)
   nbd_close (h);
 }
 
+/* The AIO loop calls where no connection is being serviced (created,
+ * closed by shutdown, dead after the server was killed): no descriptor,
+ * nothing to poll for, socket events refused, all with EINVAL. */
+static void
+test_aio_loop_without_a_connection (void)
+{
+  static char buf[512];
+  for (int round = 0; round < 3; round++) {
+    struct nbd_handle *h = nbd_create ();
+    if (round > 0) {
+      h = (nbd_close (h), connect_with (memory, 0));
+      if (round == 1) nbd_shutdown (h, 0);
+      else {
+        nbd_kill_subprocess (h, SIGKILL);
+        nbd_pread (h, buf, sizeof buf, 0, 0);
+      }
+    }
+    CHECK_ERR (nbd_aio_get_fd (h), "nbd_aio_get_fd", EINVAL);
+    CHECK (nbd_aio_get_direction (h) == 0, "round %d: no direction", round);
+    CHECK_ERR (nbd_poll (h, 10), "nbd_poll", EINVAL);
+    CHECK_ERR (nbd_aio_notify_read (h), "nbd_aio_notify_read", EINVAL);
+    CHECK_ERR (nbd_aio_notify_write (h), "nbd_aio_notify_write", EINVAL);
+    nbd_close (h);
+  }
+}
+
 /* A loop that waits only for the socket to become readable, ignoring
  * nbd_aio_get_direction, still completes a burst of commands: a library
  * may hold submissions back to send them together, but never all of them
@@ -526,6 +552,7 @@ main (void)
   test_shutdown_abandon ();
   test_pread_initialize ();
   test_read_only_loop ();
+  test_aio_loop_without_a_connection ();
   test_nothing_left_behind ();
   printf ("capi-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;

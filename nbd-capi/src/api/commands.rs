@@ -381,12 +381,26 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
 
 // ---- the AIO loop ---------------------------------------------------------------------
 
+/// libnbd refuses socket events (0 = readable, 1 = writable) where no
+/// socket is being serviced: before connecting and once the connection is
+/// over. While connected they are accepted in any direction: with sends
+/// batched, a caller may see both directions ready and service both.
+fn no_socket_event(i: &Inner, event: u32) -> CResult<()> {
+    use crate::table::{CLOSED, CREATED, DEAD};
+    let state = i.public_state();
+    if state == DEAD || state == CLOSED || (state == CREATED && i.fd() < 0) {
+        let state = i.libnbd_state_name();
+        return Err(CError::new(libc::EINVAL, format!("external event {event} is invalid in state {state}")));
+    }
+    Ok(())
+}
+
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_get_fd", h, -1, |i| {
         let fd = i.fd();
         if fd < 0 {
-            return Err(CError::new(libc::ENOTCONN, "connection is not established"));
+            return Err(CError::new(libc::EINVAL, "connection is not in a connected state"));
         }
         Ok(fd)
     })
@@ -400,6 +414,7 @@ pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
 #[no_mangle]
 pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_notify_read", h, -1, |i| {
+        no_socket_event(i, 0)?;
         i.notify_read();
         i.notify_write();
         Ok(0)
@@ -409,6 +424,7 @@ pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_notify_write", h, -1, |i| {
+        no_socket_event(i, 1)?;
         i.notify_write();
         i.take_dial_error()?;
         Ok(0)
@@ -417,7 +433,13 @@ pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int {
-    export!("nbd_poll", h, -1, |i| Ok(c_int::from(i.poll_once(timeout)?)))
+    export!("nbd_poll", h, -1, |i| {
+        if i.direction() == 0 {
+            let state = i.libnbd_state_name();
+            return Err(CError::new(libc::EINVAL, format!("nothing to poll for in state {state}")));
+        }
+        Ok(c_int::from(i.poll_once(timeout)?))
+    })
 }
 
 #[no_mangle]

@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 FUZZ_TIME ?= 60
-FUZZ_SMOKE_TIME ?= 12
+FUZZ_SMOKE_TIME ?= 10
 # Programs the tests need, and the Debian packages that provide them.
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd

@@ -88,6 +88,11 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// An input too short to start a session.
+    pub fn empty() -> Summary {
+        Summary { accepted: 0, succeeded: 0, options_ok: 0, options_failed: 0, connected: false, end: "created" }
+    }
+
     /// One line of the real corpus manifest.
     pub fn line(&self) -> String {
         format!(
@@ -413,10 +418,4 @@ pub fn start(data: &[u8]) -> Option<(Conn, ClientScript, Tracker, &[u8])> {
 pub fn run_client(data: &[u8]) -> Summary {
     let Some((mut c, mut script, mut t, stream)) = start(data) else { return Summary::empty() };
     play(&mut c, &mut script, &mut t, stream)
-}
-
-impl Summary {
-    pub fn empty() -> Summary {
-        Summary { accepted: 0, succeeded: 0, options_ok: 0, options_failed: 0, connected: false, end: "created" }
-    }
 }

@@ -2,12 +2,12 @@
 
 CARGO ?= cargo
 FUZZ_TIME ?= 60
-FUZZ_SMOKE_TIME ?= 20
+FUZZ_SMOKE_TIME ?= 10
 # Programs the tests need, and the Debian packages that provide them.
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds install clean
+.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -118,24 +118,37 @@ check: lint test check-header check-abi check-c check-valgrind check-debian fuzz
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }
 	@echo "make check: all passed"
 
-# Seeds for the fuzzer: sessions recorded from the scripted servers.
+# Seeds for the fuzzer: sessions recorded from the scripted servers, one
+# directory per target. The committed seeds in nbd-proto/fuzz/seeds-real
+# were recorded from real servers by `make fuzz-seeds-real`.
+FUZZ_TARGETS := client handshake transmission
 fuzz-seeds:
-	FUZZ_CORPUS_DIR=$(CURDIR)/nbd-proto/fuzz/seeds/client $(CARGO) test -q -p nbd-proto --test fuzz_corpus write_seed_corpus_when_asked
+	FUZZ_CORPUS_DIR=$(CURDIR)/nbd-proto/fuzz/seeds $(CARGO) test -q -p nbd-proto --test fuzz_corpus write_seed_corpus_when_asked
+
+fuzz-seeds-real:
+	FUZZ_REAL_SEEDS=1 $(CARGO) test -q -p nbd-proto --test fuzz_seeds record_real_sessions_when_asked
 
 fuzz-build:
-	cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O client
+	cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O
+	cd nbd-capi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz build -O
 
 # libFuzzer needs cargo-fuzz (`cargo install cargo-fuzz`); RUSTC_BOOTSTRAP
-# lets it run on the stable toolchain.
+# lets it run on the stable toolchain. Every target runs FUZZ_TIME seconds.
 fuzz-smoke: fuzz-seeds
 	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz"; exit 1; }
 	$(MAKE) fuzz FUZZ_TIME=$(FUZZ_SMOKE_TIME)
 
 fuzz: fuzz-seeds fuzz-build
-	mkdir -p nbd-proto/fuzz/corpus/client
-	cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O client fuzz/corpus/client fuzz/seeds/client -- \
-	  -max_total_time=$(FUZZ_TIME) -max_len=200000 -print_final_stats=1
+	set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p nbd-proto/fuzz/corpus/$$t; \
+	  (cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t fuzz/seeds-real/$$t -- \
+	    -max_total_time=$(FUZZ_TIME) -max_len=200000 -print_final_stats=1); \
+	done
+	mkdir -p nbd-capi/fuzz/corpus/uri
+	cd nbd-capi && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O uri fuzz/corpus/uri fuzz/seeds/uri -- \
+	  -max_total_time=$(FUZZ_TIME) -max_len=4096 -print_final_stats=1
 
 clean:
 	$(CARGO) clean
 	rm -rf nbd-proto/fuzz/target nbd-proto/fuzz/corpus nbd-proto/fuzz/seeds nbd-proto/fuzz/artifacts
+	rm -rf nbd-capi/fuzz/target nbd-capi/fuzz/corpus nbd-capi/fuzz/artifacts

@@ -84,6 +84,8 @@ pub fn encode(s: &str, keep: &[u8]) -> String {
 }
 
 const PATH_KEEP: &[u8] = b"/!$&'()*+,;=:@";
+/// Query values: as a path, but '&' and ';' separate parameters.
+const QUERY_KEEP: &[u8] = b"/!$'()*+,=:@";
 
 pub fn parse(uri: &str) -> CResult<Uri> {
     let unparsable = || invalid(format!("unable to parse URI: {uri}"));
@@ -178,7 +180,7 @@ fn split_host_port(s: &str) -> Option<(String, Option<String>)> {
         let (h, after) = rest.split_once(']')?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':')?.to_owned()),
+            p => Some(p.strip_prefix(':').filter(|p| p.bytes().all(|b| b.is_ascii_digit()))?.to_owned()),
         };
         return Some((h.to_owned(), port.filter(|p| !p.is_empty())));
     }
@@ -205,10 +207,10 @@ pub fn format(
     let export = encode(export, PATH_KEEP);
     let user = user.map(|u| format!("{}@", encode(u, b""))).unwrap_or_default();
     let mut query: Vec<String> = match transport {
-        Transport::Unix { socket } => vec![format!("socket={}", encode(socket, PATH_KEEP))],
+        Transport::Unix { socket } => vec![format!("socket={}", encode(socket, QUERY_KEEP))],
         _ => Vec::new(),
     };
-    query.extend(tls_files.iter().map(|(k, v)| format!("{k}={}", encode(v, PATH_KEEP))));
+    query.extend(tls_files.iter().map(|(k, v)| format!("{k}={}", encode(v, QUERY_KEEP))));
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     match transport {
         Transport::Tcp { host, port } => {
@@ -257,6 +259,9 @@ mod tests {
             ("nbd://h/%zz", libc::EINVAL),
             ("nbd+vsock://notanumber/", libc::EINVAL),
             ("nbd:h", libc::EINVAL),
+            // Found by fuzzing: a service name after a bracketed host, which
+            // get_uri wrote back unbracketed and unparsable.
+            ("nbds://[f21]:1099nb9/", libc::EINVAL),
         ] {
             assert_eq!(parse(bad).unwrap_err().errno, errno, "{bad}");
         }
@@ -277,6 +282,12 @@ mod tests {
         assert_eq!(text, "nbds+unix://alice@/?socket=/tmp/nbdkitgM7KkE/socket&tls-psk-file=/k/keys.psk");
         let u = parse(&text).unwrap();
         assert_eq!((u.username.as_deref(), u.tls_psk_file.as_deref()), (Some("alice"), Some("/k/keys.psk")));
+        // Found by fuzzing: '&' and ';' in a value would end it.
+        let odd = Transport::Unix { socket: "/a&b;c".into() };
+        let text = format(false, &odd, "", None, &[("tls-psk-file", "/k;x&y")]);
+        assert_eq!(text, "nbd+unix:///?socket=/a%26b%3Bc&tls-psk-file=/k%3Bx%26y");
+        let u = parse(&text).unwrap();
+        assert_eq!((u.transport, u.tls_psk_file.as_deref()), (odd, Some("/k;x&y")));
         assert_eq!(
             format(true, &tcp("h", "1"), "e", None, &[("tls-certificates", "/pki")]),
             "nbds://h:1/e?tls-certificates=/pki"

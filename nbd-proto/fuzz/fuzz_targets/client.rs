@@ -2,9 +2,8 @@
 //! `tests/support/fuzz_client.rs` for the input layout and invariants.
 #![no_main]
 
-#[path = "../../tests/support/fuzz_client.rs"]
-mod fuzz_client;
+include!("harnesses.rs");
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    fuzz_client::run_client(data);
+    support::fuzz_client::run_client(data);
 });

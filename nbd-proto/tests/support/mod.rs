@@ -3,6 +3,9 @@
 pub mod craft;
 pub mod driver;
 pub mod fuzz_client;
+pub mod fuzz_handshake;
+pub mod fuzz_record;
+pub mod fuzz_transmission;
 pub mod pair;
 pub mod peers;
 pub mod server;

@@ -46,8 +46,22 @@
 
 static bool verbose;
 
-/* A path in the private directory; each call allocates (never freed:
- * a test program). */
+/* Strings the test keeps until it exits: reachable, so valgrind does
+ * not count them as leaks, in the forked children either. */
+static char **kept;
+static size_t nkept;
+
+static char *
+keep (char *s)
+{
+  char **k = realloc (kept, (nkept + 1) * sizeof *kept);
+  if (!k) fatal ("realloc");
+  kept = k;
+  kept[nkept++] = s;
+  return s;
+}
+
+/* A path in the private directory. */
 static char *
 P (const char *fmt, ...)
 {
@@ -58,7 +72,7 @@ P (const char *fmt, ...)
   va_end (ap);
   if (asprintf (&p, "%s/%s", dir, name) == -1) fatal ("asprintf");
   free (name);
-  return p;
+  return keep (p);
 }
 
 
@@ -115,7 +129,8 @@ make_certs (void)
     exe[n] = 0;
     char *slash = strrchr (exe, '/');
     if (slash) *slash = 0;
-    if (asprintf (&candidates[nc++], "%s/../../tests/tls-certs.sh", exe) == -1) fatal ("asprintf");
+    if (asprintf (&candidates[nc], "%s/../../tests/tls-certs.sh", exe) == -1) fatal ("asprintf");
+    keep (candidates[nc++]);
   }
   for (int i = 0; i < nc && !script; i++)
     if (candidates[i] && access (candidates[i], X_OK) == 0) script = candidates[i];
@@ -180,7 +195,7 @@ str_is (char *s, const char *want)
   return ok;
 }
 
-/* A formatted string (never freed: a test program). */
+/* A formatted string, kept until exit. */
 static char *
 uri_of (const char *fmt, ...)
 {
@@ -189,7 +204,7 @@ uri_of (const char *fmt, ...)
   va_start (ap, fmt);
   if (vasprintf (&s, fmt, ap) == -1) fatal ("vasprintf");
   va_end (ap);
-  return s;
+  return keep (s);
 }
 
 static bool
@@ -873,6 +888,7 @@ test_nbdkit_fallback (void)
   char *tlsreadme, buf[512];
   struct nbd_handle *h;
   if (asprintf (&tlsreadme, "tlsreadme=%s", readme) == -1) fatal ("asprintf");
+  keep (tlsreadme);
   char *sock = start_nbdkit ("fallback", 0, "--tls=on", "--tls-psk", keys, "--filter=tls-fallback",
                              "pattern", "1M", tlsreadme, NULL);
 
@@ -955,6 +971,8 @@ test_qemu (void)
   if (asprintf (&pskobj, "tls-creds-psk,id=t0,endpoint=server,dir=%s", CERTS ("psk")) == -1 ||
       asprintf (&x509obj, "tls-creds-x509,id=t1,endpoint=server,dir=%s", CERTS ("server")) == -1)
     fatal ("asprintf");
+  keep (pskobj);
+  keep (x509obj);
   snprintf (portstr, sizeof portstr, "%d", port);
   {
     char *argv[] = { "qemu-nbd", "-k", sock, "--object", pskobj, "--tls-creds", "t0", "-f", "raw",

@@ -84,6 +84,8 @@ pub fn encode(s: &str, keep: &[u8]) -> String {
 }
 
 const PATH_KEEP: &[u8] = b"/!$&'()*+,;=:@";
+/// A registered name: sub-delimiters stay, '/', ':', '@' and '%' do not.
+const HOST_KEEP: &[u8] = b"!$&'()*+,;=";
 /// Query values: as a path, but '&' and ';' separate parameters.
 const QUERY_KEEP: &[u8] = b"/!$'()*+,=:@";
 
@@ -186,7 +188,8 @@ fn split_host_port(s: &str) -> Option<(String, Option<String>)> {
     }
     match s.rsplit_once(':') {
         Some((h, p)) if !p.is_empty() => {
-            p.bytes().all(|b| b.is_ascii_digit()).then(|| (decode(h).unwrap_or_default(), Some(p.to_owned())))
+            let port = p.bytes().all(|b| b.is_ascii_digit()).then(|| p.to_owned())?;
+            Some((decode(h)?, Some(port)))
         }
         Some((h, _)) => Some((decode(h)?, None)),
         None => Some((decode(s)?, None)),
@@ -214,7 +217,7 @@ pub fn format(
     let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
     match transport {
         Transport::Tcp { host, port } => {
-            let host = if host.contains(':') { format!("[{host}]") } else { host.clone() };
+            let host = if host.contains(':') { format!("[{host}]") } else { encode(host, HOST_KEEP) };
             format!("{s}://{user}{host}:{port}/{export}{query}")
         }
         Transport::Unix { .. } => format!("{s}+unix://{user}/{export}{query}"),
@@ -262,6 +265,9 @@ mod tests {
             // Found by fuzzing: a service name after a bracketed host, which
             // get_uri wrote back unbracketed and unparsable.
             ("nbds://[f21]:1099nb9/", libc::EINVAL),
+            // Found by fuzzing: a bad escape in the host was dropped, which
+            // connected to localhost.
+            ("nbd://%zz:10/", libc::EINVAL),
         ] {
             assert_eq!(parse(bad).unwrap_err().errno, errno, "{bad}");
         }
@@ -288,6 +294,10 @@ mod tests {
         assert_eq!(text, "nbd+unix:///?socket=/a%26b%3Bc&tls-psk-file=/k%3Bx%26y");
         let u = parse(&text).unwrap();
         assert_eq!((u.transport, u.tls_psk_file.as_deref()), (odd, Some("/k;x&y")));
+        // Found by fuzzing: a host decoded from escapes is escaped again.
+        let text = format(false, &tcp("a/b@c%", "1"), "", None, &[]);
+        assert_eq!(text, "nbd://a%2Fb%40c%25:1/");
+        assert_eq!(parse(&text).unwrap().transport, tcp("a/b@c%", "1"));
         assert_eq!(
             format(true, &tcp("h", "1"), "e", None, &[("tls-certificates", "/pki")]),
             "nbds://h:1/e?tls-certificates=/pki"

@@ -46,8 +46,8 @@
 
 static bool verbose;
 
-/* Strings the test keeps until it exits: reachable, so valgrind does
- * not count them as leaks, in the forked children either. */
+/* Memory the test keeps until it exits: reachable, so valgrind does not
+ * count it as leaked, in the forked children either. */
 static char **kept;
 static size_t nkept;
 
@@ -342,8 +342,8 @@ big_transfers (struct nbd_handle *h, const char *tag, bool own_loop, uint64_t se
   int64_t cookies[NBIG];
   char what[200];
   for (int i = 0; i < NBIG; i++) {
-    if (!wbuf[i]) wbuf[i] = malloc (BIGSZ);
-    if (!rbuf[i]) rbuf[i] = malloc (BIGSZ);
+    if (!wbuf[i]) wbuf[i] = keep (malloc (BIGSZ));
+    if (!rbuf[i]) rbuf[i] = keep (malloc (BIGSZ));
     if (!wbuf[i] || !rbuf[i]) fatal ("malloc");
     fill (wbuf[i], BIGSZ, seed * 100 + i);
     memset (rbuf[i], 0, BIGSZ);
@@ -1448,6 +1448,8 @@ main (void)
   test_default_dirs ();
 
   cleanup ();
+  for (size_t i = 0; i < nkept; i++) free (kept[i]);
+  free (kept);
   printf ("tls-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;
 }

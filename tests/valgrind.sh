@@ -30,18 +30,15 @@ for src in examples-c/*.c; do
   nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$ours ${vg[*]} $out/$name \$unixsocket" > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status
 done
-for name in capi-test peers-test stress-test; do
+for name in capi-test peers-test stress-test tls-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -l:libnbd.so.0
+  leaks=() limit=
+  [ "$name" = tls-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=1200
   status=0
-  STRESS_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "$out/$name" > "$out/$name.log" 2>&1 || status=$?
+  TEST_TIME_LIMIT=$limit STRESS_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "${leaks[@]}" "$out/$name" \
+    > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status
 done
-${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/tls-test" tests/c/tls-test.c -l:libnbd.so.0
-status=0
-TEST_TIME_LIMIT=1200 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours \
-  valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=99 \
-  "$out/tls-test" > "$out/tls-test.log" 2>&1 || status=$?
-report tls-test "$out/tls-test.log" $status
 status=0
 STRESS_OPS=${HELGRIND_OPS:-100} STRESS_THREADS_ONLY=1 LD_LIBRARY_PATH=$ours \
   valgrind --tool=helgrind --error-exitcode=99 "$out/stress-test" > "$out/stress-test.helgrind.log" 2>&1 || status=$?

@@ -176,22 +176,17 @@ pub fn parse(uri: &str) -> CResult<Uri> {
     Ok(u)
 }
 
-/// `host`, `host:port`, `[v6]`, `[v6]:port`.
+/// `host`, `host:port`, `[v6]`, `[v6]:port`; an empty port is none, a
+/// port that is not a number is an error.
 fn split_host_port(s: &str) -> Option<(String, Option<String>)> {
+    let port = |p: &str| p.bytes().all(|b| b.is_ascii_digit()).then(|| (!p.is_empty()).then(|| p.to_owned()));
     if let Some(rest) = s.strip_prefix('[') {
         let (h, after) = rest.split_once(']')?;
-        let port = match after {
-            "" => None,
-            p => Some(p.strip_prefix(':').filter(|p| p.bytes().all(|b| b.is_ascii_digit()))?.to_owned()),
-        };
-        return Some((h.to_owned(), port.filter(|p| !p.is_empty())));
+        let port = if after.is_empty() { None } else { port(after.strip_prefix(':')?)? };
+        return Some((h.to_owned(), port));
     }
     match s.rsplit_once(':') {
-        Some((h, p)) if !p.is_empty() => {
-            let port = p.bytes().all(|b| b.is_ascii_digit()).then(|| p.to_owned())?;
-            Some((decode(h)?, Some(port)))
-        }
-        Some((h, _)) => Some((decode(h)?, None)),
+        Some((h, p)) => Some((decode(h)?, port(p)?)),
         None => Some((decode(s)?, None)),
     }
 }

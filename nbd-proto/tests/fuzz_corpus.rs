@@ -7,11 +7,11 @@
 mod support;
 
 use nbd_proto::{CmdFlags, TlsMode};
-use support::fuzz_client::{Cmd, Summary, EVERY_COMMAND};
+use support::fuzz_client::{scripted_server, Cmd, Summary, EVERY_COMMAND};
 use support::fuzz_handshake::{self, Step};
 use support::fuzz_record::{Target, TARGETS};
 use support::fuzz_transmission::{self as tx, Op, IN_STREAM, PRESETS, STRICT};
-use support::server::{Behaviour, Server};
+use support::server::Behaviour;
 
 fn servers() -> Vec<(&'static str, Behaviour)> {
     let mut v =
@@ -23,12 +23,6 @@ fn servers() -> Vec<(&'static str, Behaviour)> {
         b.starttls = true;
     }
     v
-}
-
-fn server(b: &Behaviour) -> Server {
-    let mut s = Server::new(b.clone(), 1 << 20);
-    s.disk[4096..8192].fill(0x5a);
-    s
 }
 
 /// `client` selectors: structured/extended on and off, opt mode, full
@@ -83,12 +77,12 @@ fn seeds() -> Vec<(Target, String, Vec<u8>, Summary)> {
     let mut v = Vec::new();
     for (name, b) in servers() {
         for sel in SELECTORS {
-            let (input, sum) = Target::Client.record(&[sel], &mut server(&b));
+            let (input, sum) = Target::Client.record(&[sel], &mut scripted_server(b.clone()));
             v.push((Target::Client, format!("{name}-{sel:02x}"), input, sum));
         }
         for (i, (sel, steps)) in handshake_scripts().into_iter().enumerate() {
             let header = fuzz_handshake::encode_header(sel, &steps);
-            let (input, sum) = Target::Handshake.record(&header, &mut server(&b));
+            let (input, sum) = Target::Handshake.record(&header, &mut scripted_server(b.clone()));
             v.push((Target::Handshake, format!("{name}-{i}"), input, sum));
         }
     }
@@ -100,9 +94,7 @@ fn seeds() -> Vec<(Target, String, Vec<u8>, Summary)> {
         }
         // The handshake in the stream, strict mode on.
         let header = tx::encode_header(preset | IN_STREAM | STRICT, &op_lists()[0]);
-        let (mut server, _) = tx::scripted_handshake(preset);
-        server = Server::new(server.b.clone(), 1 << 20);
-        let (input, sum) = Target::Transmission.record(&header, &mut server);
+        let (input, sum) = Target::Transmission.record(&header, &mut tx::preset_server(preset));
         v.push((Target::Transmission, format!("{}-stream", PRESETS[usize::from(preset)]), input, sum));
     }
     v

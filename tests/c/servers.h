@@ -304,8 +304,8 @@ open_fds (void)
 }
 
 /* The private directory, cleanup at exit and on signals, and a time
- * limit of `seconds` (TEST_TIME_LIMIT overrides it, for slow runs such
- * as valgrind's); every binary in the NULL-terminated `needs` must be
+ * limit of `seconds` (a positive TEST_TIME_LIMIT overrides it, for slow
+ * runs such as valgrind's); every binary in the NULL-terminated `needs` must be
  * installed. */
 static void
 servers_init (const char *name, const char **needs, unsigned seconds)
@@ -324,7 +324,8 @@ servers_init (const char *name, const char **needs, unsigned seconds)
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
   signal (SIGPIPE, SIG_IGN);
-  if (getenv ("TEST_TIME_LIMIT")) seconds = (unsigned) atoi (getenv ("TEST_TIME_LIMIT"));
+  const char *limit = getenv ("TEST_TIME_LIMIT");
+  if (limit && atoi (limit) > 0) seconds = (unsigned) atoi (limit);
   alarm (seconds);
 }
 

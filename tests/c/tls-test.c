@@ -70,7 +70,7 @@ P (const char *fmt, ...)
   va_start (ap, fmt);
   if (vasprintf (&name, fmt, ap) == -1) fatal ("vasprintf");
   va_end (ap);
-  if (asprintf (&p, "%s/%s", dir, name) == -1) fatal ("asprintf");
+  p = path_in_dir (name);
   free (name);
   return keep (p);
 }

@@ -19,7 +19,17 @@
 use nbd_proto::{CmdFlags, Config, Connection, Cookie, Error, Event, HandshakeFlags, PublicState, StrictMode, TlsMode};
 use std::collections::{HashMap, HashSet};
 
+use super::server::{Behaviour, Server};
+
 pub type Conn = Connection<Vec<u8>>;
+
+/// A scripted server as the seeds are recorded against: 1 MiB, with one
+/// block of data among zeroes.
+pub fn scripted_server(b: Behaviour) -> Server {
+    let mut s = Server::new(b, 1 << 20);
+    s.disk[4096..8192].fill(0x5a);
+    s
+}
 
 /// The largest frame; a frame this long is continued by the next one.
 pub const FULL_FRAME: usize = u16::MAX as usize;

@@ -12,7 +12,7 @@
 
 #![allow(dead_code)]
 
-use super::fuzz_client::{drain, play, ClientScript, Cmd, Conn, Script, Summary, Tracker};
+use super::fuzz_client::{drain, play, scripted_server, ClientScript, Cmd, Conn, Script, Summary, Tracker};
 use super::server::{Behaviour, Server, Style};
 use nbd_proto::{CmdFlags, Config, PublicState, StrictMode};
 use std::sync::OnceLock;
@@ -60,16 +60,20 @@ pub fn preset_config(preset: u8) -> Config {
     cfg
 }
 
+/// The preset's scripted server, before any handshake.
+pub fn preset_server(preset: u8) -> Server {
+    let mut b = behaviour(usize::from(preset & 7));
+    b.exports.push((String::new(), String::new()));
+    scripted_server(b)
+}
+
 /// A scripted server for the preset that has brought the preset's client
 /// to ready, and what it sent to get there.
 pub fn scripted_handshake(preset: u8) -> (Server, Vec<u8>) {
     let index = usize::from(preset & 7);
-    let mut b = behaviour(index);
-    b.exports.push((String::new(), String::new()));
     let mut c = Conn::new(preset_config(preset & 7));
     c.handle_connected().unwrap();
-    let mut server = Server::new(b, 1 << 20);
-    server.disk[4096..8192].fill(0x5a);
+    let mut server = preset_server(preset);
     let mut received = Vec::new();
     loop {
         server.receive(&ClientScript::transmit(&mut c));

@@ -7,7 +7,7 @@ FUZZ_SMOKE_TIME ?= 10
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo check check-c check-debian check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install clean
+.PHONY: all build lib header check-header deps demo reference check check-c check-debian check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install clean
 
 PREFIX ?= /usr/local
 LIBDIR := target/lib
@@ -89,6 +89,11 @@ bench: lib deps
 	mkdir -p target/bench
 	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
 	/usr/bin/python3 bench/bench.py --markdown target/bench.md $(BENCH_ARGS)
+
+# libnbd 1.22.2 built from Debian trixie's source package in
+# target/libnbd-1.22.2: the reference for behaviour, tools and tests.
+reference:
+	tests/reference-libnbd.sh
 
 # Installs the test peers that are missing (Debian; needs root).
 deps:

@@ -47,7 +47,8 @@ echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror
 apt_opts=(-q -o "Dir::Etc::SourceList=$top/sources.list" -o Dir::Etc::SourceParts=/dev/null
   -o "Dir::State::Lists=$top/lists" -o "Dir::Cache=$top/cache")
 apt-get "${apt_opts[@]}" update >/dev/null
-(cd "$top/src" && apt-get "${apt_opts[@]}" source "libnbd=$DEBVER" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2)
+(cd "$top/src" && apt-get "${apt_opts[@]}" source "libnbd=$DEBVER" >source.log 2>&1) ||
+  { tail -n 20 "$top/src/source.log" >&2; exit 1; }
 mv "$top/src/libnbd-$VERSION" "$tree"
 
 cd "$tree"

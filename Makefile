@@ -69,7 +69,7 @@ check-abi: lib deps
 	tests/abi-check.sh
 
 # C programs on our library and on Debian's, same binary, same output.
-check-c: lib deps
+check-c: lib deps reference
 	tests/c-compare.sh
 
 # The C examples and tests on our library under valgrind: no invalid

@@ -10,7 +10,7 @@ macro_rules! impl_closure {
     ($name:ident) => {
         impl Closure for $name {
             fn is_null(&self) -> bool {
-                self.callback.is_none()
+                self.callback.is_none() && self.free.is_none()
             }
             fn release(&mut self) {
                 if let Some(free) = self.free.take() {
@@ -25,6 +25,9 @@ macro_rules! impl_closure {
 
 /// What every callback struct has.
 pub trait Closure {
+    /// Absent, as libnbd defines it: neither a function nor a `free`. A
+    /// struct with only `free` is present, and `free` runs when the
+    /// command retires (Python's binding pins a buffer that way).
     fn is_null(&self) -> bool;
     fn release(&mut self);
 }
@@ -94,7 +97,7 @@ impl<C: Closure> Owned<C> {
     pub fn new(c: C) -> Self {
         Owned(c)
     }
-    /// `None` for a NULL callback (its `free` still runs).
+    /// `None` for an absent callback.
     pub fn some(c: C) -> Option<Self> {
         let o = Owned(c);
         (!o.0.is_null()).then_some(o)

@@ -12,7 +12,7 @@ use crate::tls::{OpensslTls, Plain, TlsLayer, TlsSettings};
 use nbd_proto::{ChunkStatus, Config, Connection, Event, PublicState};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_int, c_uint, CStr, CString};
-use std::io::{IoSlice, Read, Write};
+use std::io::{IoSlice, Read};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
@@ -140,6 +140,11 @@ pub struct Inner {
     /// The state last reported in a debug message.
     pub debug_state: PublicState,
     pub poisoned: bool,
+    /// `aio_get_direction` told the caller to wait for writability, and
+    /// no write event has come since: such an event is expected even if
+    /// a read event has since sent everything (libnbd refuses only an
+    /// event it never asked for).
+    pub write_announced: bool,
 }
 
 impl Drop for Inner {
@@ -182,7 +187,7 @@ const TLS_RECORD: usize = 16 * 1024;
 fn flush_ciphertext(conn: &mut Connection<UserBuf>, sock: Option<&mut UnixStream>, tls: &mut dyn TlsLayer) -> bool {
     let Some(sock) = sock else { return false };
     while !tls.pending_ciphertext().is_empty() {
-        match sock.write(tls.pending_ciphertext()) {
+        match crate::send::send(sock, tls.pending_ciphertext()) {
             Ok(n) => tls.consume_ciphertext(n),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -236,6 +241,7 @@ impl nbd_handle {
                 context: "nbd_create",
                 debug_state: PublicState::Created,
                 poisoned: false,
+                write_announced: false,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -434,7 +440,7 @@ impl Inner {
                 break;
             }
             let iov: [IoSlice<'_>; 64] = std::array::from_fn(|i| IoSlice::new(slices[i]));
-            match sock.write_vectored(&iov[..n]) {
+            match crate::send::send_vectored(sock, &iov[..n]) {
                 Ok(sent) => self.conn.handle_sent(sent),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -739,8 +745,15 @@ impl Inner {
                     let mut retire = false;
                     if let Some(c) = p.completion.as_ref().map(|c| *c.get()) {
                         if let Some(f) = c.callback {
+                            // As in libnbd, the callback's `*error` counts
+                            // only when it returns -1.
+                            let mut said = err;
                             // SAFETY: the caller's completion callback with its user data.
-                            retire = unsafe { f(c.user_data, &mut err) } == 1;
+                            match unsafe { f(c.user_data, &mut said) } {
+                                -1 if said != 0 => err = said,
+                                1 => retire = true,
+                                _ => {}
+                            }
                         }
                     }
                     // Auto-retired commands free their callbacks now; the
@@ -812,11 +825,14 @@ impl Inner {
                 }
                 Event::OptionComplete { result } => {
                     let Some(opt) = self.opt.as_mut() else { continue };
-                    let mut err = result.as_ref().err().map_or(0, |e| e.errno());
+                    let err = result.as_ref().err().map_or(0, |e| e.errno());
                     if let Some(cb) = opt.completion.as_ref().map(|c| *c.get()) {
                         if let Some(f) = cb.callback {
+                            // libnbd ignores what an option's callback
+                            // returns or writes to `*error`.
+                            let mut said = err;
                             // SAFETY: the caller's completion callback with its user data.
-                            unsafe { f(cb.user_data, &mut err) };
+                            unsafe { f(cb.user_data, &mut said) };
                         }
                     }
                     opt.completion = None;

@@ -21,6 +21,7 @@ pub mod dial;
 pub mod error;
 pub mod handle;
 pub mod lock;
+pub mod send;
 pub mod subprocess;
 pub mod table;
 pub mod tls;

@@ -145,19 +145,25 @@ pub enum LocalError {
     #[error("flags: invalid value for flag: {0:#x}")]
     InvalidFlags(u32),
     #[error("request out of bounds")]
-    OutOfBounds,
+    OutOfBounds { stores_data: bool },
+    #[error("request out of range: offset + count is beyond 2^64")]
+    RangeOverflow,
     #[error("count cannot be 0")]
     ZeroSize,
     #[error("request is unaligned")]
     Unaligned,
     #[error("request too large: maximum request size is {max}")]
     TooLarge { max: u64 },
+    #[error("request too large: maximum payload size is {max}")]
+    PayloadTooLarge { max: u64 },
     #[error("cannot request more commands after NBD_CMD_DISC")]
     AfterDisconnect,
     #[error("{0} too long for NBD protocol")]
     NameTooLong(&'static str),
     #[error("server lacks structured replies, needed to list meta contexts")]
     NoStructuredReplies,
+    #[error("server is not using fixed newstyle protocol")]
+    NotFixedNewstyle,
     #[error("command abandoned before it was sent")]
     Abandoned,
     #[error("{0}")]
@@ -169,8 +175,9 @@ impl LocalError {
         match self {
             LocalError::WrongState { state, .. } if *state == "created" => ENOTCONN,
             LocalError::ReadOnly => EPERM,
-            LocalError::NoMetaContexts | LocalError::NoStructuredReplies => ENOTSUP,
-            LocalError::TooLarge { .. } => ERANGE,
+            LocalError::NoMetaContexts | LocalError::NoStructuredReplies | LocalError::NotFixedNewstyle => ENOTSUP,
+            LocalError::TooLarge { .. } | LocalError::PayloadTooLarge { .. } => ERANGE,
+            LocalError::OutOfBounds { stores_data: true } => ENOSPC,
             LocalError::NameTooLong(_) => ENAMETOOLONG,
             LocalError::Abandoned => ENOTCONN,
             _ => EINVAL,
@@ -185,12 +192,16 @@ pub enum TransportError {
     Eof(&'static str),
     #[error("{context}: {}", ErrnoName(*errno))]
     Io { errno: i32, context: String },
+    /// What a command in flight is failed with when the transport under
+    /// it failed: libnbd reports ENOTCONN for each, whatever the cause.
+    #[error("the connection was lost ({0})")]
+    Lost(Box<TransportError>),
 }
 
 impl TransportError {
     pub fn errno(&self) -> i32 {
         match self {
-            TransportError::Eof(_) => ENOTCONN,
+            TransportError::Eof(_) | TransportError::Lost(_) => ENOTCONN,
             // A failure with no errno (a TLS layer's, say) must still fail
             // the commands it ends.
             TransportError::Io { errno: 0, .. } => ENOTCONN,

@@ -47,8 +47,7 @@ bitflags! {
 
 bitflags! {
     /// Which local request checks run before a command is sent; the bits
-    /// are libnbd's `LIBNBD_STRICT_*`, plus `PAYLOAD` for the request size
-    /// limit libnbd always applies.
+    /// are libnbd's `LIBNBD_STRICT_*`.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     pub struct StrictMode: u32 {
         /// Refuse commands and flags the server did not advertise.
@@ -61,8 +60,12 @@ bitflags! {
         const ZERO_SIZE = 1 << 3;
         /// Refuse requests not aligned to the server's minimum block size.
         const ALIGN = 1 << 4;
-        /// Refuse READ/WRITE payloads above the maximum request size.
+        /// Refuse WRITE payloads above what the server advertised (32 MiB
+        /// if it did not say), as libnbd's `LIBNBD_STRICT_PAYLOAD`.
         const PAYLOAD = 1 << 5;
+        /// Set or clear `NBD_CMD_FLAG_PAYLOAD_LEN` on WRITE to match the
+        /// headers negotiated, as libnbd's `LIBNBD_STRICT_AUTO_FLAG`.
+        const AUTO_FLAG = 1 << 6;
     }
 }
 

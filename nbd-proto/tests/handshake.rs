@@ -118,19 +118,49 @@ fn non_fixed_newstyle_uses_export_name_even_in_opt_mode() {
             let b = Behaviour { style: Style::Newstyle, no_zeroes, ..Behaviour::nbdkit() };
             let (mut p, client_flags) = connect_watching_client_flags(cfg(|c| c.opt_mode = opt_mode), b);
             let case = format!("no_zeroes {no_zeroes} opt_mode {opt_mode}");
-            assert_eq!(p.state(), PublicState::Ready, "{case}: {:?}", p.client.error());
             // Never FIXED_NEWSTYLE back to a server that did not offer it.
             assert_eq!(client_flags, if no_zeroes { 2 } else { 0 }, "{case}");
-            assert_eq!(p.server.options, [opt::EXPORT_NAME], "{case}: no other option is possible");
             assert_eq!(p.client.protocol(), Some(Protocol::Newstyle), "{case}");
             assert_eq!(p.client.protocol().unwrap().name(), "newstyle");
-            assert_eq!(p.transcript, ["Connected"], "{case}: no OptionComplete without an opt_* call");
+            if opt_mode {
+                // As libnbd: the caller negotiates, but only opt_go (the
+                // export name) and opt_abort are possible.
+                assert_eq!(p.state(), PublicState::Negotiating, "{case}: {:?}", p.client.error());
+                assert!(p.server.options.is_empty(), "{case}");
+                for e in [p.client.opt_info().unwrap_err(), p.client.opt_list().unwrap_err()] {
+                    assert_eq!(e, Error::Local(LocalError::NotFixedNewstyle), "{case}");
+                    assert_eq!(e.errno(), ENOTSUP);
+                }
+                assert_eq!(p.state(), PublicState::Negotiating, "{case}: a refusal changes nothing");
+                p.client.opt_go().unwrap();
+                p.drive();
+                assert_eq!(p.transcript, ["OptionComplete { result: Ok(()) }", "Connected"], "{case}");
+            } else {
+                assert_eq!(p.transcript, ["Connected"], "{case}: no OptionComplete without an opt_* call");
+            }
+            assert_eq!(p.state(), PublicState::Ready, "{case}: {:?}", p.client.error());
+            assert_eq!(p.server.options, [opt::EXPORT_NAME], "{case}: no other option is possible");
             assert!(!p.client.structured_replies_negotiated());
             assert_eq!(p.client.export().size, Some(SIZE as u64));
             assert_eq!(p.client.export().flags, nbdkit_flags() - TransmissionFlags::SEND_DF);
             round_trip(&mut p);
         }
     }
+}
+
+#[test]
+fn opt_abort_without_fixed_newstyle_drops_the_connection() {
+    let b = Behaviour { style: Style::Newstyle, ..Behaviour::nbdkit() };
+    let (mut p, _) = connect_watching_client_flags(cfg(|c| c.opt_mode = true), b);
+    assert_eq!(p.state(), PublicState::Negotiating);
+    p.client.opt_abort().unwrap();
+    p.drive();
+    // libnbd: the abort succeeds and the handle is dead, for want of any
+    // way to tell such a server.
+    assert_eq!(p.transcript, ["OptionComplete { result: Ok(()) }"]);
+    assert_eq!(p.state(), PublicState::Dead);
+    assert_eq!(p.client.error(), Some(&Error::Local(LocalError::NotFixedNewstyle)));
+    assert!(p.server.options.is_empty(), "nothing was sent");
 }
 
 #[test]
@@ -141,6 +171,9 @@ fn a_client_that_refuses_fixed_newstyle_uses_export_name() {
         c.opt_mode = true;
     });
     let (mut p, client_flags) = connect_watching_client_flags(c, Behaviour::nbdkit());
+    assert_eq!(p.state(), PublicState::Negotiating, "{:?}", p.client.error());
+    p.client.opt_go().unwrap();
+    p.drive();
     assert_eq!(p.state(), PublicState::Ready, "{:?}", p.client.error());
     assert_eq!(client_flags, HandshakeFlags::NO_ZEROES.bits());
     assert_eq!(p.server.options, [opt::EXPORT_NAME]);

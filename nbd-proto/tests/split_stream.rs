@@ -163,7 +163,10 @@ fn small_io_sessions_through_opt_mode_are_split_invariant() {
         assert!(has("state Ready"), "{name}: went to Ready");
         assert!(has("Connected"), "{name}");
         assert!(has("Err(Server(Command { errno: 5"), "{name}: the EIO arrived");
-        assert!(has("submit: Err(Local(OutOfBounds))"), "{name}: the out-of-bounds read was refused");
+        assert!(
+            has("submit: Err(Local(OutOfBounds { stores_data: false }))"),
+            "{name}: the out-of-bounds read was refused"
+        );
         assert!(has("state Ready, in flight 0"), "{name}: the burst completed");
         assert!(has("after disconnect: Err(Local(AfterDisconnect))"), "{name}");
         assert!(has("direction None"), "{name}");

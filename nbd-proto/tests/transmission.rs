@@ -8,7 +8,7 @@
 
 mod support;
 
-use nbd_proto::errno::{EINVAL, ENOTCONN, ENOTSUP, EPERM, ERANGE};
+use nbd_proto::errno::{EINVAL, ENOSPC, ENOTCONN, ENOTSUP, EPERM, ERANGE};
 use nbd_proto::wire::{cmd, nbd_error};
 use nbd_proto::*;
 use support::pair::{Pair, Split};
@@ -197,9 +197,15 @@ fn flags_reach_the_server() {
         let mut p = ready(preset);
         p.server.disk[..8192].fill(0x42);
         let mut submitted = vec![
-            (p.client.write(0, vec![1; 512], CmdFlags::FUA).unwrap(), CmdFlags::FUA),
+            // Strict mode's AUTO_FLAG marks a WRITE's length as its payload's
+            // under extended headers, as libnbd does.
+            (
+                p.client.write(0, vec![1; 512], CmdFlags::FUA).unwrap(),
+                CmdFlags::FUA
+                    | if p.client.extended_headers_negotiated() { CmdFlags::PAYLOAD_LEN } else { CmdFlags::empty() },
+            ),
             (p.client.trim(4096, 512, CmdFlags::FUA).unwrap(), CmdFlags::FUA),
-            (p.client.flush(CmdFlags::FUA).unwrap(), CmdFlags::FUA),
+            (p.client.flush(CmdFlags::empty()).unwrap(), CmdFlags::empty()),
         ];
         if preset.structured() {
             let zero = CmdFlags::FUA | CmdFlags::NO_HOLE | CmdFlags::FAST_ZERO;
@@ -642,17 +648,15 @@ fn strict_cases() -> Vec<StrictCase> {
                 Ok(()),
             )
         },
-        StrictCase {
-            b: no_fua,
-            ..case(
-                Preset::Nbdkit,
-                StrictMode::COMMANDS,
-                |c| c.flush(CmdFlags::FUA),
-                LocalError::Unsupported("the FUA flag"),
-                EINVAL,
-                Ok(()),
-            )
-        },
+        // FLUSH takes no flags at all (libnbd's mask).
+        case(
+            Preset::Nbdkit,
+            StrictMode::FLAGS,
+            |c| c.flush(CmdFlags::FUA),
+            LocalError::InvalidFlags(1),
+            EINVAL,
+            Ok(()),
+        ),
         // No context negotiated: the server answers with nothing but NONE.
         StrictCase {
             meta: false,
@@ -669,7 +673,7 @@ fn strict_cases() -> Vec<StrictCase> {
             Preset::Qemu,
             StrictMode::BOUNDS,
             |c| c.read(SIZE as u64 - 256, vec![0; 512], CmdFlags::empty()),
-            LocalError::OutOfBounds,
+            LocalError::OutOfBounds { stores_data: false },
             EINVAL,
             Err(EINVAL),
         ),
@@ -677,8 +681,8 @@ fn strict_cases() -> Vec<StrictCase> {
             Preset::NbdServer,
             StrictMode::BOUNDS,
             |c| c.trim(SIZE as u64, 1, CmdFlags::empty()),
-            LocalError::OutOfBounds,
-            EINVAL,
+            LocalError::OutOfBounds { stores_data: true },
+            ENOSPC,
             Err(EINVAL),
         ),
         case(
@@ -708,13 +712,14 @@ fn strict_cases() -> Vec<StrictCase> {
                 Ok(()),
             )
         },
+        // A server that advertised no maximum gets 32 MiB payloads at most.
         StrictCase {
-            size: (64 << 20) + 4096,
+            size: (32 << 20) + 4096,
             ..case(
                 Preset::NbdServer,
                 StrictMode::PAYLOAD,
-                |c| c.read(0, vec![0; (64 << 20) + 1], CmdFlags::empty()),
-                LocalError::TooLarge { max: 64 << 20 },
+                |c| c.write(0, vec![0; (32 << 20) + 1], CmdFlags::empty()),
+                LocalError::PayloadTooLarge { max: 32 << 20 },
                 ERANGE,
                 Ok(()),
             )
@@ -755,11 +760,60 @@ fn strict_mode_refuses_locally_and_each_bit_lets_the_request_through() {
         assert_eq!(q.state(), PublicState::Ready, "{what}");
     }
 
-    // The payload limit stays 64 MiB where the server advertises a smaller maximum.
-    let b = Behaviour { block_size: Some((1, 4096, 32 << 20)), ..Behaviour::nbd_server() };
-    let mut p = ready_with(Preset::NbdServer, b, Preset::NbdServer.config(), (64 << 20) + 4096, Split::Whole);
-    let e = p.client.read(0, vec![0; (64 << 20) + 1], CmdFlags::empty()).unwrap_err();
-    assert_eq!(e, Error::Local(LocalError::TooLarge { max: 64 << 20 }));
+    // READ and WRITE stop at 64 MiB whatever the strictness and whatever
+    // the server advertised; strict mode holds WRITE to the advertised
+    // maximum, but never below 1 MiB.
+    for (advertised, payload_max) in [(32 << 20, 32 << 20), (128 << 10, 1 << 20), (1 << 30, 64 << 20)] {
+        let b = Behaviour { block_size: Some((1, 4096, advertised)), ..Behaviour::nbd_server() };
+        for strict in [StrictMode::all(), StrictMode::empty()] {
+            let mut config = Preset::NbdServer.config();
+            config.strict = strict;
+            let mut p = ready_with(Preset::NbdServer, b.clone(), config, (64 << 20) + 4096, Split::Whole);
+            assert_eq!(p.client.payload_maximum(), payload_max, "advertised {advertised}");
+            let e = p.client.read(0, vec![0; (64 << 20) + 1], CmdFlags::empty()).unwrap_err();
+            assert_eq!(e, Error::Local(LocalError::TooLarge { max: 64 << 20 }), "{strict:?}");
+            let e = p.client.write(0, vec![0; payload_max as usize + 1], CmdFlags::empty());
+            match strict.is_empty() {
+                true if payload_max < 64 << 20 => assert!(e.is_ok(), "{strict:?}: {e:?}"),
+                true => assert_eq!(e.unwrap_err(), Error::Local(LocalError::TooLarge { max: 64 << 20 })),
+                false => assert_eq!(e.unwrap_err(), Error::Local(LocalError::PayloadTooLarge { max: payload_max })),
+            }
+        }
+    }
+}
+
+/// No request range may wrap past 2^64, whatever the strictness: the
+/// fuzzer found a READ at 2^64-1 that strict mode off let through, whose
+/// reply chunks then passed a wrapping end check.
+#[test]
+fn ranges_past_two_to_the_64_are_refused_whatever_the_strictness() {
+    for strict in [StrictMode::all(), StrictMode::empty()] {
+        let mut config = Preset::Nbdkit.config();
+        config.strict = strict;
+        let mut p = ready_with(Preset::Nbdkit, Behaviour::nbdkit(), config, SIZE, Split::Whole);
+        let refusals = [
+            p.client.read(u64::MAX, vec![0; 4096], CmdFlags::empty()).unwrap_err(),
+            p.client.write(u64::MAX - 10, vec![0; 11], CmdFlags::empty()).unwrap_err(),
+            p.client.trim(1, u64::MAX, CmdFlags::empty()).unwrap_err(),
+            p.client.cache(u64::MAX, 2, CmdFlags::empty()).unwrap_err(),
+            p.client.write_zeroes(u64::MAX / 2 + 1, u64::MAX / 2 + 1, CmdFlags::empty()).unwrap_err(),
+            p.client.block_status(u64::MAX, 2, CmdFlags::empty()).unwrap_err(),
+        ];
+        for e in refusals {
+            if strict.is_empty() {
+                assert_eq!(e, Error::Local(LocalError::RangeOverflow), "{strict:?}");
+                assert_eq!(e.errno(), EINVAL);
+            } else {
+                assert!(matches!(e, Error::Local(LocalError::OutOfBounds { .. })), "{strict:?}: {e:?}");
+            }
+        }
+        p.drive();
+        assert!(p.server.requests.is_empty(), "{strict:?}: nothing was sent");
+        if strict.is_empty() {
+            // A range that ends at the last byte, 2^64-1, does not wrap.
+            assert!(p.client.read(u64::MAX - 4095, vec![0; 4095], CmdFlags::empty()).is_ok());
+        }
+    }
 }
 
 #[test]
@@ -769,8 +823,14 @@ fn compact_headers_cap_lengths_whatever_the_strictness() {
         config.strict = strict;
         let mut p = ready_with(Preset::Nbdkit, Behaviour::nbdkit(), config, SIZE, Split::Whole);
         let e = p.client.trim(0, 1 << 32, CmdFlags::empty()).unwrap_err();
-        assert_eq!(e, Error::Local(LocalError::TooLarge { max: u64::from(u32::MAX) }), "{strict:?}: not OutOfBounds");
-        assert_eq!(e.errno(), ERANGE);
+        // libnbd checks the bounds first, then the header's limit.
+        if strict.is_empty() {
+            assert_eq!(e, Error::Local(LocalError::TooLarge { max: u64::from(u32::MAX) }));
+            assert_eq!(e.errno(), ERANGE);
+        } else {
+            assert_eq!(e, Error::Local(LocalError::OutOfBounds { stores_data: true }));
+            assert_eq!(e.errno(), ENOSPC);
+        }
         p.drive();
         assert!(p.server.requests.is_empty());
     }
@@ -779,7 +839,7 @@ fn compact_headers_cap_lengths_whatever_the_strictness() {
     // the disk as out of bounds, not as too large for the header...
     let mut p = ready(Preset::Qemu);
     let e = p.client.trim(0, 1 << 33, CmdFlags::empty()).unwrap_err();
-    assert_eq!(e, Error::Local(LocalError::OutOfBounds));
+    assert_eq!(e, Error::Local(LocalError::OutOfBounds { stores_data: true }));
     // ...and without it the server sees the whole length.
     let mut config = Preset::Qemu.config();
     config.strict = StrictMode::empty();

@@ -323,7 +323,6 @@ servers_init (const char *name, const char **needs, unsigned seconds)
   sigaction (SIGALRM, &sa, NULL);
   sigaction (SIGINT, &sa, NULL);
   sigaction (SIGTERM, &sa, NULL);
-  signal (SIGPIPE, SIG_IGN);
   const char *limit = getenv ("TEST_TIME_LIMIT");
   if (limit && atoi (limit) > 0) seconds = (unsigned) atoi (limit);
   alarm (seconds);

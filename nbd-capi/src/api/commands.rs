@@ -388,7 +388,13 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
 fn no_socket_event(i: &Inner, event: u32) -> CResult<()> {
     use crate::table::{CLOSED, CREATED, DEAD};
     let state = i.public_state();
-    if state == DEAD || state == CLOSED || (state == CREATED && i.fd() < 0) {
+    // libnbd refuses a write event where nothing waits to be sent (READY,
+    // say): its state machine takes it only in the states that send. One
+    // announced by aio_get_direction is still welcome after a read event
+    // sent everything (a loop that serves POLLIN, then POLLOUT).
+    let unwanted_write =
+        event == 1 && !i.write_announced && i.direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE == 0;
+    if state == DEAD || state == CLOSED || (state == CREATED && i.fd() < 0) || unwanted_write {
         let state = i.libnbd_state_name();
         return Err(CError::new(libc::EINVAL, format!("external event {event} is invalid in state {state}")));
     }
@@ -408,7 +414,11 @@ pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
-    export!("nbd_aio_get_direction", h, 0, |i| Ok(i.direction()))
+    export!("nbd_aio_get_direction", h, 0, |i| {
+        let d = i.direction();
+        i.write_announced = d & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
+        Ok(d)
+    })
 }
 
 #[no_mangle]
@@ -425,6 +435,7 @@ pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_notify_write", h, -1, |i| {
         no_socket_event(i, 1)?;
+        i.write_announced = false;
         i.notify_write();
         i.take_dial_error()?;
         Ok(0)
@@ -444,7 +455,12 @@ pub extern "C" fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int {
-    export!("nbd_aio_command_completed", h, -1, |i| retire(i, cookie))
+    export!("nbd_aio_command_completed", h, -1, |i| {
+        if cookie == 0 {
+            return Err(CError::new(libc::EINVAL, "invalid aio cookie 0"));
+        }
+        retire(i, cookie)
+    })
 }
 
 #[no_mangle]

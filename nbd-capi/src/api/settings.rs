@@ -96,9 +96,7 @@ pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
         if flags & !crate::constants::LIBNBD_STRICT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
-        // libnbd always limits READ/WRITE payloads; keep that bit on.
-        let strict = StrictMode::from_bits_truncate(flags) | StrictMode::PAYLOAD;
-        i.conn.set_strict_mode(strict);
+        i.conn.set_strict_mode(StrictMode::from_bits_truncate(flags));
         Ok(0)
     })
 }

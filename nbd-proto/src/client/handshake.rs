@@ -96,6 +96,9 @@ impl<B: super::CommandBuffer> Connection<B> {
         if !matches!(self.state, State::Negotiating) {
             return Err(self.wrong_state("negotiating"));
         }
+        if !self.neg.fixed {
+            return self.start_goal_without_options(goal);
+        }
         self.plan.goal = Some(goal);
         self.plan.user = true;
         self.plan.meta_tried = false;
@@ -219,10 +222,36 @@ impl<B: super::CommandBuffer> Connection<B> {
             self.advance_options();
         } else if self.config.tls == TlsMode::Require {
             return Err(ServerError::TlsUnavailable("does not use the fixed newstyle handshake").into());
+        } else if self.config.opt_mode {
+            // As in libnbd: the caller still negotiates, though the only
+            // option such a server takes is the export name (opt_go).
+            self.state = State::Negotiating;
         } else {
             self.send_export_name();
         }
         Ok(())
+    }
+
+    /// A server without the fixed newstyle handshake takes no option but
+    /// NBD_OPT_EXPORT_NAME: opt_go sends that, opt_abort can only drop
+    /// the connection (libnbd leaves it dead), the rest are ENOTSUP.
+    fn start_goal_without_options(&mut self, goal: Goal) -> Result<(), Error> {
+        match goal {
+            Goal::Go => {
+                self.plan.goal = Some(goal);
+                self.plan.user = true;
+                self.send_export_name();
+                Ok(())
+            }
+            Goal::Abort => {
+                // The abort itself succeeds, as libnbd reports it.
+                self.plan.user = true;
+                self.complete_goal(Ok(()));
+                self.fail(LocalError::NotFixedNewstyle.into());
+                Ok(())
+            }
+            Goal::Info | Goal::List | Goal::ListMetaContext => Err(LocalError::NotFixedNewstyle.into()),
+        }
     }
 
     // ---- the option sequence ------------------------------------------------

@@ -554,8 +554,12 @@ impl<B: CommandBuffer> Connection<B> {
         if self.plan.user_goal_pending() {
             self.events.push_back(Event::OptionComplete { result: Err(err.clone()) });
         }
+        let stranded = match &err {
+            Error::Transport(t @ TransportError::Io { .. }) => TransportError::Lost(Box::new(t.clone())).into(),
+            e => e.clone(),
+        };
         for slot in self.cmds.live_slots() {
-            self.cmds.get_mut(slot).record_error(err.clone());
+            self.cmds.get_mut(slot).record_error(stranded.clone());
             self.complete(slot);
         }
         self.state = State::Dead;

@@ -137,7 +137,7 @@ impl<B: CommandBuffer> Connection<B> {
         if self.disconnect_requested {
             return Err(LocalError::AfterDisconnect.into());
         }
-        self.check_request(kind, flags, offset, length)?;
+        let flags = self.check_request(kind, flags, offset, length)?;
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let slot = self.cmds.insert(cookie);

@@ -323,7 +323,7 @@ start_nbdkit_port (int port, char **args)
  * tests/c-compare.sh runs us; TLS_CERTS_SH; or next to our binary in
  * target/c-tests) run into the private directory's "certs"; returns that
  * directory (allocated). */
-static char * __attribute__ ((unused))
+static __attribute__ ((unused)) char *
 make_tls_certs (void)
 {
   char exe[4096], *script = NULL, *candidates[3], *beside = NULL;

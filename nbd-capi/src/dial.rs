@@ -3,6 +3,7 @@
 //! connect tries each address `getaddrinfo` gives until one answers.
 
 use crate::error::{CError, CResult};
+use crate::uri::Transport;
 use std::collections::VecDeque;
 use std::ffi::{c_int, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -90,6 +91,47 @@ impl Address {
         // SAFETY: the list from getaddrinfo, freed once.
         unsafe { libc::freeaddrinfo(list) };
         Ok(out)
+    }
+
+    /// The address as `nbd_get_uri` names it, as libnbd does: a numeric
+    /// host and port for IP, the socket path for Unix, CID and port for
+    /// vsock; an abstract Unix socket or another family has no URI.
+    pub fn transport(&self) -> CResult<Transport> {
+        let p: *const libc::sockaddr_storage = &self.storage;
+        match self.family() {
+            libc::AF_INET => {
+                // SAFETY: the family says `storage` holds a sockaddr_in.
+                let sin = unsafe { &*p.cast::<libc::sockaddr_in>() };
+                let host = std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Ok(Transport::Tcp { host: host.to_string(), port: u16::from_be(sin.sin_port).to_string() })
+            }
+            libc::AF_INET6 => {
+                // SAFETY: the family says `storage` holds a sockaddr_in6.
+                let sin6 = unsafe { &*p.cast::<libc::sockaddr_in6>() };
+                let host = std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Ok(Transport::Tcp { host: host.to_string(), port: u16::from_be(sin6.sin6_port).to_string() })
+            }
+            libc::AF_UNIX => {
+                // SAFETY: the family says `storage` holds a sockaddr_un.
+                let sun = unsafe { &*p.cast::<libc::sockaddr_un>() };
+                let offset = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+                let n = (self.len as usize).saturating_sub(offset).min(sun.sun_path.len());
+                let path: Vec<u8> = sun.sun_path[..n].iter().map(|&c| c as u8).take_while(|&b| b != 0).collect();
+                if n > 0 && sun.sun_path[0] == 0 {
+                    return Err(CError::new(
+                        libc::EPROTONOSUPPORT,
+                        "Unix domain sockets in the abstract namespace cannot be written as an NBD URI",
+                    ));
+                }
+                Ok(Transport::Unix { socket: String::from_utf8_lossy(&path).into_owned() })
+            }
+            libc::AF_VSOCK => {
+                // SAFETY: the family says `storage` holds a sockaddr_vm.
+                let svm = unsafe { &*p.cast::<libc::sockaddr_vm>() };
+                Ok(Transport::Vsock { cid: svm.svm_cid, port: svm.svm_port })
+            }
+            family => Err(CError::new(libc::EAFNOSUPPORT, format!("address family {family} not supported"))),
+        }
     }
 
     fn family(&self) -> c_int {

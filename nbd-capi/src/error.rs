@@ -40,9 +40,24 @@ impl From<nbd_proto::LocalError> for CError {
     }
 }
 
-impl From<std::io::Error> for CError {
-    fn from(e: std::io::Error) -> Self {
-        CError { errno: e.raw_os_error().unwrap_or(libc::EIO), msg: e.to_string() }
+impl CError {
+    /// A failed system call, `what` in libnbd's words ("socketpair",
+    /// "bind: PATH"). The errno's text is appended when the error is set,
+    /// as strerror words it; std's own text ("... (os error N)") is never
+    /// used. An error std made up itself (no errno) keeps its words.
+    pub fn os(what: impl std::fmt::Display, e: &std::io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(errno) => CError { errno, msg: what.to_string() },
+            None => {
+                let errno = if e.kind() == std::io::ErrorKind::InvalidInput { libc::EINVAL } else { libc::EIO };
+                CError { errno, msg: format!("{what}: {}", io_text(e)) }
+            }
+        }
+    }
+
+    /// The system call `what` just failed with errno.
+    pub fn last_os(what: impl std::fmt::Display) -> Self {
+        Self::os(what, &std::io::Error::last_os_error())
     }
 }
 
@@ -74,6 +89,15 @@ pub extern "C" fn nbd_get_error() -> *const c_char {
 #[no_mangle]
 pub extern "C" fn nbd_get_errno() -> c_int {
     LAST.with(|l| l.borrow().as_ref().map_or(0, |(_, e)| *e))
+}
+
+/// An I/O error in words: strerror's for an OS error, never std's
+/// "... (os error N)".
+pub fn io_text(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(errno) => strerror(errno),
+        None => e.to_string(),
+    }
 }
 
 /// The C library's text for `errno`.

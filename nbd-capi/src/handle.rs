@@ -129,6 +129,11 @@ pub struct Inner {
     pub last_option_error: Option<String>,
     /// How the handle connected, when a URI can describe it.
     pub transport: Option<crate::uri::Transport>,
+    /// What `nbd_get_uri` reports for a connection made to a socket
+    /// address (`nbd_aio_connect`, socket activation): the address as a
+    /// transport, or why a URI cannot name it. No TLS host name comes
+    /// from it, as in libnbd.
+    pub address_uri: Option<CResult<crate::uri::Transport>>,
     /// A server the handle started itself, and its scratch directory.
     pub subprocess: Option<(libc::pid_t, Option<std::path::PathBuf>)>,
     /// A non-blocking connect under way on `sock`.
@@ -235,6 +240,7 @@ impl nbd_handle {
                 opt: None,
                 last_option_error: None,
                 transport: None,
+                address_uri: None,
                 subprocess: None,
                 dialing: None,
                 dial_error: None,
@@ -397,7 +403,7 @@ impl Inner {
     pub fn attach(&mut self, fd: OwnedFd) -> CResult<()> {
         crate::dial::tune(&fd);
         let sock = UnixStream::from(fd);
-        sock.set_nonblocking(true)?;
+        sock.set_nonblocking(true).map_err(|e| CError::os("fcntl: set O_NONBLOCK", &e))?;
         self.sock = Some(sock);
         self.conn.handle_connected().map_err(CError::from)?;
         Ok(())
@@ -672,7 +678,7 @@ impl Inner {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(true);
             }
-            return Err(e.into());
+            return Err(CError::os("poll", &e));
         }
         if r == 0 {
             return Ok(false);

@@ -37,34 +37,67 @@ fn os_str(c: &CString) -> &std::ffi::OsStr {
     std::ffi::OsStr::from_bytes(c.as_bytes())
 }
 
+/// A server command that could not be run. libnbd's child reports the
+/// exec error on its stderr and exits, and the library sees its socket
+/// close; so the errno is the one that closing gives (`then_errno`: none
+/// for connect_command, ECONNRESET for socket activation), and the
+/// message says why the server is gone.
+fn not_run(argv0: &CString, exec_errno: i32, then_errno: i32) -> CError {
+    let then = if then_errno == 0 { "closed" } else { "reset" };
+    CError::new(
+        then_errno,
+        format!(
+            "{}: {}: the server command could not be run, so the connection was {then}",
+            argv0.to_string_lossy(),
+            crate::error::strerror(exec_errno)
+        ),
+    )
+}
+
 /// Starts `argv` with one end of a socketpair as its stdin and stdout;
 /// returns our end and the child.
 pub fn spawn_command(argv: &[CString]) -> CResult<(OwnedFd, Child)> {
-    let (ours, theirs) = UnixStream::pair()?;
-    let theirs_out = theirs.try_clone()?;
+    let (ours, theirs) = UnixStream::pair().map_err(|e| CError::os("socketpair", &e))?;
+    let theirs_out = theirs.try_clone().map_err(|e| CError::os("dup", &e))?;
     // std spawns with fork/exec (or posix_spawn): nothing but
-    // async-signal-safe work happens in the child.
+    // async-signal-safe work happens in the child, and an exec that
+    // fails is reported here with its errno.
     let child = Command::new(os_str(&argv[0]))
         .args(argv[1..].iter().map(os_str))
         .stdin(Stdio::from(OwnedFd::from(theirs)))
         .stdout(Stdio::from(OwnedFd::from(theirs_out)))
         .spawn()
-        .map_err(|e| {
-            CError::new(e.raw_os_error().unwrap_or(libc::EIO), format!("{}: {e}", argv[0].to_string_lossy()))
+        .map_err(|e| match e.raw_os_error() {
+            Some(errno) => not_run(&argv[0], errno, 0),
+            None => CError::os(argv[0].to_string_lossy(), &e),
         })?;
     Ok((OwnedFd::from(ours), child))
 }
 
+/// The socket a socket-activated server listens on, in its scratch directory.
+pub fn activation_socket(dir: &std::path::Path) -> std::path::PathBuf {
+    dir.join("sock")
+}
+
 /// Starts `argv` under systemd socket activation and connects to it.
 /// Returns the connected socket, the child's pid and the scratch
-/// directory holding the socket.
+/// directory holding the socket (removed again on failure).
 pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("libnbd-sa-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("sock");
-    let listener = UnixListener::bind(&path)?;
+    std::fs::create_dir_all(&dir).map_err(|e| CError::os(format_args!("mkdir: {}", dir.display()), &e))?;
+    let r = start_activated(argv, &dir);
+    if r.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    r.map(|(fd, pid)| (fd, pid, dir))
+}
+
+fn start_activated(argv: &[CString], dir: &std::path::Path) -> CResult<(OwnedFd, libc::pid_t)> {
+    let path = activation_socket(dir);
+    let listener =
+        UnixListener::bind(&path).map_err(|e| CError::os(format_args!("cannot listen on {}", path.display()), &e))?;
 
     // Everything the child needs is prepared here: after fork it only
     // formats its pid into a buffer, dup2s and execs.
@@ -86,13 +119,23 @@ pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::
     envp.push(std::ptr::null());
     let argvp: Vec<*const c_char> = argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
     let lfd = listener.as_raw_fd();
+    // The exec's outcome: the child writes its errno here if exec fails;
+    // a successful exec closes the pipe (close-on-exec) unwritten.
+    let mut status_fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two-element array we own.
+    if unsafe { libc::pipe2(status_fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(CError::last_os("pipe2"));
+    }
+    // SAFETY: both descriptors are fresh from pipe2 and ours alone.
+    let (status_r, status_w) = unsafe { (OwnedFd::from_raw_fd(status_fds[0]), OwnedFd::from_raw_fd(status_fds[1])) };
+    let status_wfd = status_w.as_raw_fd();
 
     // SAFETY: fork(2); the child below calls only async-signal-safe
-    // functions (getpid, dup2, fcntl, execvpe, _exit) on memory prepared
-    // before the fork.
+    // functions (getpid, dup2, fcntl, signal, execvpe, write, _exit) on
+    // memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        return Err(std::io::Error::last_os_error().into());
+        return Err(CError::last_os("fork"));
     }
     if pid == 0 {
         // SAFETY: in the child, on buffers prepared above.
@@ -117,13 +160,41 @@ pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::
             } else {
                 libc::fcntl(3, libc::F_SETFD, 0);
             }
+            // The server starts with SIGPIPE's default, as libnbd's does.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
             libc::execvpe(argvp[0], argvp.as_ptr(), envp.as_ptr());
-            libc::_exit(127);
+            let errno = *libc::__errno_location();
+            libc::write(status_wfd, (&errno as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>());
+            libc::_exit(if errno == libc::ENOENT { 127 } else { 126 });
         }
     }
+    drop(status_w);
     drop(listener);
-    let sock = UnixStream::connect(&path)?;
+    if let Some(errno) = exec_error(status_r) {
+        let mut status = 0;
+        // SAFETY: reaping our own child, which has exited or is exiting.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        return Err(not_run(&argv[0], errno, libc::ECONNRESET));
+    }
+    let sock = UnixStream::connect(&path).map_err(|e| CError::os("connect", &e))?;
     // SAFETY: turning a std socket into an OwnedFd we own.
     let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
-    Ok((fd, pid, dir))
+    Ok((fd, pid))
+}
+
+/// The errno a child wrote to its exec-status pipe, or `None` once the
+/// pipe closed unwritten (the exec succeeded).
+fn exec_error(pipe: OwnedFd) -> Option<i32> {
+    let mut buf = [0u8; std::mem::size_of::<libc::c_int>()];
+    let mut file = std::fs::File::from(pipe);
+    let mut got = 0;
+    while got < buf.len() {
+        match std::io::Read::read(&mut file, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    (got == buf.len()).then(|| libc::c_int::from_ne_bytes(buf))
 }

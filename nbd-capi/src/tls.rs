@@ -84,17 +84,38 @@ unsafe extern "C" {
     fn getlogin_r(buf: *mut libc::c_char, size: libc::size_t) -> libc::c_int;
 }
 
-/// Where libnbd looks for certificates when none were set: the first of
-/// these directories that holds a readable `ca-cert.pem`.
-fn default_certificates() -> Option<PathBuf> {
+/// Where libnbd looks for certificates when none were set, in order.
+fn default_certificate_dirs() -> Vec<PathBuf> {
     // SAFETY: geteuid cannot fail.
-    let dirs: Vec<PathBuf> = if unsafe { libc::geteuid() } == 0 {
+    if unsafe { libc::geteuid() } == 0 {
         vec!["/etc/pki/libnbd".into()]
     } else {
-        let home = std::env::var_os("HOME").map(PathBuf::from)?;
+        let Some(home) = std::env::var_os("HOME").map(PathBuf::from) else { return Vec::new() };
         vec![home.join(".pki/libnbd"), home.join(".config/pki/libnbd")]
-    };
-    dirs.into_iter().find(|d| std::fs::File::open(d.join("ca-cert.pem")).is_ok())
+    }
+}
+
+/// The CA file the server's certificate is checked against, if one of
+/// `dirs` has a readable `ca-cert.pem` (the first); otherwise what was
+/// missing, in words, for the message a failed verification gives.
+fn find_ca(dirs: &[PathBuf], given: bool) -> Result<PathBuf, String> {
+    let mut missing = Vec::new();
+    for d in dirs {
+        let ca = d.join("ca-cert.pem");
+        match std::fs::File::open(&ca) {
+            Ok(_) => return Ok(ca),
+            Err(e) => {
+                let why = crate::error::strerror(e.raw_os_error().unwrap_or(libc::EIO));
+                let gone = if d.is_dir() { "" } else { " (the directory does not exist)" };
+                missing.push(format!("{}: {why}{gone}", ca.display()));
+            }
+        }
+    }
+    let whose = if given { "the tls-certificates directory" } else { "the default directories" };
+    Err(match missing.is_empty() {
+        true => "no CA certificate: no certificates directory was set and $HOME is not set".into(),
+        false => format!("no CA certificate in {whose}: {}", missing.join(", ")),
+    })
 }
 
 /// The key for `username` in a psktool file (`user:hexkey` per line).
@@ -172,6 +193,9 @@ const MAX_PENDING_CIPHERTEXT: usize = 1 << 20;
 
 pub struct OpensslTls {
     stream: SslStream<Pipe>,
+    /// What the server's certificate is checked against, and what was
+    /// missing, for the message a failed verification gives.
+    checked_against: String,
 }
 
 impl OpensslTls {
@@ -179,6 +203,7 @@ impl OpensslTls {
     /// when verifying, if known).
     pub fn new(settings: &TlsSettings, hostname: Option<&str>) -> CResult<Self> {
         let tls_err = |what: &str, e: openssl::error::ErrorStack| CError::new(libc::EIO, format!("{what}: {e}"));
+        let mut checked_against = String::new();
         let mut ctx = SslContextBuilder::new(SslMethod::tls_client()).map_err(|e| tls_err("TLS context", e))?;
         ctx.set_min_proto_version(Some(SslVersion::TLS1_2)).map_err(|e| tls_err("TLS context", e))?;
         if let Some(file) = &settings.psk_file {
@@ -201,11 +226,28 @@ impl OpensslTls {
             ctx.set_cipher_list("PSK:ECDHE-PSK:DHE-PSK:@SECLEVEL=0").map_err(|e| tls_err("PSK ciphers", e))?;
             ctx.set_verify(SslVerifyMode::NONE);
         } else {
-            let default_dir = settings.certificates.is_none().then(default_certificates).flatten();
-            let dir = settings.certificates.as_deref().or(default_dir.as_deref());
-            match dir.map(|d| d.join("ca-cert.pem")).filter(|f| f.exists()) {
-                Some(ca) => ctx.set_ca_file(&ca).map_err(|e| tls_err(&ca.display().to_string(), e))?,
-                None => ctx.set_default_verify_paths().map_err(|e| tls_err("system trust", e))?,
+            let dirs = match &settings.certificates {
+                Some(d) => vec![d.clone()],
+                None => default_certificate_dirs(),
+            };
+            let found = find_ca(&dirs, settings.certificates.is_some());
+            // The directory the client files come from: the one given, or
+            // the default one that has the CA.
+            let dir = settings
+                .certificates
+                .clone()
+                .or_else(|| found.as_ref().ok().and_then(|ca| ca.parent()).map(Into::into));
+            let dir = dir.as_deref();
+            match &found {
+                Ok(ca) => {
+                    ctx.set_ca_file(ca).map_err(|e| tls_err(&ca.display().to_string(), e))?;
+                    checked_against = format!("the server's certificate was checked against {}", ca.display());
+                }
+                Err(missing) => {
+                    ctx.set_default_verify_paths().map_err(|e| tls_err("system trust", e))?;
+                    checked_against =
+                        format!("{missing}, so the server's certificate was checked against the system's trusted CAs");
+                }
             }
             if let Some(crl) = dir.map(|d| d.join("ca-crl.pem")).filter(|f| f.exists()) {
                 let name = crl.display().to_string();
@@ -244,7 +286,7 @@ impl OpensslTls {
         }
         ssl.set_connect_state();
         let stream = SslStream::new(ssl, Pipe::default()).map_err(|e| tls_err("TLS session", e))?;
-        Ok(OpensslTls { stream })
+        Ok(OpensslTls { stream, checked_against })
     }
 
     /// A failed TLS operation, in words: the certificate check that
@@ -253,7 +295,12 @@ impl OpensslTls {
     fn failure(&self, what: &str, errno: i32, e: openssl::ssl::Error) -> CError {
         let verify = self.stream.ssl().verify_result();
         let detail = if verify != openssl::x509::X509VerifyResult::OK {
-            format!("certificate verification failed: {}", verify.error_string())
+            format!(
+                "certificate verification failed: {}: {}; to connect without verifying the server, use \
+                 tls-verify-peer=false in the URI or call nbd_set_tls_verify_peer(h, false)",
+                verify.error_string(),
+                self.checked_against
+            )
         } else if let Some(stack) = e.ssl_error() {
             let reasons: Vec<&str> = stack.errors().iter().filter_map(|x| x.reason()).collect();
             if reasons.is_empty() {
@@ -262,7 +309,7 @@ impl OpensslTls {
                 reasons.join("; ")
             }
         } else if let Some(io) = e.io_error() {
-            io.to_string()
+            crate::error::io_text(io)
         } else {
             "the server closed the connection".into()
         };

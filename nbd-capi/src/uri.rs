@@ -89,34 +89,112 @@ const HOST_KEEP: &[u8] = b"!$&'()*+,;=";
 /// Query values: as a path, but '&' and ';' separate parameters.
 const QUERY_KEEP: &[u8] = b"/!$'()*+,=:@";
 
-pub fn parse(uri: &str) -> CResult<Uri> {
-    let unparsable = || invalid(format!("unable to parse URI: {uri}"));
-    if uri.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(unparsable());
+/// A refusal that says what is wrong and where, after the URI itself.
+fn refuse(uri: &str, detail: impl std::fmt::Display) -> CError {
+    invalid(format!("unable to parse URI \"{uri}\": {detail}"))
+}
+
+/// `part` (a slice of `uri`) carries no space or control character; the
+/// refusal names the part and the byte's offset in the URI.
+fn check_bytes(uri: &str, part: &str, name: &str) -> CResult<()> {
+    let Some(i) = part.bytes().position(|b| b <= b' ' || b == 0x7f) else { return Ok(()) };
+    let b = part.as_bytes()[i];
+    let at = (part.as_ptr() as usize).saturating_sub(uri.as_ptr() as usize) + i;
+    let what = if b == b' ' { "a space".to_owned() } else { format!("the control character 0x{b:02x}") };
+    Err(refuse(uri, format!("the {name} contains {what} at offset {at}, which must be written %{b:02X}")))
+}
+
+/// Percent-decodes `s`, a part of `uri` called `name`; a bad escape is
+/// refused with the escape quoted.
+fn decode_part(uri: &str, s: &str, name: &str) -> CResult<String> {
+    decode(s).ok_or_else(|| {
+        let b = s.as_bytes();
+        let hex = |j: usize| b.get(j).is_some_and(u8::is_ascii_hexdigit);
+        let i = (0..b.len()).find(|&i| b[i] == b'%' && !(hex(i + 1) && hex(i + 2))).unwrap_or(0);
+        let escape: String = s[i..].chars().take(3).collect();
+        refuse(
+            uri,
+            format!("bad percent-encoding \"{escape}\" in the {name} ('%' must be followed by two hexadecimal digits)"),
+        )
+    })
+}
+
+/// The scheme (RFC 3986: a letter, then letters, digits, '+', '-', '.')
+/// and what follows its ':'.
+fn split_scheme(uri: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = uri.split_once(':')?;
+    let mut b = scheme.bytes();
+    let first = b.next()?;
+    (first.is_ascii_alphabetic() && b.all(|c| c.is_ascii_alphanumeric() || b"+-.".contains(&c)))
+        .then_some((scheme, rest))
+}
+
+fn no_scheme(uri: &str) -> CError {
+    let hint = if uri.starts_with('/') {
+        ": to open a local socket use \"nbd+unix://?socket=PATH\""
+    } else if uri.len() >= 9 && uri.as_bytes()[..9].eq_ignore_ascii_case(b"localhost") {
+        ": to open a local port use \"nbd://localhost\" or \"nbd://localhost:PORT\""
+    } else {
+        ""
+    };
+    invalid(format!(
+        "NBD URI does not have a scheme: valid NBD URIs should start with a scheme like nbd://, nbds:// or nbd+unix://{hint}"
+    ))
+}
+
+/// libnbd's booleans (nbdkit's): 1/true/t/yes/y/on and 0/false/f/no/n/off,
+/// in any case.
+fn parse_bool(v: &str) -> Option<bool> {
+    let v = v.to_ascii_lowercase();
+    match v.as_str() {
+        "1" | "true" | "t" | "yes" | "y" | "on" => Some(true),
+        "0" | "false" | "f" | "no" | "n" | "off" => Some(false),
+        _ => None,
     }
-    let (scheme, rest) = uri.split_once("://").ok_or_else(unparsable)?;
-    let (tls, kind) = match scheme {
+}
+
+pub fn parse(uri: &str) -> CResult<Uri> {
+    let Some((scheme, after)) = split_scheme(uri) else { return Err(no_scheme(uri)) };
+    let (tls, kind) = match scheme.to_ascii_lowercase().as_str() {
         "nbd" => (false, "tcp"),
         "nbds" => (true, "tcp"),
         "nbd+unix" => (false, "unix"),
         "nbds+unix" => (true, "unix"),
         "nbd+vsock" => (false, "vsock"),
         "nbds+vsock" => (true, "vsock"),
-        other => return Err(invalid(format!("unknown NBD URI scheme: {other}"))),
+        "nbd+ssh" | "nbds+ssh" => {
+            return Err(CError::new(libc::ENOTSUP, format!("NBD URI scheme {scheme} (NBD over ssh) is not supported")))
+        }
+        _ => {
+            return Err(invalid(format!(
+                "unknown NBD URI scheme: {scheme} (NBD URIs start with nbd://, nbds://, nbd+unix://, nbds+unix://, nbd+vsock:// or nbds+vsock://)"
+            )))
+        }
     };
-    let (rest, _fragment) = rest.split_once('#').unwrap_or((rest, ""));
+    let Some(rest) = after.strip_prefix("//") else {
+        return Err(invalid(format!("URI must begin with '{scheme}://'")));
+    };
+    let (rest, fragment) = rest.split_once('#').unwrap_or((rest, ""));
     let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, ""),
     };
+    check_bytes(uri, authority, "server (host, port, user)")?;
+    check_bytes(uri, path, "export name (the path)")?;
+    check_bytes(uri, query, "query")?;
+    check_bytes(uri, fragment, "fragment")?;
     // The export name is the path without its first '/'.
-    let export = decode(path.strip_prefix('/').unwrap_or(path)).ok_or_else(unparsable)?;
+    let export = decode_part(uri, path.strip_prefix('/').unwrap_or(path), "export name (the path)")?;
     let (userinfo, hostport) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(decode(u).ok_or_else(unparsable)?), h),
+        Some((u, h)) => (Some(decode_part(uri, u, "user name")?), h),
         None => (None, authority),
     };
-    let (host, port) = split_host_port(hostport).ok_or_else(unparsable)?;
+    let (host, port) = match split_host_port(hostport).map_err(|detail| refuse(uri, detail))? {
+        // An IPv6 literal stays as it is written.
+        (host, port, true) => (host, port),
+        (host, port, false) => (decode_part(uri, &host, "host")?, port),
+    };
 
     let mut socket = None;
     let mut u = Uri {
@@ -130,28 +208,30 @@ pub fn parse(uri: &str) -> CResult<Uri> {
     };
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = decode(v).ok_or_else(unparsable)?;
-        match decode(k).ok_or_else(unparsable)?.as_str() {
+        let k = decode_part(uri, k, &format!("name of the query parameter \"{pair}\""))?;
+        let v = decode_part(uri, v, &format!("value of the query parameter \"{k}\""))?;
+        match k.as_str() {
             "socket" => socket = Some(v),
             "tls-certificates" => u.tls_certificates = Some(v),
             "tls-psk-file" => u.tls_psk_file = Some(v),
             "tls-username" => u.username = Some(v),
             "tls-verify-peer" => {
-                u.tls_verify_peer = Some(match v.as_str() {
-                    "1" | "true" | "on" | "yes" => true,
-                    "0" | "false" | "off" | "no" => false,
-                    _ => return Err(invalid(format!("tls-verify-peer: cannot parse boolean: {v}"))),
-                })
+                u.tls_verify_peer = Some(parse_bool(&v).ok_or_else(|| {
+                    invalid(format!(
+                        "could not parse tls-verify-peer parameter \"{v}\", expecting tls-verify-peer=true|false"
+                    ))
+                })?)
             }
             // Unknown parameters are ignored, as the URI spec permits.
             _ => {}
         }
     }
+    let plain = if tls { "nbds" } else { "nbd" };
     u.transport = match kind {
         "tcp" => {
             if socket.is_some() {
                 return Err(invalid(format!(
-                    "socket parameter is incompatible with \"{scheme}:\" (did you mean to use \"{scheme}+unix:///?socket=...\"?)"
+                    "socket parameter is incompatible with \"{scheme}:\" (did you mean to use \"{plain}+unix:///?socket=...\"?)"
                 )));
             }
             let host = if host.is_empty() { "localhost".to_owned() } else { host };
@@ -165,9 +245,16 @@ pub fn parse(uri: &str) -> CResult<Uri> {
             })?,
         },
         _ => {
-            let cid = host.parse().map_err(|_| invalid(format!("cannot parse vsock CID: {host}")))?;
+            let number = |what: &str, v: &str| {
+                v.parse::<u32>().map_err(|_| {
+                    invalid(format!(
+                        "cannot parse vsock {what} from NBD URI: \"{v}\" is not a number from 0 to 4294967295"
+                    ))
+                })
+            };
+            let cid = number("CID", &host)?;
             let port = match port {
-                Some(p) => p.parse().map_err(|_| invalid(format!("cannot parse vsock port: {p}")))?,
+                Some(p) => number("port", &p)?,
                 None => 10809,
             };
             Transport::Vsock { cid, port }
@@ -176,18 +263,31 @@ pub fn parse(uri: &str) -> CResult<Uri> {
     Ok(u)
 }
 
-/// `host`, `host:port`, `[v6]`, `[v6]:port`; an empty port is none, a
-/// port that is not a number is an error.
-fn split_host_port(s: &str) -> Option<(String, Option<String>)> {
-    let port = |p: &str| p.bytes().all(|b| b.is_ascii_digit()).then(|| (!p.is_empty()).then(|| p.to_owned()));
+/// `host`, `host:port`, `[v6]`, `[v6]:port`: the host still escaped, the
+/// port, and whether the host was in brackets. A missing port is none; an
+/// empty one or one that is not a number is refused, in words.
+fn split_host_port(s: &str) -> Result<(String, Option<String>, bool), String> {
+    let port = |p: &str| {
+        if p.is_empty() {
+            Err(format!("the port is empty in \"{s}\" (leave out the ':' for the default port)"))
+        } else if p.bytes().all(|b| b.is_ascii_digit()) {
+            Ok(Some(p.to_owned()))
+        } else {
+            Err(format!("the port \"{p}\" is not a number"))
+        }
+    };
     if let Some(rest) = s.strip_prefix('[') {
-        let (h, after) = rest.split_once(']')?;
-        let port = if after.is_empty() { None } else { port(after.strip_prefix(':')?)? };
-        return Some((h.to_owned(), port));
+        let (h, after) = rest.split_once(']').ok_or_else(|| format!("the host \"{s}\" has no closing ']'"))?;
+        let port = match after.strip_prefix(':') {
+            _ if after.is_empty() => None,
+            Some(p) => port(p)?,
+            None => return Err(format!("unexpected \"{after}\" after the IPv6 address in the host \"{s}\"")),
+        };
+        return Ok((h.to_owned(), port, true));
     }
     match s.rsplit_once(':') {
-        Some((h, p)) => Some((decode(h)?, port(p)?)),
-        None => Some((decode(s)?, None)),
+        Some((h, p)) => Ok((h.to_owned(), port(p)?, false)),
+        None => Ok((s.to_owned(), None, false)),
     }
 }
 
@@ -265,6 +365,83 @@ mod tests {
             ("nbd://%zz:10/", libc::EINVAL),
         ] {
             assert_eq!(parse(bad).unwrap_err().errno, errno, "{bad}");
+        }
+    }
+
+    /// The refusal of `bad`: its errno and message.
+    fn refusal(bad: &str) -> (i32, String) {
+        let e = parse(bad).unwrap_err();
+        (e.errno, e.msg)
+    }
+
+    /// Every word must be in the message refusing `bad`, with EINVAL.
+    fn says(bad: &str, words: &[&str]) {
+        let (errno, msg) = refusal(bad);
+        assert_eq!(errno, libc::EINVAL, "{bad}: {msg}");
+        for w in words {
+            assert!(msg.contains(w), "{bad}: {msg:?} does not say {w:?}");
+        }
+    }
+
+    #[test]
+    fn a_missing_or_wrong_scheme_is_named() {
+        says("localhost", &["does not have a scheme", "nbd://localhost:PORT"]);
+        says("/tmp/sock", &["does not have a scheme", "nbd+unix://?socket=PATH"]);
+        says("nbd//h", &["does not have a scheme"]);
+        says("http://h/", &["unknown NBD URI scheme: http", "nbd+unix://"]);
+        says("localhost:10809", &["unknown NBD URI scheme: localhost"]);
+        says("nbd:h", &["URI must begin with 'nbd://'"]);
+        says("nbds+unix:/x", &["URI must begin with 'nbds+unix://'"]);
+        let (errno, msg) = refusal("nbd+ssh://h/");
+        assert_eq!(errno, libc::ENOTSUP, "{msg}");
+        assert!(msg.contains("nbd+ssh"), "{msg}");
+        // As libnbd 1.22, the scheme in any case.
+        assert_eq!(parse("NBDS+Unix:///?socket=/s").unwrap().transport, Transport::Unix { socket: "/s".into() });
+    }
+
+    #[test]
+    fn a_space_or_control_byte_is_placed() {
+        says("nbd://h/a b", &["export name", "a space at offset 9", "%20"]);
+        says("nbd://h\x01/", &[]);
+        says("nbd://h\x7f/", &["server", "0x7f at offset 7", "%7F"]);
+        says("nbd://h/?socket=\t", &["query", "0x09 at offset 16", "%09"]);
+        says("nbd://h/#a b", &["fragment", "offset 10"]);
+    }
+
+    #[test]
+    fn a_bad_escape_is_quoted_with_its_part() {
+        says("nbd://h/%zz", &["\"%zz\"", "export name"]);
+        says("nbd://h/%4", &["\"%4\"", "export name"]);
+        says("nbd://%zz:10/", &["\"%zz\"", "host"]);
+        says("nbd://u%g1@h/", &["\"%g1\"", "user name"]);
+        says("nbd://h/?%zz=1", &["\"%zz\"", "name of the query parameter \"%zz=1\""]);
+        says("nbd+unix:///?socket=/a%zz", &["\"%zz\"", "value of the query parameter \"socket\""]);
+    }
+
+    #[test]
+    fn a_bad_host_or_port_is_named() {
+        says("nbd://h:port/", &["the port \"port\" is not a number"]);
+        says("nbd://h:-1/", &["the port \"-1\" is not a number"]);
+        says("nbd://h:/", &["the port is empty"]);
+        says("nbd://[::1/", &["\"[::1\" has no closing ']'"]);
+        says("nbd://[::1]x/", &["unexpected \"x\" after the IPv6 address", "\"[::1]x\""]);
+        says("nbd://[::1]:/", &["the port is empty"]);
+        says("nbd+vsock://notanumber/", &["vsock CID", "\"notanumber\""]);
+        says("nbd+vsock://99999999999/", &["vsock CID", "4294967295"]);
+        says("nbd+vsock://2:notaport/", &["the port \"notaport\" is not a number"]);
+        says("nbd+vsock://2:99999999999/", &["vsock port", "\"99999999999\""]);
+    }
+
+    #[test]
+    fn a_bad_query_parameter_is_named() {
+        says("nbd://h/?socket=/x", &["socket parameter is incompatible with \"nbd:\"", "nbd+unix:///?socket="]);
+        says("nbds://h/?socket=/x", &["nbds+unix:///?socket="]);
+        says("nbd+unix:///", &["socket parameter", "nbd+unix:///?socket=..."]);
+        says("nbd://h/?tls-verify-peer=maybe", &["tls-verify-peer parameter \"maybe\"", "tls-verify-peer=true|false"]);
+        // libnbd's booleans, in any case.
+        for (v, want) in [("T", false), ("Y", false), ("on", false), ("F", true), ("n", true), ("OFF", true)] {
+            let u = parse(&std::format!("nbd://h/?tls-verify-peer={v}")).unwrap();
+            assert_eq!(u.tls_verify_peer, Some(!want), "{v}");
         }
     }
 

@@ -275,22 +275,80 @@ path_in_dir (const char *name)
   return p;
 }
 
+/* nbdkit -f listening on SOCK (a path) or on PORT (every address), with
+ * ARGS (NULL-terminated) after the common options; ready when it returns. */
+static pid_t
+start_nbdkit_listening (const char *sock, int port, char **args)
+{
+  char *pidfile, *argv[32], portstr[16];
+  int n = 0;
+  if ((sock ? asprintf (&pidfile, "%s.pid", sock)
+       : asprintf (&pidfile, "%s/nbdkit-%d.pid", dir, port)) == -1)
+    fatal ("asprintf");
+  argv[n++] = "nbdkit"; argv[n++] = "-f"; argv[n++] = "--exit-with-parent";
+  argv[n++] = "-P"; argv[n++] = pidfile;
+  if (sock) {
+    argv[n++] = "-U"; argv[n++] = (char *) sock;
+  } else {
+    snprintf (portstr, sizeof portstr, "%d", port);
+    argv[n++] = "-p"; argv[n++] = portstr;
+  }
+  while (*args && n < 31) argv[n++] = *args++;
+  argv[n] = NULL;
+  pid_t pid = spawn (argv, -1, -1);
+  wait_ready ("nbdkit", pid, pidfile, sock, sock ? 0 : port, false);
+  free (pidfile);
+  return pid;
+}
+
 /* nbdkit -f on a Unix socket NAME in the private directory, with ARGS
  * (NULL-terminated) after the common options; ready when it returns. */
 static pid_t __attribute__ ((unused))
 start_nbdkit_unix (const char *name, char **args)
 {
-  char *sock = path_in_dir (name), *pidfile, *argv[32];
-  int n = 0;
-  if (asprintf (&pidfile, "%s.pid", sock) == -1) fatal ("asprintf");
-  argv[n++] = "nbdkit"; argv[n++] = "-f"; argv[n++] = "--exit-with-parent";
-  argv[n++] = "-U"; argv[n++] = sock; argv[n++] = "-P"; argv[n++] = pidfile;
-  while (*args && n < 31) argv[n++] = *args++;
-  argv[n] = NULL;
-  pid_t pid = spawn (argv, -1, -1);
-  wait_ready ("nbdkit", pid, pidfile, sock, 0, false);
-  free (sock); free (pidfile);
+  char *sock = path_in_dir (name);
+  pid_t pid = start_nbdkit_listening (sock, 0, args);
+  free (sock);
   return pid;
+}
+
+/* nbdkit -f on TCP PORT of every local address (IPv4 and IPv6). */
+static pid_t __attribute__ ((unused))
+start_nbdkit_port (int port, char **args)
+{
+  return start_nbdkit_listening (NULL, port, args);
+}
+
+/* tests/tls-certs.sh from the repository (the current directory, as
+ * tests/c-compare.sh runs us; TLS_CERTS_SH; or next to our binary in
+ * target/c-tests) run into the private directory's "certs"; returns that
+ * directory (allocated). */
+static __attribute__ ((unused)) char *
+make_tls_certs (void)
+{
+  char exe[4096], *script = NULL, *candidates[3], *beside = NULL;
+  ssize_t n = readlink ("/proc/self/exe", exe, sizeof exe - 1);
+  int nc = 0, status;
+  candidates[nc++] = getenv ("TLS_CERTS_SH");
+  candidates[nc++] = "tests/tls-certs.sh";
+  if (n > 0) {
+    exe[n] = 0;
+    char *slash = strrchr (exe, '/');
+    if (slash) *slash = 0;
+    if (asprintf (&beside, "%s/../../tests/tls-certs.sh", exe) == -1) fatal ("asprintf");
+    candidates[nc++] = beside;
+  }
+  for (int i = 0; i < nc && !script; i++)
+    if (candidates[i] && access (candidates[i], X_OK) == 0) script = candidates[i];
+  if (!script) fatal ("tests/tls-certs.sh not found (run from the repository root or set TLS_CERTS_SH)");
+  char *certs = path_in_dir ("certs");
+  char *argv[] = { script, certs, NULL };
+  pid_t pid = spawn (argv, -1, -1);
+  if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
+    fatal ("%s failed (status 0x%x)", script, status);
+  forget_child (pid);
+  free (beside);
+  return certs;
 }
 
 /* Open file descriptors below 1024. */

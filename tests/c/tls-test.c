@@ -114,32 +114,11 @@ make_image (const char *path, off_t size)
   close (fd);
 }
 
-/* tests/tls-certs.sh from the repository: the current directory (as
- * tests/c-compare.sh runs us), TLS_CERTS_SH, or next to our binary in
- * target/c-tests. */
+/* The certificates and PSK files, in the private directory's "certs". */
 static void
 make_certs (void)
 {
-  char exe[4096], *script = NULL, *candidates[3];
-  ssize_t n = readlink ("/proc/self/exe", exe, sizeof exe - 1);
-  int nc = 0, status;
-  candidates[nc++] = getenv ("TLS_CERTS_SH");
-  candidates[nc++] = "tests/tls-certs.sh";
-  if (n > 0) {
-    exe[n] = 0;
-    char *slash = strrchr (exe, '/');
-    if (slash) *slash = 0;
-    if (asprintf (&candidates[nc], "%s/../../tests/tls-certs.sh", exe) == -1) fatal ("asprintf");
-    keep (candidates[nc++]);
-  }
-  for (int i = 0; i < nc && !script; i++)
-    if (candidates[i] && access (candidates[i], X_OK) == 0) script = candidates[i];
-  if (!script) fatal ("tests/tls-certs.sh not found (run from the repository root or set TLS_CERTS_SH)");
-  char *argv[] = { script, P ("certs"), NULL };
-  pid_t pid = spawn (argv, -1, -1);
-  if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
-    fatal ("%s failed (status 0x%x)", script, status);
-  forget_child (pid);
+  keep (make_tls_certs ());
 }
 
 #define CERTS(name) P ("certs/%s", name)

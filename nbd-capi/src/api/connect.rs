@@ -153,10 +153,16 @@ pub extern "C" fn nbd_supports_uri(h: *mut nbd_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
     export!("nbd_get_uri", h, std::ptr::null_mut(), |i| {
-        let t = i
-            .transport
-            .as_ref()
-            .ok_or_else(|| CError::new(libc::ENOTSUP, "cannot construct a URI for this connection method"))?;
+        let t = match (&i.transport, &i.address_uri) {
+            (Some(t), _) => t,
+            (None, Some(from_address)) => from_address.as_ref().map_err(Clone::clone)?,
+            (None, None) => {
+                return Err(CError::new(
+                    libc::EINVAL,
+                    "cannot construct a URI for this connection type (a socket or a command the handle was given)",
+                ))
+            }
+        };
         let tls = i.conn.tls_negotiated() || i.conn.config().tls == nbd_proto::TlsMode::Require;
         let s = &i.tls_settings;
         let mut files = Vec::new();
@@ -165,6 +171,10 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
         }
         if let Some(f) = &s.psk_file {
             files.push(("tls-psk-file", f.to_string_lossy()));
+        }
+        // As libnbd 1.22 writes it, whether TLS is used or not.
+        if !s.verify_peer {
+            files.push(("tls-verify-peer", "false".into()));
         }
         let files: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_ref())).collect();
         super::c_string(&uri::format(tls, t, i.conn.config().export_name(), s.username.as_deref(), &files))
@@ -219,6 +229,8 @@ fn connect_activated(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
     let (fd, pid, dir) = crate::subprocess::spawn_activated(&argv).inspect_err(|e| {
         i.conn.handle_transport_error(e.errno, "connect_systemd_socket_activation");
     })?;
+    let socket = crate::subprocess::activation_socket(&dir).to_string_lossy().into_owned();
+    i.address_uri = Some(Ok(Transport::Unix { socket }));
     i.subprocess = Some((pid, Some(dir)));
     i.attach(fd)
 }
@@ -229,6 +241,7 @@ fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::sockl
     }
     // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
     let a = unsafe { Address::from_raw(addr, len) }?;
+    i.address_uri = Some(a.transport());
     i.dial(vec![a], None)
 }
 
@@ -277,7 +290,7 @@ pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_in
         // the socket is closed, so a server that drains first cannot hang us.
         // SAFETY: signalling our own child, not yet reaped.
         if unsafe { libc::kill(*pid, sig) } < 0 {
-            return Err(std::io::Error::last_os_error().into());
+            return Err(CError::last_os("kill"));
         }
         Ok(0)
     })

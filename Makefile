@@ -146,7 +146,8 @@ fuzz-smoke: fuzz-seeds
 fuzz: fuzz-seeds fuzz-build
 	set -e; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p nbd-proto/fuzz/corpus/$$t; \
-	  (cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t fuzz/seeds-real/$$t -- \
+	  mkdir -p nbd-proto/fuzz/regressions/$$t; \
+	  (cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t fuzz/seeds-real/$$t fuzz/regressions/$$t -- \
 	    -max_total_time=$(FUZZ_TIME) -max_len=200000 -print_final_stats=1); \
 	done
 	mkdir -p nbd-capi/fuzz/corpus/uri

@@ -55,10 +55,11 @@ pub fn spawn_command(argv: &[CString]) -> CResult<(OwnedFd, Child)> {
     Ok((OwnedFd::from(ours), child))
 }
 
-/// Starts `argv` under systemd socket activation and connects to it.
+/// Starts `argv` under systemd socket activation and connects to it; the
+/// socket's name (`LISTEN_FDNAMES`) is `fdname`, or "unknown" if empty.
 /// Returns the connected socket, the child's pid and the scratch
 /// directory holding the socket.
-pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
+pub fn spawn_activated(argv: &[CString], fdname: &str) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("libnbd-sa-{}-{n}", std::process::id()));
@@ -79,7 +80,8 @@ pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::
         })
         .collect();
     env.push(CString::new("LISTEN_FDS=1").unwrap_or_default());
-    env.push(CString::new("LISTEN_FDNAMES=nbd").unwrap_or_default());
+    let fdname = if fdname.is_empty() { "unknown" } else { fdname };
+    env.push(CString::new(format!("LISTEN_FDNAMES={fdname}")).unwrap_or_default());
     let mut pid_var = *b"LISTEN_PID=00000000000000000000\0";
     let mut envp: Vec<*const c_char> = env.iter().map(|c| c.as_ptr()).collect();
     envp.push(pid_var.as_ptr().cast());

@@ -54,6 +54,8 @@ pub enum ProtocolError {
     MetaContextNotRequested(String),
     #[error("the server gave meta context id {0} twice")]
     DuplicateMetaContextId(u32),
+    #[error("the server accepted NBD_OPT_STARTTLS inside TLS")]
+    TlsTwice,
     #[error("the server sent bytes after accepting STARTTLS, before TLS began")]
     DataBeforeTls,
     #[error("the server sent bytes {0}, when no reply was due")]
@@ -158,6 +160,8 @@ pub enum LocalError {
     NameTooLong(&'static str),
     #[error("server lacks structured replies, needed to list meta contexts")]
     NoStructuredReplies,
+    #[error("context {0} not negotiated")]
+    ContextNotNegotiated(String),
     #[error("command abandoned before it was sent")]
     Abandoned,
     #[error("{0}")]

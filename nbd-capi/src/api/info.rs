@@ -55,6 +55,11 @@ pub extern "C" fn nbd_can_df(h: *mut nbd_handle) -> c_int {
 }
 
 #[no_mangle]
+pub extern "C" fn nbd_can_block_status_payload(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_block_status_payload", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::BLOCK_STAT_PAYLOAD))))
+}
+
+#[no_mangle]
 pub extern "C" fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int {
     export!("nbd_can_multi_conn", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::CAN_MULTI_CONN))))
 }
@@ -93,6 +98,9 @@ pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i6
             0 => b.map_or(0, |b| b.minimum),
             1 => b.map_or(0, |b| b.preferred),
             2 => b.map_or(0, |b| b.maximum),
+            // The largest payload to send: what the server advertised,
+            // within 1 MiB..64 MiB; 32 MiB if it advertised nothing.
+            3 => b.map_or(32 << 20, |b| b.maximum.clamp(1 << 20, 64 << 20)),
             _ => return Err(CError::new(libc::EINVAL, format!("unknown size_type: {size_type}"))),
         };
         Ok(i64::from(v))
@@ -115,6 +123,11 @@ pub extern "C" fn nbd_get_protocol(h: *mut nbd_handle) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn nbd_get_structured_replies_negotiated(h: *mut nbd_handle) -> c_int {
     export!("nbd_get_structured_replies_negotiated", h, -1, |i| Ok(c_int::from(i.conn.structured_replies_negotiated())))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_extended_headers_negotiated(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_extended_headers_negotiated", h, -1, |i| Ok(c_int::from(i.conn.extended_headers_negotiated())))
 }
 
 #[no_mangle]

@@ -11,8 +11,14 @@ use std::ffi::{c_char, c_int};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Waits for the handshake to finish, as every synchronous connect does.
+/// In opt mode that includes sending what is queued (the client's
+/// handshake flags), so the server is not left waiting for them.
 fn finish_connect(i: &mut Inner) -> CResult<c_int> {
-    i.run_until(|i| !matches!(i.conn.state(), PublicState::Connecting))?;
+    i.run_until(|i| match i.conn.state() {
+        PublicState::Connecting => false,
+        PublicState::Negotiating => !i.conn.direction().wants_write(),
+        _ => true,
+    })?;
     i.ended().map_or(Ok(0), Err)
 }
 

@@ -195,7 +195,7 @@ pub const EXPORTS: &[Export] = &[
     row("nbd_set_uri_allow_local_file", "LIBNBD_1.2", CREATED, true),
     row("nbd_set_uri_allow_tls", "LIBNBD_1.2", CREATED, true),
     row("nbd_set_uri_allow_transports", "LIBNBD_1.2", CREATED, true),
-    row("nbd_shutdown", "LIBNBD_1.0", CONNECTED, true),
+    row("nbd_shutdown", "LIBNBD_1.0", NEGOTIATING | CONNECTED, true),
     row("nbd_stats_bytes_received", "LIBNBD_1.16", ANY, false),
     row("nbd_stats_bytes_sent", "LIBNBD_1.16", ANY, false),
     row("nbd_stats_chunks_received", "LIBNBD_1.16", ANY, false),

@@ -120,6 +120,9 @@ pub enum ServerError {
 impl ServerError {
     pub fn errno(&self) -> i32 {
         match self {
+            // libnbd reports any refusal of a meta context option it was
+            // asked for as unsupported.
+            ServerError::OptionRefused { option: opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT, .. } => ENOTSUP,
             // As libnbd reports a failed NBD_OPT_GO / NBD_OPT_INFO.
             ServerError::OptionRefused { reply, .. } => match *reply {
                 rep::ERR_INVALID | rep::ERR_TOO_BIG | rep::ERR_BLOCK_SIZE_REQD => EINVAL,

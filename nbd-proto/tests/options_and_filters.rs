@@ -217,3 +217,19 @@ fn traffic_counters() {
     assert_eq!(after.chunks_received - before.chunks_received, 1, "one data chunk");
     assert_eq!(after.bytes_received - before.bytes_received, 20 + 8 + 512);
 }
+
+#[test]
+fn meta_contexts_listed_without_structured_replies() {
+    // The server is asked all the same (as libnbd 1.22 does), and a
+    // refusal of a meta context option is ENOTSUP whatever the reply.
+    let mut b = Behaviour::nbd_server();
+    b.exports.push((String::new(), String::new()));
+    let mut p = negotiating(|_| {}, b);
+    assert!(!p.client.structured_replies_negotiated());
+    let e = option(&mut p, |c| c.opt_list_meta_context_queries(None)).unwrap_err();
+    assert_eq!(e.errno(), errno::ENOTSUP);
+    assert_eq!(p.server.options.last(), Some(&opt::LIST_META_CONTEXT));
+    let e = option(&mut p, |c| c.opt_set_meta_context(None)).unwrap_err();
+    assert_eq!(e.errno(), errno::ENOTSUP);
+    assert_eq!(p.state(), PublicState::Negotiating);
+}

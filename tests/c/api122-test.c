@@ -261,6 +261,11 @@ test_nbdkit_opt (const char *sock)
   CHECK_ERR (nbd_set_tls_hostname (h, "x"), "nbd_set_tls_hostname", EINVAL);
   CHECK_ERR (nbd_set_socket_activation_name (h, "x"), "nbd_set_socket_activation_name", EINVAL);
 
+  /* 1.22 asks the server even without structured replies (1.14 refused
+   * locally with ENOTSUP); nbdkit answers. */
+  CHECK (nbd_opt_list_meta_context (h, collector (&m)) == 1 && has_name (&m, LIBNBD_CONTEXT_BASE_ALLOCATION),
+         "list_meta_context without structured replies (%d)", m.n);
+
   /* nbdkit 1.32 does not know NBD_OPT_EXTENDED_HEADERS: false, not an error. */
   CHECK (nbd_opt_extended_headers (h) == 0, "opt_extended_headers refused");
   CHECK (nbd_aio_is_negotiating (h) == 1 && nbd_get_extended_headers_negotiated (h) == 0,
@@ -405,6 +410,10 @@ test_nbdkit_opt (const char *sock)
   CHECK (nbd_opt_structured_reply (h) == 1, "counters: structured reply");
   CHECK (nbd_stats_chunks_sent (h) == 1 && nbd_stats_chunks_received (h) == 1,
          "an option is a chunk sent; its reply is not counted");
+  /* 1.22 lets nbd_shutdown end negotiation (with NBD_OPT_ABORT). */
+  CHECK_ERR (nbd_shutdown (h, 0x1), "nbd_shutdown", EINVAL);
+  CHECK (nbd_shutdown (h, 0) == 0 && nbd_aio_is_closed (h) == 1, "shutdown while negotiating");
+  CHECK (nbd_stats_chunks_sent (h) == 2, "the abort was sent");
   nbd_close (h);
 }
 

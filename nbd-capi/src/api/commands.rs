@@ -481,6 +481,10 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
         if flags & !crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
+        // Still negotiating (libnbd 1.22): end it as opt_abort does.
+        if i.conn.state() == nbd_proto::PublicState::Negotiating {
+            return super::opt::abort(i);
+        }
         if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             // Requests not yet sent fail (ENOTCONN); those sent are answered.
             i.conn.abandon_unsent();

@@ -5,7 +5,7 @@ mod commands;
 mod connect;
 pub(crate) mod handle;
 pub(crate) mod info;
-mod opt;
+pub(crate) mod opt;
 mod settings;
 
 use crate::error::{CError, CResult};

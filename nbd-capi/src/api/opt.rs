@@ -73,6 +73,7 @@ fn queries(q: Queries) -> CResult<Option<Vec<String>>> {
 
 fn issue_meta(c: &mut Connection<UserBuf>, which: MetaOption, queries: Option<Vec<String>>) -> Result<(), Error> {
     match which {
+        // libnbd 1.22 asks even without structured replies.
         MetaOption::List => c.opt_list_meta_context_queries(queries),
         MetaOption::Set => c.opt_set_meta_context(queries),
     }
@@ -115,14 +116,17 @@ pub extern "C" fn nbd_opt_info(h: *mut nbd_handle) -> c_int {
     })
 }
 
+/// Ends negotiation with NBD_OPT_ABORT and waits for the close.
+pub(crate) fn abort(i: &mut Inner) -> CResult<c_int> {
+    start(i, OptPending::default(), |c| c.opt_abort())?;
+    i.run_until(|i| i.conn.state() == PublicState::Closed)?;
+    i.opt = None;
+    Ok(0)
+}
+
 #[no_mangle]
 pub extern "C" fn nbd_opt_abort(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_abort", h, -1, |i| {
-        start(i, OptPending::default(), |c| c.opt_abort())?;
-        i.run_until(|i| i.conn.state() == PublicState::Closed)?;
-        i.opt = None;
-        Ok(0)
-    })
+    export!("nbd_opt_abort", h, -1, |i| abort(i))
 }
 
 #[no_mangle]

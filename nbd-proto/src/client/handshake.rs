@@ -93,17 +93,20 @@ impl<B: super::CommandBuffer> Connection<B> {
     }
 
     /// Lists meta contexts matching the configured ones (all, if none);
-    /// each arrives as [`Event::MetaContextListed`].
+    /// each arrives as [`Event::MetaContextListed`]. Without structured
+    /// replies this is refused locally, as libnbd 1.14 does;
+    /// [`Self::opt_list_meta_context_queries`] asks the server regardless.
     pub fn opt_list_meta_context(&mut self) -> Result<(), Error> {
+        if matches!(self.state, State::Negotiating) && !self.neg.structured_replies {
+            return Err(LocalError::NoStructuredReplies.into());
+        }
         self.opt_list_meta_context_queries(None)
     }
 
     /// As [`Self::opt_list_meta_context`], with `queries` instead of the
-    /// configured contexts when given.
+    /// configured contexts when given. As libnbd 1.22 does, the option is
+    /// sent even without structured replies: the server decides.
     pub fn opt_list_meta_context_queries(&mut self, queries: Option<Vec<String>>) -> Result<(), Error> {
-        if matches!(self.state, State::Negotiating) && !self.neg.structured_replies {
-            return Err(LocalError::NoStructuredReplies.into());
-        }
         self.start_meta_goal(Goal::ListMetaContext, queries)
     }
 

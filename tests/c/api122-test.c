@@ -468,6 +468,44 @@ test_nbdkit_starttls (void)
   free (keys); free (sock);
 }
 
+/* An X.509 server whose certificate names "otherhost", reached over TCP
+ * as localhost: the name checked is set_tls_hostname's when set. */
+static void
+test_tls_hostname (void)
+{
+  char *certs = path_in_dir ("certs"), *server, *client;
+  char *gen[] = { "tests/tls-certs.sh", certs, NULL };
+  int port = free_port (AF_INET);
+  char portstr[16], *pidfile = path_in_dir ("x509.pid");
+  struct nbd_handle *h;
+
+  if (access (gen[0], X_OK) != 0) fatal ("%s not found: run from the repository root", gen[0]);
+  run (gen);
+  if (asprintf (&server, "%s/server-other", certs) == -1 || asprintf (&client, "%s/client-ca", certs) == -1)
+    fatal ("asprintf");
+  snprintf (portstr, sizeof portstr, "%d", port);
+  {
+    char *argv[] = { "nbdkit", "-f", "--exit-with-parent", "-i", "127.0.0.1", "-p", portstr, "-P", pidfile,
+                     "--tls=require", "--tls-certificates", server, "memory", "1M", NULL };
+    wait_ready ("nbdkit (x509)", spawn (argv, -1, -1), pidfile, NULL, port, false);
+  }
+  for (int named = 0; named <= 1; named++) {
+    h = nbd_create ();
+    CHECK (nbd_set_tls (h, LIBNBD_TLS_REQUIRE) == 0 && nbd_set_tls_certificates (h, client) == 0,
+           "x509: settings");
+    if (named) CHECK (nbd_set_tls_hostname (h, "otherhost") == 0, "x509: set_tls_hostname");
+    if (named) {
+      CHECK (nbd_connect_tcp (h, "localhost", portstr) == 0, "x509: the certificate names the TLS host name");
+      CHECK (nbd_get_tls_negotiated (h) == 1, "x509: TLS");
+      CHECK (str_is (nbd_get_tls_hostname (h), "otherhost"), "x509: tls_hostname after connect");
+    }
+    else
+      CHECK (nbd_connect_tcp (h, "localhost", portstr) == -1, "x509: localhost is not otherhost");
+    nbd_close (h);
+  }
+  free (certs); free (server); free (client); free (pidfile);
+}
+
 /* ---------------------------------------------------------------------- */
 /* 4. qemu-nbd: extended headers, several contexts, filtered status. */
 
@@ -615,7 +653,7 @@ test_subprocess (void)
 int
 main (void)
 {
-  const char *needs[] = { "nbdkit", "qemu-nbd", "qemu-img", "psktool", NULL };
+  const char *needs[] = { "nbdkit", "qemu-nbd", "qemu-img", "psktool", "openssl", NULL };
   char *args[] = { "memory", "1M", NULL };
   char *sock;
 
@@ -630,6 +668,7 @@ main (void)
   test_nbdkit_opt (sock);
   free (sock);
   test_nbdkit_starttls ();
+  test_tls_hostname ();
   test_qemu ();
   test_subprocess ();
 

@@ -468,6 +468,33 @@ test_nbdkit_starttls (void)
   free (keys); free (sock);
 }
 
+/* LIBNBD_STRICT_PAYLOAD: writes no larger than LIBNBD_SIZE_PAYLOAD; off,
+ * up to libnbd's own 64 MiB limit. */
+static void
+test_payload_limit (void)
+{
+  char *args[] = { "memory", "128M", NULL }, *sock = path_in_dir ("big.sock");
+  struct nbd_handle *h = nbd_create ();
+  int64_t max;
+  char *buf;
+
+  start_nbdkit_unix ("big.sock", args);
+  CHECK (nbd_set_request_block_size (h, false) == 0 && nbd_connect_unix (h, sock) == 0, "payload: connect");
+  max = nbd_get_block_size (h, LIBNBD_SIZE_PAYLOAD);
+  CHECK (max == (nbd_get_block_size (h, LIBNBD_SIZE_MAXIMUM) ? 64 << 20 : 32 << 20), "payload: %" PRId64, max);
+  buf = calloc (1, (64 << 20) + 4096);
+  if (buf == NULL) fatal ("calloc");
+  CHECK (nbd_pwrite (h, buf, max, 0, 0) == 0, "payload: a write of the maximum");
+  CHECK_ERR (nbd_pwrite (h, buf, max + 4096, 0, 0), "nbd_pwrite", ERANGE);
+  CHECK_ERR (nbd_aio_pwrite (h, buf, max + 4096, 0, NBD_NULL_COMPLETION, 0), "nbd_aio_pwrite", ERANGE);
+  CHECK (nbd_set_strict_mode (h, LIBNBD_STRICT_MASK & ~LIBNBD_STRICT_PAYLOAD) == 0, "payload: strict off");
+  if (max < 64 << 20)
+    CHECK (nbd_pwrite (h, buf, max + 4096, 0, 0) == 0, "payload: larger with STRICT_PAYLOAD off");
+  CHECK_ERR (nbd_pwrite (h, buf, (64 << 20) + 4096, 0, 0), "nbd_pwrite", ERANGE);
+  nbd_close (h);
+  free (buf); free (sock);
+}
+
 /* An X.509 server whose certificate names "otherhost", reached over TCP
  * as localhost: the name checked is set_tls_hostname's when set. */
 static void
@@ -669,6 +696,7 @@ main (void)
   free (sock);
   test_nbdkit_starttls ();
   test_tls_hostname ();
+  test_payload_limit ();
   test_qemu ();
   test_subprocess ();
 

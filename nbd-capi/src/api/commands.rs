@@ -102,9 +102,15 @@ fn initialize_refused<R: PartialEq + From<i8>>(h: *mut nbd_handle, buf: *mut c_v
     r
 }
 
-fn write_buf(buf: *const c_void, count: usize) -> CResult<UserBuf> {
+/// A write's buffer; with `LIBNBD_STRICT_PAYLOAD` (libnbd 1.22) no larger
+/// than the payload the server can be assumed to take.
+fn write_buf(i: &Inner, buf: *const c_void, count: usize) -> CResult<UserBuf> {
     if buf.is_null() && count > 0 {
         return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
+    }
+    let max = super::info::payload_maximum(i);
+    if i.strict_flags & crate::constants::LIBNBD_STRICT_PAYLOAD != 0 && count as u64 > max {
+        return Err(CError::new(libc::ERANGE, format!("request too large: maximum payload size is {max}")));
     }
     Ok(UserBuf::write(buf.cast(), count))
 }
@@ -173,7 +179,7 @@ pub extern "C" fn nbd_aio_pwrite(
     let cbs = completion(cb);
     export!("nbd_aio_pwrite", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        let b = write_buf(buf, count)?;
+        let b = write_buf(i, buf, count)?;
         submit(i, "write", cbs, None, offset, |c| c.write(offset, b, f))
     })
 }
@@ -366,7 +372,7 @@ pub extern "C" fn nbd_pread_structured(
 pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int {
     export!("nbd_pwrite", h, -1, |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        let b = write_buf(buf, count)?;
+        let b = write_buf(i, buf, count)?;
         let c = submit(i, "write", no_callbacks(), None, offset, |c| c.write(offset, b, f))?;
         wait(i, c)
     })

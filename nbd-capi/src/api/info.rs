@@ -89,6 +89,12 @@ pub extern "C" fn nbd_get_size(h: *mut nbd_handle) -> i64 {
     })
 }
 
+/// The largest payload to send, as libnbd 1.22 reckons it: what the
+/// server advertised, within 1 MiB..64 MiB; 32 MiB if it advertised nothing.
+pub(crate) fn payload_maximum(i: &Inner) -> u64 {
+    u64::from(i.conn.export().block_size.map_or(32 << 20, |b| b.maximum.clamp(1 << 20, 64 << 20)))
+}
+
 #[no_mangle]
 pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64 {
     export!("nbd_get_block_size", h, -1, |i| {
@@ -98,9 +104,7 @@ pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i6
             0 => b.map_or(0, |b| b.minimum),
             1 => b.map_or(0, |b| b.preferred),
             2 => b.map_or(0, |b| b.maximum),
-            // The largest payload to send: what the server advertised,
-            // within 1 MiB..64 MiB; 32 MiB if it advertised nothing.
-            3 => b.map_or(32 << 20, |b| b.maximum.clamp(1 << 20, 64 << 20)),
+            3 => payload_maximum(i) as u32,
             _ => return Err(CError::new(libc::EINVAL, format!("unknown size_type: {size_type}"))),
         };
         Ok(i64::from(v))

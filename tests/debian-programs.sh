@@ -109,7 +109,9 @@ round_trip "" "nbd+unix:///?socket=$dir/m.sock"
 check "nbdcopy pattern to null" nbdcopy "nbd+unix:///?socket=$dir/p.sock" null:
 
 # Python and nbdsh.
-same "python3 import nbd" /usr/bin/python3 -c 'import nbd; h = nbd.NBD(); print(h.get_version(), h.supports_uri(), h.get_strict_mode())'
+# The version and the strict bits are 1.22.2's on ours (1.14.2 and 0x1f
+# on Debian's): what both share is compared.
+same "python3 import nbd" /usr/bin/python3 -c 'import nbd; h = nbd.NBD(); print(h.get_version()[:2], h.supports_uri(), h.get_strict_mode() & 0x1f)'
 cat > "$dir/script.py" <<EOF
 h.add_meta_context("base:allocation")
 h.connect_uri("nbd+unix:///?socket=$dir/m.sock")

@@ -256,6 +256,10 @@ test_nbdkit_opt (const char *sock)
   CHECK (nbd_get_structured_replies_negotiated (h) == 0, "no structured replies yet");
   CHECK (nbd_get_extended_headers_negotiated (h) == 0, "no extended headers");
   CHECK (nbd_can_block_status_payload (h) == -1, "no export flags yet");
+  CHECK (nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 0, "can_meta_context: nothing configured");
+  CHECK (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 0, "configure base:allocation");
+  CHECK_ERR (nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION), "nbd_can_meta_context", EINVAL);
+  CHECK (nbd_clear_meta_contexts (h) == 0, "clear again");
   CHECK_ERR (nbd_set_request_extended_headers (h, true), "nbd_set_request_extended_headers", EINVAL);
   CHECK (nbd_set_request_meta_context (h, true) == 0, "set_request_meta_context while negotiating");
   CHECK_ERR (nbd_set_tls_hostname (h, "x"), "nbd_set_tls_hostname", EINVAL);
@@ -290,6 +294,10 @@ test_nbdkit_opt (const char *sock)
   CHECK (nbd_opt_set_meta_context (h, collector (&m)) == 0 && m.n == 0, "set with none configured");
   CHECK (nbd_opt_set_meta_context_queries (h, ctx_q, collector (&m)) == 1 && m.n == 1 &&
          has_name (&m, LIBNBD_CONTEXT_BASE_ALLOCATION) && m.freed == 1, "set base:allocation");
+  CHECK (nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1, "can_meta_context before go");
+  CHECK (nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 0, "configure a context");
+  CHECK (nbd_can_meta_context (h, "qemu:nosuch") == 0, "can_meta_context: not selected");
+  CHECK (nbd_clear_meta_contexts (h) == 0, "clear");
   CHECK_ERR (nbd_opt_set_meta_context_queries (h, null_ptr, collector (&m)), "nbd_opt_set_meta_context_queries",
              EFAULT);
   CHECK (m.freed == 1, "EFAULT: callback freed");

@@ -73,9 +73,19 @@ pub extern "C" fn nbd_can_cache(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
     export!("nbd_can_meta_context", h, -1, |i| {
         let name = arg_str(name, "metacontext")?;
-        flags(i)?;
-        let found = i.conn.meta_contexts().is_some_and(|m| m.iter().any(|c| c.name == name));
-        Ok(c_int::from(found))
+        // As libnbd 1.22: what SET_META_CONTEXT selected, also before GO;
+        // an error only while contexts are configured and no request has
+        // settled them (the automatic one settles trivially when there is
+        // nothing it could ask).
+        let cfg = i.conn.config();
+        let settled = i.conn.export().size.is_some()
+            && cfg.request_meta_context
+            && (!i.conn.structured_replies_negotiated() || cfg.meta_contexts().is_empty());
+        match i.conn.meta_contexts() {
+            Some(m) => Ok(c_int::from(m.iter().any(|c| c.name == name))),
+            None if cfg.meta_contexts().is_empty() || settled => Ok(0),
+            None => Err(CError::new(libc::EINVAL, "need a successful server meta context request first")),
+        }
     })
 }
 

@@ -50,8 +50,10 @@ header: build
 	target/release/nbd-capi-gen finish-header < target/libnbd.cbindgen.h > target/libnbd.h
 	cp target/libnbd.h include/libnbd.h
 
-# The committed header must be what the sources generate, and must compile
-# alone as C99 (pedantic) and as C++.
+# The committed header must be what the sources generate, must compile
+# alone as C99 (pedantic) and as C++, must have one LIBNBD_HAVE_NBD_* macro
+# per exported function and per callback struct, and must offer every
+# declaration and macro of libnbd 1.22.2's header (tests/header-check.sh).
 check-header: build
 	@cbindgen --version | grep -qx 'cbindgen $(CBINDGEN_VERSION)' || \
 	  { echo "need cbindgen $(CBINDGEN_VERSION): cargo install cbindgen --version $(CBINDGEN_VERSION) --locked"; exit 1; }
@@ -62,9 +64,14 @@ check-header: build
 	$(CC) -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -c target/header-test.c -o target/header-test.o
 	cp target/header-test.c target/header-test.cpp
 	c++ -std=c++11 -Wall -Wextra -Werror -Iinclude -c target/header-test.cpp -o target/header-test-cpp.o
-	test "$$(grep -c '^#define LIBNBD_HAVE_NBD_' include/libnbd.h)" = "$$(grep -c 'row(\"' nbd-capi/src/table.rs)"
+	@functions=$$(grep -c 'row("' nbd-capi/src/table.rs); \
+	callbacks=$$(grep -c '^} nbd_[a-z0-9_]*_callback;' include/libnbd.h); \
+	macros=$$(grep -c '^#define LIBNBD_HAVE_NBD_' include/libnbd.h); \
+	test "$$macros" = "$$((functions + callbacks))" || \
+	  { echo "$$macros LIBNBD_HAVE_NBD_* macros for $$functions functions and $$callbacks callback structs"; exit 1; }
+	tests/header-check.sh
 
-# The exported symbols, version nodes and SONAME are libnbd 1.14.2's.
+# The exported symbols, version nodes and SONAME are libnbd 1.22.2's.
 check-abi: lib deps
 	tests/abi-check.sh
 

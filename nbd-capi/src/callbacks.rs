@@ -118,3 +118,22 @@ impl<C: Closure> Drop for Owned<C> {
 pub fn required<C: Closure>(c: Option<Owned<C>>, name: &str) -> crate::error::CResult<Owned<C>> {
     c.ok_or_else(|| crate::error::CError::new(libc::EFAULT, format!("{name} cannot be NULL")))
 }
+
+/// One block status extent with 64-bit fields (`nbd_extent`), as
+/// `nbd_extent64_callback` receives them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct nbd_extent {
+    pub length: u64,
+    pub flags: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct nbd_extent64_callback {
+    pub callback:
+        Option<unsafe extern "C" fn(*mut c_void, *const c_char, u64, *mut nbd_extent, usize, *mut c_int) -> c_int>,
+    pub user_data: *mut c_void,
+    pub free: Option<unsafe extern "C" fn(*mut c_void)>,
+}
+impl_closure!(nbd_extent64_callback);

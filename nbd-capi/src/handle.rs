@@ -67,6 +67,7 @@ pub struct Pending {
     pub completion: Option<Owned<nbd_completion_callback>>,
     pub chunk: Option<Owned<nbd_chunk_callback>>,
     pub extent: Option<Owned<nbd_extent_callback>>,
+    pub extent64: Option<Owned<nbd_extent64_callback>>,
     /// An errno a callback asked to fail the command with.
     pub callback_error: i32,
     /// The read buffer's start, for chunk callbacks.
@@ -76,6 +77,16 @@ pub struct Pending {
     pub offset: u64,
     /// The command's name in messages ("read", "write", ...).
     pub what: &'static str,
+}
+
+impl Pending {
+    /// A chunk or extent callback returned `r` with `err`: -1 fails the
+    /// command with `err` (EPROTO if it left none), unless it already failed.
+    fn callback_returned(&mut self, r: c_int, err: c_int) {
+        if r == -1 && self.callback_error == 0 {
+            self.callback_error = if err != 0 { err } else { libc::EPROTO };
+        }
+    }
 }
 
 /// A command that completed and awaits retirement. Its callbacks are
@@ -113,6 +124,12 @@ pub struct Inner {
     pub debug_cb: Option<Owned<nbd_debug_callback>>,
     pub handle_name: CString,
     pub pread_initialize: bool,
+    /// The name the server's certificate is checked against, in
+    /// preference to the host connected to (`set_tls_hostname`).
+    pub tls_hostname: Option<String>,
+    /// `LISTEN_FDNAMES` for a socket-activated server; empty for libnbd's
+    /// default.
+    pub socket_activation_name: String,
     pub uri_allow_transports: u32,
     pub uri_allow_tls: c_int,
     pub uri_allow_local_file: bool,
@@ -228,6 +245,8 @@ impl nbd_handle {
                 debug_cb: None,
                 handle_name: CString::new(format!("nbd{n}")).unwrap_or_default(),
                 pread_initialize: true,
+                tls_hostname: None,
+                socket_activation_name: String::new(),
                 uri_allow_transports: 7,
                 uri_allow_tls: 1,
                 uri_allow_local_file: false,
@@ -500,8 +519,9 @@ impl Inner {
 
     /// STARTTLS was accepted: the session starts with its first flight.
     fn start_tls(&mut self) {
-        let host = match &self.transport {
-            Some(crate::uri::Transport::Tcp { host, .. }) => Some(host.clone()),
+        let host = match (&self.tls_hostname, &self.transport) {
+            (Some(name), _) => Some(name.clone()),
+            (None, Some(crate::uri::Transport::Tcp { host, .. })) => Some(host.clone()),
             _ => None,
         };
         match OpensslTls::new(&self.tls_settings, host.as_deref()) {
@@ -649,6 +669,12 @@ impl Inner {
     /// Waits once for the socket to be ready in the direction the
     /// connection wants, and services it. `Ok(false)` on timeout.
     pub fn poll_once(&mut self, timeout_ms: c_int) -> CResult<bool> {
+        self.poll_once_with(timeout_ms, -1)
+    }
+
+    /// As [`Self::poll_once`], also waking when `extra_fd` (ignored if
+    /// negative) is readable: `Ok(true)` then, even if the socket is not.
+    pub fn poll_once_with(&mut self, timeout_ms: c_int, extra_fd: c_int) -> CResult<bool> {
         self.notify_write();
         self.take_dial_error()?;
         if self.tls_has_input_for_core() {
@@ -664,15 +690,22 @@ impl Inner {
         let Some(sock) = self.sock.as_ref() else {
             return Err(CError::new(libc::EINVAL, "not connected"));
         };
-        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: 0, revents: 0 };
+        let mut fds = [
+            libc::pollfd { fd: sock.as_raw_fd(), events: 0, revents: 0 },
+            libc::pollfd { fd: extra_fd, events: libc::POLLIN, revents: 0 },
+        ];
         if dir & 1 != 0 {
-            pfd.events |= libc::POLLIN;
+            fds[0].events |= libc::POLLIN;
         }
         if dir & 2 != 0 {
-            pfd.events |= libc::POLLOUT;
+            fds[0].events |= libc::POLLOUT;
         }
-        // SAFETY: one valid pollfd, count 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        // Without an extra descriptor, one pollfd (poll ignores a negative
+        // fd, but the count is what a syscall trace shows).
+        let n: libc::nfds_t = if extra_fd < 0 { 1 } else { 2 };
+        // SAFETY: `n` valid pollfds in an array we own.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
+        let pfd = fds[0];
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -783,13 +816,24 @@ impl Inner {
                     let sub = unsafe { p.buf.add(at) };
                     // SAFETY: the caller's chunk callback with its user data.
                     let r = unsafe { f(cb.user_data, sub.cast(), length as usize, offset, kind, &mut err) };
-                    if r == -1 && p.callback_error == 0 {
-                        p.callback_error = if err != 0 { err } else { libc::EPROTO };
-                    }
+                    p.callback_returned(r, err);
                 }
                 Event::Extents { cookie, context_id, offset, extents } => {
                     let name = self.conn.meta_context_name(context_id).unwrap_or("").to_owned();
                     let Some(p) = self.pending.get_mut(&cookie) else { continue };
+                    if let Some(cb) = p.extent64.as_ref().map(|c| *c.get()) {
+                        let Some(f) = cb.callback else { continue };
+                        let mut wide: Vec<nbd_extent> =
+                            extents.iter().map(|e| nbd_extent { length: e.length, flags: e.flags }).collect();
+                        let name = CString::new(name).unwrap_or_default();
+                        let mut err = p.callback_error;
+                        // SAFETY: the caller's extent64 callback, given a live
+                        // array of n extents and a NUL-terminated name.
+                        let r =
+                            unsafe { f(cb.user_data, name.as_ptr(), offset, wide.as_mut_ptr(), wide.len(), &mut err) };
+                        p.callback_returned(r, err);
+                        continue;
+                    }
                     let Some(cb) = p.extent.as_ref().map(|c| *c.get()) else { continue };
                     let Some(f) = cb.callback else { continue };
                     // libnbd 1.14's callback takes 32-bit pairs: longer
@@ -802,9 +846,7 @@ impl Inner {
                     // array of 2*n entries and a NUL-terminated name.
                     let r =
                         unsafe { f(cb.user_data, name.as_ptr(), offset, pairs.as_mut_ptr(), pairs.len(), &mut err) };
-                    if r == -1 && p.callback_error == 0 {
-                        p.callback_error = if err != 0 { err } else { libc::EPROTO };
-                    }
+                    p.callback_returned(r, err);
                 }
                 Event::ExportListed { name, description } => {
                     let Some(opt) = self.opt.as_mut() else { continue };

@@ -79,22 +79,23 @@ pub fn activation_socket(dir: &std::path::Path) -> std::path::PathBuf {
     dir.join("sock")
 }
 
-/// Starts `argv` under systemd socket activation and connects to it.
+/// Starts `argv` under systemd socket activation and connects to it; the
+/// socket's name (`LISTEN_FDNAMES`) is `fdname`, or "unknown" if empty.
 /// Returns the connected socket, the child's pid and the scratch
 /// directory holding the socket (removed again on failure).
-pub fn spawn_activated(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
+pub fn spawn_activated(argv: &[CString], fdname: &str) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
     static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("libnbd-sa-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| CError::os(format_args!("mkdir: {}", dir.display()), &e))?;
-    let r = start_activated(argv, &dir);
+    let r = start_activated(argv, &dir, fdname);
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     r.map(|(fd, pid)| (fd, pid, dir))
 }
 
-fn start_activated(argv: &[CString], dir: &std::path::Path) -> CResult<(OwnedFd, libc::pid_t)> {
+fn start_activated(argv: &[CString], dir: &std::path::Path, fdname: &str) -> CResult<(OwnedFd, libc::pid_t)> {
     let path = activation_socket(dir);
     let listener =
         UnixListener::bind(&path).map_err(|e| CError::os(format_args!("cannot listen on {}", path.display()), &e))?;
@@ -112,7 +113,8 @@ fn start_activated(argv: &[CString], dir: &std::path::Path) -> CResult<(OwnedFd,
         })
         .collect();
     env.push(CString::new("LISTEN_FDS=1").unwrap_or_default());
-    env.push(CString::new("LISTEN_FDNAMES=nbd").unwrap_or_default());
+    let fdname = if fdname.is_empty() { "unknown" } else { fdname };
+    env.push(CString::new(format!("LISTEN_FDNAMES={fdname}")).unwrap_or_default());
     let mut pid_var = *b"LISTEN_PID=00000000000000000000\0";
     let mut envp: Vec<*const c_char> = env.iter().map(|c| c.as_ptr()).collect();
     envp.push(pid_var.as_ptr().cast());

@@ -54,6 +54,8 @@ pub enum ProtocolError {
     MetaContextNotRequested(String),
     #[error("the server gave meta context id {0} twice")]
     DuplicateMetaContextId(u32),
+    #[error("the server accepted NBD_OPT_STARTTLS inside TLS")]
+    TlsTwice,
     #[error("the server sent bytes after accepting STARTTLS, before TLS began")]
     DataBeforeTls,
     #[error("the server sent bytes {0}, when no reply was due")]
@@ -118,6 +120,9 @@ pub enum ServerError {
 impl ServerError {
     pub fn errno(&self) -> i32 {
         match self {
+            // libnbd reports any refusal of a meta context option it was
+            // asked for as unsupported.
+            ServerError::OptionRefused { option: opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT, .. } => ENOTSUP,
             // As libnbd reports a failed NBD_OPT_GO / NBD_OPT_INFO.
             ServerError::OptionRefused { reply, .. } => match *reply {
                 rep::ERR_INVALID | rep::ERR_TOO_BIG | rep::ERR_BLOCK_SIZE_REQD => EINVAL,
@@ -164,6 +169,8 @@ pub enum LocalError {
     NoStructuredReplies,
     #[error("server is not using fixed newstyle protocol")]
     NotFixedNewstyle,
+    #[error("context {0} not negotiated")]
+    ContextNotNegotiated(String),
     #[error("command abandoned before it was sent")]
     Abandoned,
     #[error("{0}")]

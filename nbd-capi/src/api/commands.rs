@@ -1,18 +1,19 @@
 //! Commands, synchronous and asynchronous, and the AIO event loop calls.
 
-use super::cmd_flags;
+use super::{arg_str_list, cmd_flags};
 use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner, Pending, UserBuf};
 use nbd_proto::{Connection, Cookie, Error};
-use std::ffi::{c_int, c_uint, c_void};
+use std::ffi::{c_char, c_int, c_uint, c_void};
 
 #[derive(Default)]
 struct Callbacks {
     completion: Option<Owned<nbd_completion_callback>>,
     chunk: Option<Owned<nbd_chunk_callback>>,
     extent: Option<Owned<nbd_extent_callback>>,
+    extent64: Option<Owned<nbd_extent64_callback>>,
 }
 
 /// Submits one command and remembers its callbacks. It leaves at once
@@ -36,6 +37,7 @@ fn submit(
         completion: cbs.completion,
         chunk: cbs.chunk,
         extent: cbs.extent,
+        extent64: cbs.extent64,
         callback_error: 0,
         buf,
         zero_on_error: if i.pread_initialize { len } else { 0 },
@@ -100,6 +102,8 @@ fn initialize_refused<R: PartialEq + From<i8>>(h: *mut nbd_handle, buf: *mut c_v
     r
 }
 
+/// A write's buffer. (The core checks its size against the payload
+/// maximum, after the bounds, in libnbd's order.)
 fn write_buf(buf: *const c_void, count: usize) -> CResult<UserBuf> {
     if buf.is_null() && count > 0 {
         return Err(CError::new(libc::EFAULT, "buf cannot be NULL"));
@@ -247,6 +251,85 @@ pub extern "C" fn nbd_aio_block_status(
     })
 }
 
+/// What `block_status_filter` sends: the flags (PAYLOAD_LEN added unless
+/// the caller turned `LIBNBD_STRICT_AUTO_FLAG` off) and the ids of the
+/// negotiated contexts named in `contexts`, checked in libnbd's order.
+fn status_filter(i: &Inner, contexts: &[String], flags: u32) -> CResult<(nbd_proto::CmdFlags, Vec<u32>)> {
+    use crate::constants::LIBNBD_CMD_FLAG_PAYLOAD_LEN as PAYLOAD_LEN;
+    use nbd_proto::StrictMode;
+    let mut f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE | PAYLOAD_LEN)?;
+    if i.conn.config().strict.contains(StrictMode::COMMANDS) {
+        if !i.conn.structured_replies_negotiated() {
+            return Err(CError::new(libc::ENOTSUP, "server does not support structured replies"));
+        }
+        if i.conn.meta_contexts().is_none_or(|m| m.is_empty()) {
+            return Err(nbd_proto::LocalError::NoMetaContexts.into());
+        }
+    }
+    if i.conn.config().strict.contains(StrictMode::AUTO_FLAG) {
+        if !i.conn.extended_headers_negotiated() {
+            return Err(CError::new(libc::ENOTSUP, "server does not support extended headers"));
+        }
+        f |= nbd_proto::CmdFlags::PAYLOAD_LEN;
+    }
+    if i.conn.config().strict.contains(StrictMode::COMMANDS) {
+        if !i.conn.export().flags.contains(nbd_proto::TransmissionFlags::BLOCK_STAT_PAYLOAD) {
+            return Err(CError::new(libc::EINVAL, "server does not support the block status payload flag"));
+        }
+        if !f.contains(nbd_proto::CmdFlags::PAYLOAD_LEN) {
+            return Err(CError::new(libc::EINVAL, "incorrect setting for PAYLOAD_LEN flag"));
+        }
+    }
+    let negotiated = i.conn.meta_contexts().unwrap_or_default();
+    let ids = contexts
+        .iter()
+        .map(|name| {
+            negotiated
+                .iter()
+                .find(|m| &m.name == name)
+                .map(|m| m.id)
+                .ok_or_else(|| CError::new(libc::EINVAL, format!("context {name} not negotiated")))
+        })
+        .collect::<CResult<Vec<u32>>>()?;
+    Ok((f, ids))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_block_status_64(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    extent64: nbd_extent64_callback,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let mut cbs = Callbacks { extent64: Owned::some(extent64), ..completion(cb) };
+    export!("nbd_aio_block_status_64", h, -1, |i| {
+        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
+        submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_aio_block_status_filter(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    contexts: *mut *mut c_char,
+    extent64: nbd_extent64_callback,
+    cb: nbd_completion_callback,
+    flags: u32,
+) -> i64 {
+    let mut cbs = Callbacks { extent64: Owned::some(extent64), ..completion(cb) };
+    export!("nbd_aio_block_status_filter", h, -1, |i| {
+        let names = arg_str_list(contexts, "contexts")?;
+        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+        let (f, ids) = status_filter(i, &names, flags)?;
+        submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))
+    })
+}
+
 // ---- synchronous commands -------------------------------------------------------
 
 #[no_mangle]
@@ -343,6 +426,42 @@ pub extern "C" fn nbd_block_status(
     })
 }
 
+#[no_mangle]
+pub extern "C" fn nbd_block_status_64(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    extent64: nbd_extent64_callback,
+    flags: u32,
+) -> c_int {
+    let mut cbs = Callbacks { extent64: Owned::some(extent64), ..Callbacks::default() };
+    export!("nbd_block_status_64", h, -1, |i| {
+        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
+        let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))?;
+        wait(i, c)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_block_status_filter(
+    h: *mut nbd_handle,
+    count: u64,
+    offset: u64,
+    contexts: *mut *mut c_char,
+    extent64: nbd_extent64_callback,
+    flags: u32,
+) -> c_int {
+    let mut cbs = Callbacks { extent64: Owned::some(extent64), ..Callbacks::default() };
+    export!("nbd_block_status_filter", h, -1, |i| {
+        let names = arg_str_list(contexts, "contexts")?;
+        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+        let (f, ids) = status_filter(i, &names, flags)?;
+        let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))?;
+        wait(i, c)
+    })
+}
+
 // ---- disconnecting -----------------------------------------------------------------
 
 #[no_mangle]
@@ -362,6 +481,10 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
     export!("nbd_shutdown", h, -1, |i| {
         if flags & !crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
+        }
+        // Still negotiating (libnbd 1.22): end it as opt_abort does.
+        if i.conn.state() == nbd_proto::PublicState::Negotiating {
+            return super::opt::abort(i);
         }
         if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             // Requests not yet sent fail (ENOTCONN); those sent are answered.
@@ -442,15 +565,24 @@ pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
     })
 }
 
+/// One wait for the socket (and `extra_fd`, if not negative) and its
+/// servicing, as `nbd_poll` and `nbd_poll2` do.
+fn poll(i: &mut Inner, extra_fd: c_int, timeout: c_int) -> CResult<c_int> {
+    if i.direction() == 0 {
+        let state = i.libnbd_state_name();
+        return Err(CError::new(libc::EINVAL, format!("nothing to poll for in state {state}")));
+    }
+    Ok(c_int::from(i.poll_once_with(timeout, extra_fd)?))
+}
+
 #[no_mangle]
 pub extern "C" fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int {
-    export!("nbd_poll", h, -1, |i| {
-        if i.direction() == 0 {
-            let state = i.libnbd_state_name();
-            return Err(CError::new(libc::EINVAL, format!("nothing to poll for in state {state}")));
-        }
-        Ok(c_int::from(i.poll_once(timeout)?))
-    })
+    export!("nbd_poll", h, -1, |i| poll(i, -1, timeout))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_poll2(h: *mut nbd_handle, fd: c_int, timeout: c_int) -> c_int {
+    export!("nbd_poll2", h, -1, |i| poll(i, fd, timeout))
 }
 
 #[no_mangle]

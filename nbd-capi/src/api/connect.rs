@@ -11,8 +11,14 @@ use std::ffi::{c_char, c_int};
 use std::os::fd::{FromRawFd, OwnedFd};
 
 /// Waits for the handshake to finish, as every synchronous connect does.
+/// In opt mode that includes sending what is queued (the client's
+/// handshake flags), so the server is not left waiting for them.
 fn finish_connect(i: &mut Inner) -> CResult<c_int> {
-    i.run_until(|i| !matches!(i.conn.state(), PublicState::Connecting))?;
+    i.run_until(|i| match i.conn.state() {
+        PublicState::Connecting => false,
+        PublicState::Negotiating => !i.conn.direction().wants_write(),
+        _ => true,
+    })?;
     i.ended().map_or(Ok(0), Err)
 }
 
@@ -150,6 +156,19 @@ pub extern "C" fn nbd_supports_uri(h: *mut nbd_handle) -> c_int {
     export!("nbd_supports_uri", h, -1, |_i| Ok(1))
 }
 
+/// The URI schemes `nbd_is_uri` recognises, by prefix, in any case.
+const URI_PREFIXES: [&str; 8] =
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://", "nbd+ssh://", "nbds+ssh://"];
+
+#[no_mangle]
+pub extern "C" fn nbd_is_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
+    export!("nbd_is_uri", h, -1, |_i| {
+        let uri = arg_str(uri, "uri")?;
+        let is = URI_PREFIXES.iter().any(|p| uri.get(..p.len()).is_some_and(|head| head.eq_ignore_ascii_case(p)));
+        Ok(c_int::from(is))
+    })
+}
+
 #[no_mangle]
 pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
     export!("nbd_get_uri", h, std::ptr::null_mut(), |i| {
@@ -226,7 +245,7 @@ fn connect_activated(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: as for connect_command.
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
     i.conn.start_connect()?;
-    let (fd, pid, dir) = crate::subprocess::spawn_activated(&argv).inspect_err(|e| {
+    let (fd, pid, dir) = crate::subprocess::spawn_activated(&argv, &i.socket_activation_name).inspect_err(|e| {
         i.conn.handle_transport_error(e.errno, "connect_systemd_socket_activation");
     })?;
     let socket = crate::subprocess::activation_socket(&dir).to_string_lossy().into_owned();

@@ -8,7 +8,7 @@ use std::ffi::{c_char, c_int, CString};
 use std::sync::atomic::Ordering;
 
 /// The version string, as libnbd reports it: the ABI we implement.
-static VERSION: &CStr0 = c"1.14.2";
+static VERSION: &CStr0 = c"1.22.2";
 static PACKAGE: &CStr0 = c"libnbd";
 type CStr0 = std::ffi::CStr;
 
@@ -123,4 +123,37 @@ pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn nbd_supports_tls(h: *mut nbd_handle) -> c_int {
     export!("nbd_supports_tls", h, -1, |_i| Ok(1))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_supports_vsock(h: *mut nbd_handle) -> c_int {
+    export!("nbd_supports_vsock", h, -1, |_i| Ok(1))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_subprocess_pid(h: *mut nbd_handle) -> i64 {
+    export!("nbd_get_subprocess_pid", h, -1, |i| match &i.subprocess {
+        Some((pid, _)) => Ok(i64::from(*pid)),
+        None => Err(crate::error::CError::new(libc::ESRCH, "no subprocess exists")),
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_stats_bytes_sent(h: *mut nbd_handle) -> u64 {
+    export!("nbd_stats_bytes_sent", h, 0, |i| Ok(i.conn.stats().bytes_sent))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_stats_bytes_received(h: *mut nbd_handle) -> u64 {
+    export!("nbd_stats_bytes_received", h, 0, |i| Ok(i.conn.stats().bytes_received))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_stats_chunks_sent(h: *mut nbd_handle) -> u64 {
+    export!("nbd_stats_chunks_sent", h, 0, |i| Ok(i.conn.stats().chunks_sent))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_stats_chunks_received(h: *mut nbd_handle) -> u64 {
+    export!("nbd_stats_chunks_received", h, 0, |i| Ok(i.conn.stats().chunks_received))
 }

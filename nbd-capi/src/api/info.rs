@@ -55,6 +55,11 @@ pub extern "C" fn nbd_can_df(h: *mut nbd_handle) -> c_int {
 }
 
 #[no_mangle]
+pub extern "C" fn nbd_can_block_status_payload(h: *mut nbd_handle) -> c_int {
+    export!("nbd_can_block_status_payload", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::BLOCK_STAT_PAYLOAD))))
+}
+
+#[no_mangle]
 pub extern "C" fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int {
     export!("nbd_can_multi_conn", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::CAN_MULTI_CONN))))
 }
@@ -68,9 +73,19 @@ pub extern "C" fn nbd_can_cache(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
     export!("nbd_can_meta_context", h, -1, |i| {
         let name = arg_str(name, "metacontext")?;
-        flags(i)?;
-        let found = i.conn.meta_contexts().is_some_and(|m| m.iter().any(|c| c.name == name));
-        Ok(c_int::from(found))
+        // As libnbd 1.22: what SET_META_CONTEXT selected, also before GO;
+        // an error only while contexts are configured and no request has
+        // settled them (the automatic one settles trivially when there is
+        // nothing it could ask).
+        let cfg = i.conn.config();
+        let settled = i.conn.export().size.is_some()
+            && cfg.request_meta_context
+            && (!i.conn.structured_replies_negotiated() || cfg.meta_contexts().is_empty());
+        match i.conn.meta_contexts() {
+            Some(m) => Ok(c_int::from(m.iter().any(|c| c.name == name))),
+            None if cfg.meta_contexts().is_empty() || settled => Ok(0),
+            None => Err(CError::new(libc::EINVAL, "need a successful server meta context request first")),
+        }
     })
 }
 
@@ -93,6 +108,7 @@ pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i6
             0 => b.map_or(0, |b| b.minimum),
             1 => b.map_or(0, |b| b.preferred),
             2 => b.map_or(0, |b| b.maximum),
+            3 => i.conn.payload_maximum() as u32,
             _ => return Err(CError::new(libc::EINVAL, format!("unknown size_type: {size_type}"))),
         };
         Ok(i64::from(v))
@@ -115,6 +131,11 @@ pub extern "C" fn nbd_get_protocol(h: *mut nbd_handle) -> *const c_char {
 #[no_mangle]
 pub extern "C" fn nbd_get_structured_replies_negotiated(h: *mut nbd_handle) -> c_int {
     export!("nbd_get_structured_replies_negotiated", h, -1, |i| Ok(c_int::from(i.conn.structured_replies_negotiated())))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_extended_headers_negotiated(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_extended_headers_negotiated", h, -1, |i| Ok(c_int::from(i.conn.extended_headers_negotiated())))
 }
 
 #[no_mangle]

@@ -5,7 +5,7 @@ mod commands;
 mod connect;
 pub(crate) mod handle;
 pub(crate) mod info;
-mod opt;
+pub(crate) mod opt;
 mod settings;
 
 use crate::error::{CError, CResult};
@@ -19,6 +19,24 @@ pub(crate) fn arg_str(p: *const c_char, what: &str) -> CResult<String> {
     // SAFETY: non-NULL and, by the C contract, NUL-terminated.
     let s = unsafe { CStr::from_ptr(p) };
     Ok(s.to_string_lossy().into_owned())
+}
+
+/// A required NULL-terminated array of strings (`char **`); NULL is EFAULT.
+pub(crate) fn arg_str_list(p: *mut *mut c_char, what: &str) -> CResult<Vec<String>> {
+    if p.is_null() {
+        return Err(CError::new(libc::EFAULT, format!("{what} cannot be NULL")));
+    }
+    let mut out = Vec::new();
+    for n in 0.. {
+        // SAFETY: by the C contract the array is NULL-terminated, so every
+        // index up to and including the terminator is readable.
+        let s = unsafe { *p.add(n) };
+        if s.is_null() {
+            break;
+        }
+        out.push(arg_str(s, what)?);
+    }
+    Ok(out)
 }
 
 /// A `malloc`ed copy of `s` for the caller to `free`.

@@ -63,6 +63,32 @@ pub extern "C" fn nbd_get_request_structured_replies(h: *mut nbd_handle) -> c_in
 }
 
 #[no_mangle]
+pub extern "C" fn nbd_set_request_extended_headers(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_request_extended_headers", h, -1, |i| {
+        i.conn.config_mut()?.request_extended_headers = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_request_extended_headers(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_request_extended_headers", h, -1, |i| Ok(c_int::from(i.conn.config().request_extended_headers)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_request_meta_context(h: *mut nbd_handle, v: bool) -> c_int {
+    export!("nbd_set_request_meta_context", h, -1, |i| {
+        i.conn.config_mut()?.request_meta_context = v;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_request_meta_context(h: *mut nbd_handle) -> c_int {
+    export!("nbd_get_request_meta_context", h, -1, |i| Ok(c_int::from(i.conn.config().request_meta_context)))
+}
+
+#[no_mangle]
 pub extern "C" fn nbd_set_opt_mode(h: *mut nbd_handle, v: bool) -> c_int {
     export!("nbd_set_opt_mode", h, -1, |i| {
         i.conn.config_mut()?.opt_mode = v;
@@ -103,7 +129,7 @@ pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_strict_mode(h: *mut nbd_handle) -> u32 {
-    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits() & crate::constants::LIBNBD_STRICT_MASK))
+    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits()))
 }
 
 #[no_mangle]
@@ -202,6 +228,42 @@ pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
         };
         c_string(&name)
     })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_tls_hostname(h: *mut nbd_handle, hostname: *const c_char) -> c_int {
+    export!("nbd_set_tls_hostname", h, -1, |i| {
+        i.tls_hostname = Some(arg_str(hostname, "hostname")?);
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_tls_hostname(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_tls_hostname", h, std::ptr::null_mut(), |i| c_string(i.tls_hostname.as_deref().unwrap_or("")))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_set_socket_activation_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
+    export!("nbd_set_socket_activation_name", h, -1, |i| {
+        let name = arg_str(name, "socket_name")?;
+        if name.len() > 32 {
+            return Err(CError::new(libc::ENAMETOOLONG, "socket activation name should be <= 32 characters"));
+        }
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(CError::new(
+                libc::EINVAL,
+                "socket activation name should contain only alphanumeric ASCII characters",
+            ));
+        }
+        i.socket_activation_name = name;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_get_socket_activation_name(h: *mut nbd_handle) -> *mut c_char {
+    export!("nbd_get_socket_activation_name", h, std::ptr::null_mut(), |i| c_string(&i.socket_activation_name))
 }
 
 #[no_mangle]

@@ -1,6 +1,6 @@
 //! Writes the files that come from the export table: the linker version
 //! script (`version-script`) and the header's `LIBNBD_HAVE_*` lines
-//! (`have-macros`).
+//! (`have-macros`), one per function and one per callback struct.
 
 use nbd::table::{EXPORTS, NODES};
 
@@ -26,15 +26,31 @@ fn have_macros() -> String {
     EXPORTS.iter().map(|e| format!("#define LIBNBD_HAVE_{} 1\n", e.name.to_uppercase())).collect()
 }
 
+/// `LIBNBD_HAVE_NBD_*_CALLBACK` for every callback struct cbindgen
+/// emitted (`} nbd_..._callback;` closes each typedef).
+fn callback_macros(header: &str) -> String {
+    header
+        .lines()
+        .filter_map(|l| l.strip_prefix("} ")?.strip_suffix(';'))
+        .filter(|name| name.starts_with("nbd_") && name.ends_with("_callback"))
+        .map(|name| format!("#define LIBNBD_HAVE_{} 1\n", name.to_uppercase()))
+        .collect()
+}
+
 /// cbindgen's header on stdin, finished: the table's `LIBNBD_HAVE_*`
-/// macros and libnbd's helper macros go before the include guard's end.
+/// macros, one for each callback struct, and libnbd's helper macros go
+/// before the include guard's end.
 fn finish_header() -> String {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).expect("read stdin");
     let extra = format!(
         "\n#define NBD_NULL_COMPLETION ((nbd_completion_callback) {{ .callback = NULL }})\n\
          #define LIBNBD_NAMESPACE_BASE \"base:\"\n\
-         #define LIBNBD_CONTEXT_BASE_ALLOCATION \"base:allocation\"\n\n{}\n",
+         #define LIBNBD_CONTEXT_BASE_ALLOCATION \"base:allocation\"\n\
+         #define LIBNBD_NAMESPACE_QEMU \"qemu:\"\n\
+         #define LIBNBD_CONTEXT_QEMU_DIRTY_BITMAP \"qemu:dirty-bitmap:\"\n\
+         #define LIBNBD_CONTEXT_QEMU_ALLOCATION_DEPTH \"qemu:allocation-depth\"\n\n{}\n{}\n",
+        callback_macros(&text),
         have_macros()
     );
     let end = text.rfind("#endif").expect("include guard");

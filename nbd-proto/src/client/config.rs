@@ -15,6 +15,9 @@ pub struct Config {
     pub request_structured_replies: bool,
     /// Extended headers also imply structured replies.
     pub request_extended_headers: bool,
+    /// Send `NBD_OPT_SET_META_CONTEXT` with the configured contexts before
+    /// `NBD_OPT_GO` and `NBD_OPT_INFO` (libnbd's `request_meta_context`).
+    pub request_meta_context: bool,
     /// Ask for `NBD_INFO_BLOCK_SIZE`.
     pub request_block_size: bool,
     /// Ask for `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION`.
@@ -33,6 +36,7 @@ impl Default for Config {
             tls: TlsMode::Disable,
             request_structured_replies: true,
             request_extended_headers: true,
+            request_meta_context: true,
             request_block_size: true,
             full_info: false,
             opt_mode: false,
@@ -65,12 +69,17 @@ impl Config {
     pub fn clear_meta_contexts(&mut self) {
         self.meta_contexts.clear();
     }
+}
 
-    /// Whether `name`, as the server selected it, answers one of our queries:
-    /// an exact name, or a query ending in ':' that is a prefix of it.
-    pub(crate) fn requested_meta_context(&self, name: &str) -> bool {
-        self.meta_contexts.iter().any(|q| q == name || (q.ends_with(':') && name.starts_with(q.as_str())))
-    }
+/// Whether `name`, as the server selected it, answers one of `queries`:
+/// an exact name, or a query ending in ':' that is a prefix of it.
+pub(crate) fn query_matches(queries: &[String], name: &str) -> bool {
+    queries.iter().any(|q| q == name || (q.ends_with(':') && name.starts_with(q.as_str())))
+}
+
+/// Meta context queries for one option, each checked as a name is.
+pub(crate) fn check_queries(queries: &[String]) -> Result<(), LocalError> {
+    queries.iter().try_for_each(|q| check_string("meta context query", q))
 }
 
 fn check_string(what: &'static str, s: &str) -> Result<(), LocalError> {

@@ -1,6 +1,7 @@
 //! The handshake: greeting, handshake flags, and option haggling, both the
 //! automatic sequence and the `opt_*` commands of opt mode.
 
+use super::config::{check_queries, query_matches};
 use super::{BlockSize, Connection, Event, Negotiated, Protocol, State};
 use crate::error::{Error, LocalError, ProtocolError, ServerError};
 use crate::flags::{HandshakeFlags, TlsMode, TransmissionFlags};
@@ -38,6 +39,12 @@ pub(crate) enum Goal {
     List,
     ListMetaContext,
     Abort,
+    /// A single option sent on the caller's request (opt mode), whose
+    /// reply ends the run.
+    StartTls,
+    StructuredReply,
+    ExtendedHeaders,
+    SetMetaContext,
 }
 
 /// Which options have been tried, and what the current run is for.
@@ -50,11 +57,19 @@ pub(crate) struct OptionPlan {
     goal: Option<Goal>,
     /// The goal came from an `opt_*` call, which expects a completion.
     pub(crate) user: bool,
+    /// The meta context queries of the caller's LIST or SET option, when
+    /// it gave its own rather than the configured ones.
+    queries: Option<Vec<String>>,
 }
 
 impl OptionPlan {
     pub(crate) fn user_goal_pending(&self) -> bool {
         self.user && self.goal.is_some()
+    }
+
+    /// Whether the caller asked for exactly this option.
+    fn user_asked(&self, goal: Goal) -> bool {
+        self.user && self.goal == Some(goal)
     }
 }
 
@@ -78,12 +93,57 @@ impl<B: super::CommandBuffer> Connection<B> {
     }
 
     /// Lists meta contexts matching the configured ones (all, if none);
-    /// each arrives as [`Event::MetaContextListed`].
+    /// each arrives as [`Event::MetaContextListed`]. Without structured
+    /// replies this is refused locally, as libnbd 1.14 does;
+    /// [`Self::opt_list_meta_context_queries`] asks the server regardless.
     pub fn opt_list_meta_context(&mut self) -> Result<(), Error> {
         if matches!(self.state, State::Negotiating) && !self.neg.structured_replies {
             return Err(LocalError::NoStructuredReplies.into());
         }
-        self.start_goal(Goal::ListMetaContext)
+        self.opt_list_meta_context_queries(None)
+    }
+
+    /// As [`Self::opt_list_meta_context`], with `queries` instead of the
+    /// configured contexts when given. As libnbd 1.22 does, the option is
+    /// sent even without structured replies: the server decides.
+    pub fn opt_list_meta_context_queries(&mut self, queries: Option<Vec<String>>) -> Result<(), Error> {
+        self.start_meta_goal(Goal::ListMetaContext, queries)
+    }
+
+    /// Selects meta contexts for the export with `NBD_OPT_SET_META_CONTEXT`
+    /// (the configured ones, or `queries` when given), staying in
+    /// negotiation. Each one the server selects arrives as
+    /// [`Event::MetaContextListed`] and becomes usable for block status.
+    pub fn opt_set_meta_context(&mut self, queries: Option<Vec<String>>) -> Result<(), Error> {
+        self.start_meta_goal(Goal::SetMetaContext, queries)
+    }
+
+    /// Sends `NBD_OPT_STARTTLS`. Success leaves the caller to run the TLS
+    /// handshake ([`Event::StartTls`]); the option completes once
+    /// [`Self::handle_tls_established`] is called. A refusal completes it
+    /// with the server's error, still negotiating in plaintext.
+    pub fn opt_starttls(&mut self) -> Result<(), Error> {
+        self.start_goal(Goal::StartTls)
+    }
+
+    /// Sends `NBD_OPT_STRUCTURED_REPLY`; a refusal completes the option
+    /// with the server's error and changes nothing.
+    pub fn opt_structured_reply(&mut self) -> Result<(), Error> {
+        self.start_goal(Goal::StructuredReply)
+    }
+
+    /// Sends `NBD_OPT_EXTENDED_HEADERS` (which implies structured replies
+    /// when accepted); a refusal completes the option with the server's
+    /// error and changes nothing.
+    pub fn opt_extended_headers(&mut self) -> Result<(), Error> {
+        self.start_goal(Goal::ExtendedHeaders)
+    }
+
+    fn start_meta_goal(&mut self, goal: Goal, queries: Option<Vec<String>>) -> Result<(), Error> {
+        if let Some(q) = &queries {
+            check_queries(q)?;
+        }
+        self.start_goal_with(goal, queries)
     }
 
     /// Ends the session with `NBD_OPT_ABORT`; the connection closes once
@@ -93,12 +153,17 @@ impl<B: super::CommandBuffer> Connection<B> {
     }
 
     fn start_goal(&mut self, goal: Goal) -> Result<(), Error> {
+        self.start_goal_with(goal, None)
+    }
+
+    fn start_goal_with(&mut self, goal: Goal, queries: Option<Vec<String>>) -> Result<(), Error> {
         if !matches!(self.state, State::Negotiating) {
             return Err(self.wrong_state("negotiating"));
         }
         if !self.neg.fixed {
             return self.start_goal_without_options(goal);
         }
+        self.plan.queries = queries;
         self.plan.goal = Some(goal);
         self.plan.user = true;
         self.plan.meta_tried = false;
@@ -114,6 +179,11 @@ impl<B: super::CommandBuffer> Connection<B> {
         }
         let (protocol, fixed, no_zeroes) = (self.neg.protocol, self.neg.fixed, self.neg.no_zeroes);
         self.neg = Negotiated { protocol, fixed, no_zeroes, tls: true, ..Negotiated::default() };
+        if self.plan.user_asked(Goal::StartTls) {
+            // The caller negotiates the rest option by option, as it chooses.
+            self.complete_goal(Ok(()));
+            return Ok(());
+        }
         self.plan.extended_tried = false;
         self.plan.structured_tried = false;
         self.plan.meta_tried = false;
@@ -204,6 +274,7 @@ impl<B: super::CommandBuffer> Connection<B> {
         if magic != wire::NBDMAGIC {
             return Err(ProtocolError::BadMagic { what: "greeting", got: magic }.into());
         }
+        self.stats.chunks_received += 1;
         self.state = match r.u64().unwrap_or_default() {
             wire::IHAVEOPT => State::Handshake(Handshake::GlobalFlags),
             wire::OLDSTYLE_MAGIC => State::Handshake(Handshake::Oldstyle),
@@ -250,7 +321,7 @@ impl<B: super::CommandBuffer> Connection<B> {
                 self.fail(LocalError::NotFixedNewstyle.into());
                 Ok(())
             }
-            Goal::Info | Goal::List | Goal::ListMetaContext => Err(LocalError::NotFixedNewstyle.into()),
+            _ => Err(LocalError::NotFixedNewstyle.into()),
         }
     }
 
@@ -287,12 +358,16 @@ impl<B: super::CommandBuffer> Connection<B> {
         match goal {
             Goal::Go | Goal::Info => {
                 let cfg = &self.config;
-                if !self.plan.meta_tried && self.neg.structured_replies && !cfg.meta_contexts().is_empty() {
+                if !self.plan.meta_tried && cfg.request_meta_context {
+                    // Contexts selected earlier are forgotten, whether or
+                    // not they are asked for again.
                     self.plan.meta_tried = true;
                     self.neg.meta_valid = false;
                     self.neg.meta_contexts.clear();
-                    wire::encode_meta_context_request(cfg.export_name(), cfg.meta_contexts(), &mut payload);
-                    return self.send_option(opt::SET_META_CONTEXT, &payload);
+                    if self.neg.structured_replies && !cfg.meta_contexts().is_empty() {
+                        wire::encode_meta_context_request(cfg.export_name(), cfg.meta_contexts(), &mut payload);
+                        return self.send_option(opt::SET_META_CONTEXT, &payload);
+                    }
                 }
                 let mut infos = Vec::with_capacity(3);
                 if cfg.request_block_size {
@@ -307,10 +382,19 @@ impl<B: super::CommandBuffer> Connection<B> {
                 self.send_option(option, &payload);
             }
             Goal::List => self.send_option(opt::LIST, &[]),
-            Goal::ListMetaContext => {
-                wire::encode_meta_context_request(self.config.export_name(), self.config.meta_contexts(), &mut payload);
-                self.send_option(opt::LIST_META_CONTEXT, &payload);
+            Goal::ListMetaContext | Goal::SetMetaContext => {
+                let queries = self.plan.queries.as_deref().unwrap_or(self.config.meta_contexts());
+                wire::encode_meta_context_request(self.config.export_name(), queries, &mut payload);
+                if goal == Goal::ListMetaContext {
+                    return self.send_option(opt::LIST_META_CONTEXT, &payload);
+                }
+                self.neg.meta_valid = false;
+                self.neg.meta_contexts.clear();
+                self.send_option(opt::SET_META_CONTEXT, &payload);
             }
+            Goal::StartTls => self.send_option(opt::STARTTLS, &[]),
+            Goal::StructuredReply => self.send_option(opt::STRUCTURED_REPLY, &[]),
+            Goal::ExtendedHeaders => self.send_option(opt::EXTENDED_HEADERS, &[]),
             Goal::Abort => {
                 self.send_option(opt::ABORT, &[]);
                 self.output.milestone(super::output::Milestone::Abort);
@@ -321,11 +405,13 @@ impl<B: super::CommandBuffer> Connection<B> {
     }
 
     fn send_option(&mut self, option: u32, payload: &[u8]) {
+        self.stats.chunks_sent += 1;
         self.output.encode(|out| OptionHeader::encode_with(option, payload, out));
         self.state = State::Handshake(Handshake::OptionReply { option });
     }
 
     fn send_export_name(&mut self) {
+        self.stats.chunks_sent += 1;
         let name = self.config.export_name().as_bytes();
         self.output.encode(|out| OptionHeader::encode_with(opt::EXPORT_NAME, name, out));
         self.neg.export = Default::default();
@@ -352,6 +438,9 @@ impl<B: super::CommandBuffer> Connection<B> {
         match sent {
             opt::STARTTLS => match (h.reply, refused) {
                 (rep::ACK, _) => {
+                    if self.neg.tls {
+                        return Err(ProtocolError::TlsTwice.into());
+                    }
                     if !self.input.is_empty() {
                         return Err(ProtocolError::DataBeforeTls.into());
                     }
@@ -361,31 +450,47 @@ impl<B: super::CommandBuffer> Connection<B> {
                 (_, Some(_)) if self.config.tls == TlsMode::Require => {
                     return Err(ServerError::TlsUnavailable("refused NBD_OPT_STARTTLS").into());
                 }
+                (_, Some(e)) if self.plan.user_asked(Goal::StartTls) => self.complete_goal(Err(e.into())),
                 (_, Some(_)) => self.advance_options(),
                 _ => return Err(unexpected()),
             },
-            opt::EXTENDED_HEADERS | opt::STRUCTURED_REPLY => match (h.reply, refused) {
-                (rep::ACK, _) => {
-                    self.neg.structured_replies = true;
-                    self.neg.extended_headers |= sent == opt::EXTENDED_HEADERS;
+            opt::EXTENDED_HEADERS | opt::STRUCTURED_REPLY => {
+                let asked = self.plan.user_asked(Goal::ExtendedHeaders) || self.plan.user_asked(Goal::StructuredReply);
+                let result = match (h.reply, refused) {
+                    (rep::ACK, _) => {
+                        self.neg.structured_replies = true;
+                        self.neg.extended_headers |= sent == opt::EXTENDED_HEADERS;
+                        Ok(())
+                    }
+                    (_, Some(e)) => Err(e.into()),
+                    _ => return Err(unexpected()),
+                };
+                if asked {
+                    self.complete_goal(result);
+                } else {
                     self.advance_options();
                 }
-                (_, Some(_)) => self.advance_options(),
-                _ => return Err(unexpected()),
-            },
+            }
             opt::SET_META_CONTEXT => match (h.reply, refused) {
                 (rep::META_CONTEXT, _) => {
                     let (id, name) = parse_meta_context(payload).ok_or_else(bad_length)?;
-                    if !self.config.requested_meta_context(&name)
-                        || self.neg.meta_contexts.iter().any(|m| m.name == name)
-                    {
+                    let queries = self.plan.queries.as_deref().unwrap_or(self.config.meta_contexts());
+                    if !query_matches(queries, &name) || self.neg.meta_contexts.iter().any(|m| m.name == name) {
                         return Err(ProtocolError::MetaContextNotRequested(name).into());
                     }
                     if self.neg.meta_contexts.iter().any(|m| m.id == id) {
                         return Err(ProtocolError::DuplicateMetaContextId(id).into());
                     }
+                    if self.plan.user_asked(Goal::SetMetaContext) {
+                        self.events.push_back(Event::MetaContextListed { name: name.clone() });
+                    }
                     self.neg.meta_contexts.push(super::MetaContext { id, name });
                 }
+                (rep::ACK, _) if self.plan.user_asked(Goal::SetMetaContext) => {
+                    self.neg.meta_valid = true;
+                    self.complete_goal(Ok(()));
+                }
+                (_, Some(e)) if self.plan.user_asked(Goal::SetMetaContext) => self.complete_goal(Err(e.into())),
                 // A refusal leaves no contexts: block status is then refused
                 // locally, as libnbd does.
                 (rep::ACK, _) | (_, Some(_)) => {
@@ -494,6 +599,9 @@ impl<B: super::CommandBuffer> Connection<B> {
         if !flags.contains(TransmissionFlags::SEND_WRITE_ZEROES) {
             flags.remove(TransmissionFlags::SEND_FAST_ZERO);
         }
+        if !self.neg.extended_headers {
+            flags.remove(TransmissionFlags::BLOCK_STAT_PAYLOAD);
+        }
         self.neg.export.size = Some(size);
         self.neg.export.flags = flags;
         Ok(())
@@ -515,6 +623,7 @@ impl<B: super::CommandBuffer> Connection<B> {
         self.plan.goal = None;
         self.plan.user = false;
         self.plan.meta_tried = false;
+        self.plan.queries = None;
         self.state = State::Negotiating;
     }
 }

@@ -104,6 +104,19 @@ pub struct ExportInfo {
     pub description: Option<String>,
 }
 
+/// Traffic counters, as libnbd's `nbd_stats_*` report them: plaintext
+/// bytes of the NBD stream (below any TLS layer they are counted before
+/// encryption), and chunks: messages that start with a magic number (the
+/// greeting, each option or command request, each reply or reply chunk
+/// in transmission; option replies are not counted, as in libnbd).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub chunks_sent: u64,
+    pub chunks_received: u64,
+}
+
 /// A negotiated meta context.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaContext {
@@ -228,6 +241,7 @@ pub struct Connection<B> {
     /// Why the connection is dead.
     error: Option<Error>,
     milestones: Vec<Milestone>,
+    stats: Stats,
 }
 
 impl<B: CommandBuffer> Connection<B> {
@@ -248,6 +262,7 @@ impl<B: CommandBuffer> Connection<B> {
             disconnect_sent: false,
             error: None,
             milestones: Vec::new(),
+            stats: Stats::default(),
         }
     }
 
@@ -347,6 +362,11 @@ impl<B: CommandBuffer> Connection<B> {
         self.neg.meta_contexts.iter().find(|m| m.id == id).map(|m| m.name.as_str())
     }
 
+    /// Bytes and chunks sent and received so far.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
     /// Commands accepted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.cmds.len()
@@ -406,6 +426,7 @@ impl<B: CommandBuffer> Connection<B> {
         if n == 0 {
             return;
         }
+        self.stats.bytes_received += n as u64;
         if self.is_finished() {
             self.direct = false;
             self.input.clear();
@@ -495,6 +516,7 @@ impl<B: CommandBuffer> Connection<B> {
 
     /// `n` bytes from [`Self::poll_transmit`] were sent.
     pub fn handle_sent(&mut self, n: usize) {
+        self.stats.bytes_sent += n as u64;
         let mut passed = std::mem::take(&mut self.milestones);
         self.output.advance(n, &mut passed);
         for m in passed.drain(..) {

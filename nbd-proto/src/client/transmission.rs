@@ -4,7 +4,7 @@ use super::output::Milestone;
 use super::{ChunkStatus, CommandBuffer, Connection, Cookie, Event, Extent, State};
 use crate::error::{Error, LocalError, ProtocolError, ServerError};
 use crate::flags::CmdFlags;
-use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Reader, ReplyHeader, RequestHeader, MAX_STRING};
+use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Put, Reader, ReplyHeader, RequestHeader, MAX_STRING};
 
 /// Receive READ payloads at least this large straight into the caller's
 /// buffer; smaller ones are batched through the internal buffer (one
@@ -56,34 +56,56 @@ impl<B: CommandBuffer> Connection<B> {
 
     fn issue_read(&mut self, offset: u64, mut buf: B, flags: CmdFlags, report: bool) -> Result<Cookie, Error> {
         let len = buf.as_mut().len() as u64;
-        self.issue(cmd::READ, flags, offset, len, Some(buf), report)
+        self.issue(cmd::READ, flags, offset, len, Some((buf, report)), &[])
     }
 
     /// Writes `buf` at `offset`; the payload is sent from `buf` itself.
     pub fn write(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
         let len = buf.as_ref().len() as u64;
-        self.issue(cmd::WRITE, flags, offset, len, Some(buf), false)
+        self.issue(cmd::WRITE, flags, offset, len, Some((buf, false)), &[])
     }
 
     pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie, Error> {
-        self.issue(cmd::FLUSH, flags, 0, 0, None, false)
+        self.issue(cmd::FLUSH, flags, 0, 0, None, &[])
     }
 
     pub fn trim(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
-        self.issue(cmd::TRIM, flags, offset, length, None, false)
+        self.issue(cmd::TRIM, flags, offset, length, None, &[])
     }
 
     pub fn cache(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
-        self.issue(cmd::CACHE, flags, offset, length, None, false)
+        self.issue(cmd::CACHE, flags, offset, length, None, &[])
     }
 
     pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
-        self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, false)
+        self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, &[])
     }
 
     /// Extents arrive as [`Event::Extents`], one per meta context.
     pub fn block_status(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
-        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, false)
+        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, &[])
+    }
+
+    /// Block status for the negotiated meta contexts `ids` only: the
+    /// request carries them as a payload, which extended headers permit.
+    /// `flags` should hold `PAYLOAD_LEN`, which says so on the wire.
+    pub fn block_status_filter(
+        &mut self,
+        offset: u64,
+        length: u64,
+        ids: &[u32],
+        flags: CmdFlags,
+    ) -> Result<Cookie, Error> {
+        if matches!(self.state, State::Transmission) && !self.neg.extended_headers {
+            return Err(LocalError::Unsupported("extended headers").into());
+        }
+        if let Some(id) = ids.iter().find(|&&id| self.meta_context_name(id).is_none()) {
+            return Err(LocalError::ContextNotNegotiated(id.to_string()).into());
+        }
+        let mut payload = Vec::with_capacity(8 + 4 * ids.len());
+        payload.put_u64(length);
+        ids.iter().for_each(|&id| payload.put_u32(id));
+        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, &payload)
     }
 
     /// Queues `NBD_CMD_DISC`. Commands already in flight still complete;
@@ -128,16 +150,24 @@ impl<B: CommandBuffer> Connection<B> {
         flags: CmdFlags,
         offset: u64,
         length: u64,
-        buf: Option<B>,
-        report_chunks: bool,
+        buf: Option<(B, bool)>,
+        payload: &[u8],
     ) -> Result<Cookie, Error> {
+        // A read's buffer comes with whether to report its chunks.
+        let (buf, report_chunks) = match buf {
+            Some((b, report)) => (Some(b), report),
+            None => (None, false),
+        };
         if !matches!(self.state, State::Transmission) {
             return Err(self.wrong_state("connected with the server"));
         }
         if self.disconnect_requested {
             return Err(LocalError::AfterDisconnect.into());
         }
-        let flags = self.check_request(kind, flags, offset, length)?;
+        // A request payload is checked for what it asks, not for the flag
+        // that announces it.
+        let checked = if payload.is_empty() { flags } else { flags - CmdFlags::PAYLOAD_LEN };
+        let flags = self.check_request(kind, checked, offset, length)? | (flags & CmdFlags::PAYLOAD_LEN);
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let slot = self.cmds.insert(cookie);
@@ -150,7 +180,11 @@ impl<B: CommandBuffer> Connection<B> {
         c.length = length;
         c.buf = buf;
         c.report_chunks = report_chunks;
-        self.encode_request(&RequestHeader { flags: flags.bits(), kind, cookie, offset, length });
+        let wire_length = if payload.is_empty() { length } else { payload.len() as u64 };
+        self.encode_request(&RequestHeader { flags: flags.bits(), kind, cookie, offset, length: wire_length });
+        if !payload.is_empty() {
+            self.output.encode(|out| out.extend_from_slice(payload));
+        }
         if kind == cmd::WRITE {
             self.output.push_payload(slot, length as usize);
         }
@@ -159,6 +193,7 @@ impl<B: CommandBuffer> Connection<B> {
     }
 
     fn encode_request(&mut self, header: &RequestHeader) {
+        self.stats.chunks_sent += 1;
         let extended = self.neg.extended_headers;
         self.output.encode(|out| header.encode(extended, out));
     }
@@ -182,6 +217,7 @@ impl<B: CommandBuffer> Connection<B> {
                 }
                 let header = ReplyHeader::decode(&avail[..size]).ok_or(ProtocolError::BadReplyMagic(magic))?;
                 self.input.consume(size);
+                self.stats.chunks_received += 1;
                 self.on_reply_header(header)?;
             }
             Rx::DataOffset { slot, hdr } => {

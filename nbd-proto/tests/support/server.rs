@@ -7,7 +7,7 @@
 
 #![allow(dead_code)]
 
-use nbd_proto::flags::TransmissionFlags as TF;
+use nbd_proto::flags::{CmdFlags, TransmissionFlags as TF};
 use nbd_proto::wire::{
     self, chunk, cmd, info, opt, rep, ChunkHeader, OptionHeader, OptionReplyHeader, Put, Reader, ReplyHeader,
     RequestHeader,
@@ -214,7 +214,10 @@ impl Server {
             Phase::Transmission => {
                 let size = if self.extended { RequestHeader::EXTENDED_SIZE } else { RequestHeader::COMPACT_SIZE };
                 let Some((h, _)) = self.inbuf.get(..size).and_then(RequestHeader::decode) else { return false };
-                let payload = if h.kind == cmd::WRITE { h.length as usize } else { 0 };
+                // WRITE carries its data; BLOCK_STATUS with PAYLOAD_LEN its
+                // effect length and the context ids to report.
+                let filtered = h.kind == cmd::BLOCK_STATUS && h.flags & CmdFlags::PAYLOAD_LEN.bits() != 0;
+                let payload = if h.kind == cmd::WRITE || filtered { h.length as usize } else { 0 };
                 if self.inbuf.len() < size + payload {
                     return false;
                 }
@@ -399,7 +402,13 @@ impl Server {
         (h.offset < e && h.offset + h.length.max(1) > s).then_some(err)
     }
 
-    fn on_request(&mut self, h: RequestHeader, data: &[u8]) {
+    fn on_request(&mut self, mut h: RequestHeader, data: &[u8]) {
+        let mut only: Option<Vec<u32>> = None;
+        if h.kind == cmd::BLOCK_STATUS && h.flags & CmdFlags::PAYLOAD_LEN.bits() != 0 {
+            let mut r = Reader::new(data);
+            h.length = r.u64().unwrap_or_default();
+            only = Some(std::iter::from_fn(|| r.u32()).collect());
+        }
         let (off, len) = (h.offset as usize, h.length as usize);
         let in_bounds = off.checked_add(len).is_some_and(|e| e <= self.disk.len());
         if !in_bounds && h.kind != cmd::FLUSH {
@@ -423,7 +432,7 @@ impl Server {
                 self.disk[off..off + len].fill(0);
                 self.simple(h.cookie, 0);
             }
-            cmd::BLOCK_STATUS => self.block_status(h),
+            cmd::BLOCK_STATUS => self.block_status(h, only.as_deref()),
             _ => self.simple(h.cookie, 0),
         }
     }
@@ -475,12 +484,14 @@ impl Server {
         }
     }
 
-    /// One status chunk per active context; `base:allocation` maps zero
-    /// blocks of 4 KiB to HOLE|ZERO.
-    fn block_status(&mut self, h: RequestHeader) {
+    /// One status chunk per active context (those in `only`, if the
+    /// request named some); `base:allocation` maps zero blocks of 4 KiB
+    /// to HOLE|ZERO.
+    fn block_status(&mut self, h: RequestHeader, only: Option<&[u32]>) {
         let (off, len) = (h.offset as usize, h.length as usize);
         let req_one = h.flags & 8 != 0;
-        let active = self.active.clone();
+        let active: Vec<(u32, String)> =
+            self.active.iter().filter(|(id, _)| only.is_none_or(|ids| ids.contains(id))).cloned().collect();
         for (i, (id, name)) in active.iter().enumerate() {
             let mut extents: Vec<(u64, u32)> = Vec::new();
             if name == "base:allocation" {

@@ -39,6 +39,9 @@ fn handshake_scripts() -> Vec<(u8, Vec<Step>)> {
         (0, vec![ExtendedHeaders(false), MetaContexts(3), ListMetaContext, BlockSize(false), Go]),
         (64, vec![List, Abort]),
         (32, vec![]),
+        // Nothing asked for automatically; the caller asks for each option.
+        (3, vec![OptExtendedHeaders, OptStructuredReply, MetaContexts(1), OptSetMetaContext, Go]),
+        (3, vec![OptStartTls, OptStructuredReply, OptSetMetaContext, List, Go]),
     ]
 }
 
@@ -69,6 +72,13 @@ fn op_lists() -> Vec<Vec<Op>> {
             Op::Cmd(Cmd::Cache { offset: 0, len: 4096, flags: CmdFlags::empty() }),
         ],
         (0..16).map(|i| read(i * 4096, 4096 + i as usize, i % 2 == 0)).collect(),
+        // Block status for one context of those negotiated (extended headers).
+        vec![
+            read(0, 512, false),
+            Op::Yield,
+            Op::Cmd(Cmd::BlockStatusFilter { offset: 0, len: 65536, flags: CmdFlags::empty() }),
+            Op::Cmd(Cmd::BlockStatusFilter { offset: 4096, len: 8192, flags: CmdFlags::REQ_ONE }),
+        ],
     ]
 }
 

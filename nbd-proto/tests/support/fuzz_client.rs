@@ -61,13 +61,44 @@ pub fn config_for(selector: u8) -> Config {
 /// One command a script submits.
 #[derive(Debug, Clone, Copy)]
 pub enum Cmd {
-    Read { offset: u64, len: usize, flags: CmdFlags, chunks: bool },
-    Write { offset: u64, len: usize, flags: CmdFlags },
+    Read {
+        offset: u64,
+        len: usize,
+        flags: CmdFlags,
+        chunks: bool,
+    },
+    Write {
+        offset: u64,
+        len: usize,
+        flags: CmdFlags,
+    },
     Flush(CmdFlags),
-    Trim { offset: u64, len: u64, flags: CmdFlags },
-    Cache { offset: u64, len: u64, flags: CmdFlags },
-    Zero { offset: u64, len: u64, flags: CmdFlags },
-    BlockStatus { offset: u64, len: u64, flags: CmdFlags },
+    Trim {
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+    },
+    Cache {
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+    },
+    Zero {
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+    },
+    BlockStatus {
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+    },
+    /// Block status for the first negotiated context alone (a payload).
+    BlockStatusFilter {
+        offset: u64,
+        len: u64,
+        flags: CmdFlags,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +176,10 @@ impl Tracker {
             Cmd::Zero { offset, len, flags } => (c.write_zeroes(offset, len, flags), Kind::Other, offset, len),
             Cmd::BlockStatus { offset, len, flags } => {
                 (c.block_status(offset, len, flags), Kind::BlockStatus, offset, len)
+            }
+            Cmd::BlockStatusFilter { offset, len, flags } => {
+                let first: Vec<u32> = c.meta_contexts().unwrap_or_default().iter().take(1).map(|m| m.id).collect();
+                (c.block_status_filter(offset, len, &first, flags), Kind::BlockStatus, offset, len)
             }
         };
         if let Ok(cookie) = r {

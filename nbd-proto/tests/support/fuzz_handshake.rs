@@ -28,6 +28,11 @@ pub enum Step {
     MetaContexts(u8),
     FullInfo(bool),
     BlockSize(bool),
+    /// The single options of libnbd 1.16-1.18, asked for by the caller.
+    OptStructuredReply,
+    OptExtendedHeaders,
+    OptSetMetaContext,
+    OptStartTls,
 }
 
 pub const EXPORT_NAMES: [&str; 4] = ["", "exp", "a", "b"];
@@ -50,11 +55,10 @@ impl Step {
             9 => Step::MetaContexts(arg & 3),
             10 => Step::FullInfo(arg & 1 != 0),
             11 => Step::BlockSize(arg & 1 != 0),
-            // Weighted towards the options themselves.
-            12 => Step::Info,
-            13 => Step::Go,
-            14 => Step::List,
-            _ => Step::ListMetaContext,
+            12 => Step::OptStructuredReply,
+            13 => Step::OptExtendedHeaders,
+            14 => Step::OptSetMetaContext,
+            _ => Step::OptStartTls,
         }
     }
 
@@ -73,6 +77,10 @@ impl Step {
             Step::MetaContexts(v) => 9 | (v & 3) << 4,
             Step::FullInfo(on) => 10 | u8::from(on) << 4,
             Step::BlockSize(on) => 11 | u8::from(on) << 4,
+            Step::OptStructuredReply => 12,
+            Step::OptExtendedHeaders => 13,
+            Step::OptSetMetaContext => 14,
+            Step::OptStartTls => 15,
         }
     }
 
@@ -138,6 +146,10 @@ impl Script for HandshakeScript {
                         Step::ListMetaContext => c.opt_list_meta_context(),
                         Step::Info => c.opt_info(),
                         Step::Go => c.opt_go(),
+                        Step::OptStructuredReply => c.opt_structured_reply(),
+                        Step::OptExtendedHeaders => c.opt_extended_headers(),
+                        Step::OptSetMetaContext => c.opt_set_meta_context(None),
+                        Step::OptStartTls => c.opt_starttls(),
                         _ => c.opt_abort(),
                     });
                 }

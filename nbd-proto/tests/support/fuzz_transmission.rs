@@ -134,6 +134,7 @@ impl Op {
             7 => Cmd::BlockStatus { offset, len, flags },
             9 => return Op::Disconnect,
             10 => return Op::AbandonUnsent,
+            11 => Cmd::BlockStatusFilter { offset, len, flags },
             _ => return Op::Yield,
         })
     }
@@ -152,6 +153,7 @@ impl Op {
             Op::Yield => (8, 0, 0, CmdFlags::empty()),
             Op::Disconnect => (9, 0, 0, CmdFlags::empty()),
             Op::AbandonUnsent => (10, 0, 0, CmdFlags::empty()),
+            Op::Cmd(Cmd::BlockStatusFilter { offset, len, flags }) => (11, offset, len, flags),
         };
         assert!(offset % 512 == 0 && offset >> 9 <= 0xffff, "offset {offset} not encodable");
         let unit = if matches!(self, Op::Cmd(Cmd::Read { .. } | Cmd::Write { .. })) { 4 } else { 16 };

@@ -89,10 +89,11 @@ check-valgrind: lib deps
 check-debian: lib deps
 	tests/debian-programs.sh
 
-# Ours against Debian's libnbd, same programs, alternated rounds; the table
+# Ours against Debian's libnbd 1.14.2 and libnbd 1.22.2 (make reference),
+# same programs, rotated rounds; the table
 # goes to target/bench.md. BENCH_ARGS="--rounds 7 --seconds 5", "--quick".
 BENCH_ARGS ?=
-bench: lib deps
+bench: lib deps reference
 	mkdir -p target/bench
 	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
 	/usr/bin/python3 bench/bench.py --markdown target/bench.md $(BENCH_ARGS)

@@ -1,12 +1,14 @@
 #!/usr/bin/python3
-"""`make bench`: the same programs on Debian's libnbd and on ours, side by side.
+"""`make bench`: the same programs on libnbd and on ours, side by side.
 
-Each workload runs the same binary once per library per round, the two
-alternating (which goes first alternates too), for ROUNDS rounds. It prints
-the medians and the ratio ours/libnbd of: throughput, the client's CPU time
-per request (user + sys, from wait4), and its peak RSS. A separate shorter
-run of each under `strace -c -f` counts the client's syscalls per request.
-The servers listen on Unix sockets and are started here.
+Three libraries: Debian's libnbd 1.14.2 (installed), libnbd 1.22.2 built
+from Debian's source by `make reference`, and ours. Each workload runs the
+same binary once per library per round, in an order that rotates each
+round, for ROUNDS rounds. It prints the medians and the ratios ours/libnbd
+of: throughput, the client's CPU time per request (user + sys, from wait4),
+and its peak RSS. A separate shorter run of each under `strace -c -f`
+counts the client's syscalls per request. The servers listen on Unix
+sockets and are started here.
 
 Usage: bench/bench.py [--rounds N] [--seconds S] [--quick] [--markdown FILE]
 """
@@ -26,6 +28,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = os.path.join(ROOT, "target", "lib")
+REFERENCE = os.path.join(ROOT, "target", "libnbd-1.22.2", "lib", ".libs")
+# Library name -> LD_LIBRARY_PATH (None: the system's, Debian's 1.14.2).
+LIBRARIES = {"1.14.2": None, "1.22.2": REFERENCE, "ours": OURS}
 AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
 
 
@@ -44,11 +49,11 @@ def wait_for_socket(path, proc):
 
 
 def run(cmd, library, env_extra=None, strace_out=None):
-    """Runs cmd on `library` ("debian" or "ours"); returns (stdout, seconds, cpu, maxrss_kib)."""
+    """Runs cmd on `library` (a key of LIBRARIES); returns (stdout, seconds, cpu, maxrss_kib)."""
     env = dict(os.environ)
     env.pop("LD_LIBRARY_PATH", None)
-    if library == "ours":
-        env["LD_LIBRARY_PATH"] = OURS
+    if LIBRARIES[library]:
+        env["LD_LIBRARY_PATH"] = LIBRARIES[library]
     env.update(env_extra or {})
     if strace_out:
         cmd = ["strace", "-f", "-c", "-o", strace_out] + cmd
@@ -132,7 +137,7 @@ def machine():
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
     debian = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "libnbd0"], capture_output=True, text=True).stdout
     return (f"{model}, {os.cpu_count()} CPUs, {mem:.0f} GiB, Linux {platform.release()}; "
-            f"Debian's libnbd {debian}; {time.strftime('%Y-%m-%d')}")
+            f"Debian's libnbd {debian} and libnbd 1.22.2 built by `make reference`; {time.strftime('%Y-%m-%d')}")
 
 
 def main():
@@ -146,7 +151,7 @@ def main():
     for prog in ["fio", "nbdcopy", "nbdkit", "qemu-nbd", "strace"]:
         if shutil.which(prog) is None:
             sys.exit(f"bench: {prog} is not installed (make deps)")
-    for f in [os.path.join(OURS, "libnbd.so.0"), AIO]:
+    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO]:
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing (make bench builds it)")
 
@@ -188,26 +193,25 @@ def main():
         if args.only:
             workloads = [w for w in workloads if args.only in w.name]
         rows = []
+        libs = list(LIBRARIES)
         for w in workloads:
-            res = {"debian": [], "ours": []}
+            res = {lib: [] for lib in libs}
             for r in range(args.rounds):
-                order = ["debian", "ours"] if r % 2 == 0 else ["ours", "debian"]
-                for lib in order:
+                for lib in libs[r % len(libs):] + libs[:r % len(libs)]:
                     out, took, cpu, rss = run(w.cmd(args.seconds), lib)
                     rate, reqs = w.parse(out, took)
                     res[lib].append((rate, cpu / reqs * 1e6, rss))
             sc = {}
-            for lib in ["debian", "ours"]:
+            for lib in libs:
                 trace = os.path.join(tmp, f"strace.{lib}")
                 out, took, cpu, rss = run(w.cmd(max(1.0, args.seconds / 2)), lib, strace_out=trace)
                 _, reqs = w.parse(out, took)
                 sc[lib] = syscalls(trace) / reqs
             med = {lib: [statistics.median(x[i] for x in res[lib]) for i in range(3)] for lib in res}
             rows.append((w.name, w.unit, med, sc))
-            d, o = med["debian"], med["ours"]
-            print(f"{w.name}: {w.unit} {d[0]:.0f} -> {o[0]:.0f} ({o[0] / d[0]:.2f}x); "
-                  f"CPU/req {d[1]:.1f} -> {o[1]:.1f} us; syscalls/req {sc['debian']:.2f} -> {sc['ours']:.2f}; "
-                  f"RSS {d[2] // 1024} -> {o[2] // 1024} MiB", flush=True)
+            o = med["ours"]
+            print(f"{w.name}: {w.unit} " + ", ".join(f"{lib} {med[lib][0]:.0f}" for lib in libs) + "; "
+                  + ", ".join(f"ours/{lib} {o[0] / med[lib][0]:.2f}x" for lib in libs[:-1]), flush=True)
     finally:
         for p in servers:
             p.terminate()
@@ -215,16 +219,29 @@ def main():
             p.wait()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    lines = [f"Machine: {machine()}. Medians of {args.rounds} alternated rounds of {args.seconds:g} s.", "",
-             "| workload | libnbd | ours | ratio | CPU µs/req libnbd → ours (ratio) "
-             "| syscalls/req libnbd → ours (ratio) | peak RSS MiB libnbd → ours (ratio) |",
-             "|---|---|---|---|---|---|---|"]
+    refs = [lib for lib in LIBRARIES if lib != "ours"]
+
+    def across(values, fmt):
+        """`a → b → ours (ours/a / ours/b)` for one measure of every library."""
+        chain = " → ".join(fmt(values[lib]) for lib in LIBRARIES)
+        ratios = " / ".join(f"{values['ours'] / values[lib]:.2f}x" for lib in refs)
+        return f"{chain} ({ratios})"
+
+    lines = [f"Machine: {machine()}. Medians of {args.rounds} rotated rounds of {args.seconds:g} s.", "",
+             "| workload | " + " | ".join(f"libnbd {lib}" for lib in refs) + " | ours | "
+             + " | ".join(f"ours/{lib}" for lib in refs)
+             + " | CPU µs/req " + " → ".join(LIBRARIES) + " | syscalls/req " + " → ".join(LIBRARIES)
+             + " | peak RSS MiB " + " → ".join(LIBRARIES) + " |",
+             "|---|" + "---|" * (2 * len(refs) + 4)]
     for name, unit, med, sc in rows:
-        d, o = med["debian"], med["ours"]
-        lines.append(f"| {name} | {d[0]:,.0f} {unit} | {o[0]:,.0f} {unit} | **{o[0] / d[0]:.2f}x** "
-                     f"| {d[1]:.1f} → {o[1]:.1f} ({o[1] / d[1]:.2f}x) "
-                     f"| {sc['debian']:.2f} → {sc['ours']:.2f} ({sc['ours'] / sc['debian']:.2f}x) "
-                     f"| {d[2] / 1024:.1f} → {o[2] / 1024:.1f} ({o[2] / d[2]:.2f}x) |")
+        rate = {lib: med[lib][0] for lib in LIBRARIES}
+        cpu = {lib: med[lib][1] for lib in LIBRARIES}
+        rss = {lib: med[lib][2] / 1024 for lib in LIBRARIES}
+        lines.append(f"| {name} | " + " | ".join(f"{rate[lib]:,.0f} {unit}" for lib in refs)
+                     + f" | {rate['ours']:,.0f} {unit} | "
+                     + " | ".join(f"**{rate['ours'] / rate[lib]:.2f}x**" for lib in refs)
+                     + f" | {across(cpu, lambda v: f'{v:.1f}')} | {across(sc, lambda v: f'{v:.2f}')}"
+                     + f" | {across(rss, lambda v: f'{v:.1f}')} |")
     table = "\n".join(lines)
     print()
     print(table)

@@ -57,7 +57,7 @@ static void
 test_server_dies_mid_send (void)
 {
   char *slow[] = { "nbdkit", "-s", "--exit-with-parent", "--filter=delay", "memory", "256M",
-                   "wdelay=10", NULL };
+                   "wdelay=120", NULL };
   struct nbd_handle *h = connect_argv (slow);
   enum { N = 32, SZ = 4 * 1024 * 1024 };
   char *buf = calloc (1, SZ);

@@ -31,10 +31,13 @@ wait_for() {
 }
 
 fail=0 passed=0
+# The library the programs are compared against: Debian's (the system's),
+# until the section for trixie's programs sets the 1.22.2 reference.
+theirs_lib=
 same() { # name, then the command to run on both libraries
   local name=$1; shift
   local theirs mine
-  theirs=$("$@" 2>&1; echo "rc=$?")
+  theirs=$(LD_LIBRARY_PATH=$theirs_lib "$@" 2>&1; echo "rc=$?")
   mine=$(LD_LIBRARY_PATH=$ours "$@" 2>&1; echo "rc=$?")
   if [ "$theirs" == "$mine" ]; then
     passed=$((passed + 1)); echo "ok   $name ($(echo "$mine" | wc -l) lines)"
@@ -241,6 +244,31 @@ for mode in "" --map --json; do
 done
 same_failure "nbdinfo with an untrusted CA" nbdinfo "nbds://localhost:$qport/qe?tls-certificates=$dir/certs/client-ca2"
 round_trip " over TLS X.509" "nbds://localhost:$kport/?$x509"
+
+# Trixie's programs: nbdinfo, nbdcopy and nbddump of libnbd 1.22.2, built
+# by `make reference` (the real binaries, not libtool's wrappers, which
+# would load the build tree's library), on that library and on ours.
+ref=$PWD/target/libnbd-1.22.2
+if [ -x "$ref/info/.libs/nbdinfo" ] && [ -x "$ref/copy/.libs/nbdcopy" ] && [ -x "$ref/dump/.libs/nbddump" ]; then
+  theirs_lib=$ref/lib/.libs
+  for uri in "nbd+unix:///a?socket=$dir/k.sock" "nbd+unix:///qe?socket=$dir/q.sock" \
+             "nbd+unix:///exp?socket=$dir/n.sock" "nbd+unix:///?socket=$dir/s.sock"; do
+    for mode in "" --list --map --json --size --totals "--map=qemu:allocation-depth" "--can flush"; do
+      same "trixie nbdinfo $mode $uri" "$ref/info/.libs/nbdinfo" $mode "$uri"
+    done
+  done
+  same "trixie nbdinfo --version" "$ref/info/.libs/nbdinfo" --version
+  same "trixie nbddump of a pattern" "$ref/dump/.libs/nbddump" --length=64k "nbd+unix:///?socket=$dir/p.sock"
+  same "trixie nbddump of sparse data" "$ref/dump/.libs/nbddump" --length=1M "nbd+unix:///?socket=$dir/s.sock"
+  for lib in "$theirs_lib" "$ours"; do
+    rm -f "$dir/trixie.img"
+    LD_LIBRARY_PATH=$lib "$ref/copy/.libs/nbdcopy" "nbd+unix:///?socket=$dir/s.sock" "$dir/trixie.img" ||
+      { fail=1; echo "FAIL trixie nbdcopy on $lib"; }
+    check "trixie nbdcopy identical ($lib)" cmp "$dir/ref.img" "$dir/trixie.img"
+  done
+else
+  fail=1; echo "FAIL: trixie's programs are not built: make reference"
+fi
 
 echo "debian programs: $passed passed, fail=$fail"
 exit $fail

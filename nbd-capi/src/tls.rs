@@ -31,6 +31,9 @@ pub trait TlsLayer: Send {
     /// Whether decrypted bytes or undecrypted records wait inside the
     /// layer, so that reading needs no new bytes from the socket.
     fn has_buffered_input(&self) -> bool;
+    /// The session's parameters in words, for the debug line once the
+    /// handshake is done.
+    fn describe(&self) -> String;
 }
 
 /// The result of a decrypting read.
@@ -369,6 +372,12 @@ impl TlsLayer for OpensslTls {
     fn has_buffered_input(&self) -> bool {
         let pipe = self.stream.get_ref();
         self.stream.ssl().pending() > 0 || pipe.start < pipe.end
+    }
+
+    fn describe(&self) -> String {
+        let ssl = self.stream.ssl();
+        let (name, bits) = ssl.current_cipher().map_or(("unknown", 0), |c| (c.name(), c.bits().secret));
+        format!("cipher {name} ({bits} bits) protocol {} kTLS disabled", ssl.version_str())
     }
 }
 

@@ -33,7 +33,7 @@ pub fn enter<R: DebugValue>(
         inner.debug_transition();
         match &r {
             Ok(v) => inner.debug(|| format!("leave: ret={}", v.debug_text())),
-            Err(e) => inner.debug(|| format!("leave: error=\"{}: {}\"", row.name, e.msg)),
+            Err(e) => inner.debug(|| format!("leave: error=\"{}\"", crate::error::error_text(row.name, e))),
         }
         r
     }));

@@ -374,10 +374,23 @@ impl TlsLayer for OpensslTls {
         self.stream.ssl().pending() > 0 || pipe.start < pipe.end
     }
 
+    /// libnbd's words with OpenSSL's names: the cipher suite and its key
+    /// size, key exchange and MAC as OpenSSL describes the suite, the
+    /// protocol version; no kernel TLS.
     fn describe(&self) -> String {
         let ssl = self.stream.ssl();
-        let (name, bits) = ssl.current_cipher().map_or(("unknown", 0), |c| (c.name(), c.bits().secret));
-        format!("cipher {name} ({bits} bits) protocol {} kTLS disabled", ssl.version_str())
+        let Some(c) = ssl.current_cipher() else { return format!("{} kTLS disabled", ssl.version_str()) };
+        let about = c.description();
+        let field =
+            |key: &str| about.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("unknown").to_owned();
+        format!(
+            "cipher {} ({} bits) key exchange {} mac {} protocol {} kTLS disabled",
+            c.name(),
+            c.bits().secret,
+            field("Kx="),
+            field("Mac="),
+            ssl.version_str()
+        )
     }
 }
 

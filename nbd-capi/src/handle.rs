@@ -355,6 +355,10 @@ impl Inner {
     /// Turns debug messages on or off (the core notes the handshake's
     /// facts only while they are on).
     pub fn set_debug(&mut self, on: bool) {
+        if on && !self.debug {
+            // Transitions are logged from the state debugging starts in.
+            self.debug_state = self.conn.state();
+        }
         self.debug = on;
         self.conn.set_trace(on);
     }

@@ -5,11 +5,19 @@
 use crate::error::{set_error, CError, CResult};
 use crate::handle::{nbd_handle, Inner};
 use crate::table::{self, Export};
+pub use crate::trace::{DebugArg, DebugValue};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// Runs `f` on the locked handle for the export `row`; `fail` is what the
-/// function returns on error.
-pub fn enter<R: DebugValue>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&mut Inner) -> CResult<R>) -> R {
+/// function returns on error. `args` are the call's arguments for the
+/// `enter:` debug line, formatted only when debugging is on.
+pub fn enter<R: DebugValue>(
+    h: *mut nbd_handle,
+    row: Export,
+    args: &[(&str, &dyn DebugArg)],
+    fail: R,
+    f: impl FnOnce(&mut Inner) -> CResult<R>,
+) -> R {
     // SAFETY: a non-NULL `h` came from `nbd_create` and is not yet closed,
     // which is the caller's side of the libnbd contract.
     let Some(handle) = (unsafe { h.as_ref() }) else {
@@ -19,11 +27,13 @@ pub fn enter<R: DebugValue>(h: *mut nbd_handle, row: Export, fail: R, f: impl Fn
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let mut inner = handle.lock();
         inner.context = row.name;
-        inner.debug(|| "enter:".into());
+        inner.debug(|| crate::trace::enter_line(args));
         let r = check_state(&inner, row).and_then(|()| f(&mut inner));
+        // A state change the call made without driving the connection.
+        inner.debug_transition();
         match &r {
             Ok(v) => inner.debug(|| format!("leave: ret={}", v.debug_text())),
-            Err(e) => inner.debug(|| format!("leave: error=\"{}: {}\"", row.name, e.msg)),
+            Err(e) => inner.debug(|| format!("leave: error=\"{}\"", crate::error::error_text(row.name, e))),
         }
         r
     }));
@@ -56,39 +66,6 @@ pub fn enter_global<R>(row: Export, fail: R, f: impl FnOnce() -> CResult<R>) -> 
     }
 }
 
-/// How a return value reads in debug messages (`leave: ret=...`).
-pub trait DebugValue {
-    fn debug_text(&self) -> String;
-}
-
-macro_rules! debug_as_number {
-    ($($t:ty),*) => {$(
-        impl DebugValue for $t {
-            fn debug_text(&self) -> String {
-                self.to_string()
-            }
-        }
-    )*};
-}
-debug_as_number!(i32, u32, i64, u64, isize, usize);
-
-impl DebugValue for *const std::ffi::c_char {
-    fn debug_text(&self) -> String {
-        if self.is_null() {
-            return "NULL".into();
-        }
-        // SAFETY: a non-NULL string an export is about to return, which
-        // it built NUL-terminated.
-        unsafe { std::ffi::CStr::from_ptr(*self) }.to_string_lossy().into_owned()
-    }
-}
-
-impl DebugValue for *mut std::ffi::c_char {
-    fn debug_text(&self) -> String {
-        self.cast_const().debug_text()
-    }
-}
-
 fn check_state(inner: &Inner, row: Export) -> CResult<()> {
     let state = inner.public_state();
     if row.states & state != 0 {
@@ -112,13 +89,24 @@ fn describe(states: table::States) -> String {
     parts.join(", or ")
 }
 
-/// Wraps an export's body: `export!("nbd_name", h, FAIL, |inner| body)`.
+/// Wraps an export's body:
+/// `export!("nbd_name", h, FAIL, [arg, name = value, ...], |inner| body)`.
 /// The row is looked up at compile time, so a name missing from the table
-/// does not build.
+/// does not build. The list, which every export must give (`[]` for none),
+/// names the arguments as libnbd's header does, each with a value whose
+/// type says how the `enter:` debug line shows it (see `trace`): `arg`
+/// alone is the variable of that name, `name = value` anything else
+/// (`flags = Hex(flags)`, `buf = ReadBuf`).
 macro_rules! export {
-    ($name:expr, $h:expr, $fail:expr, |$inner:ident| $body:expr) => {{
+    ($name:expr, $h:expr, $fail:expr, [$($arg:ident $(= $val:expr)?),* $(,)?], |$inner:ident| $body:expr) => {{
         const ROW: $crate::table::Export = $crate::table::export($name);
-        $crate::boundary::enter($h, ROW, $fail, |$inner| $body)
+        $crate::boundary::enter(
+            $h,
+            ROW,
+            &[$((stringify!($arg), &$crate::boundary::debug_arg!($arg $(, $val)?) as &dyn $crate::boundary::DebugArg)),*],
+            $fail,
+            |$inner| $body,
+        )
     }};
     ($name:expr, $fail:expr, || $body:expr) => {{
         const ROW: $crate::table::Export = $crate::table::export($name);
@@ -126,6 +114,17 @@ macro_rules! export {
     }};
 }
 pub(crate) use export;
+
+/// An `export!` argument's value: the variable named, or the value given.
+macro_rules! debug_arg {
+    ($arg:ident) => {
+        $arg
+    };
+    ($arg:ident, $val:expr) => {
+        $val
+    };
+}
+pub(crate) use debug_arg;
 
 #[cfg(test)]
 mod tests {
@@ -144,7 +143,7 @@ mod tests {
     #[test]
     fn a_panic_inside_an_export_is_an_error_and_the_handle_dies() {
         let h = Box::into_raw(Box::new(nbd_handle::new()));
-        let r: i64 = enter(h, table::export("nbd_get_debug"), -1, |_| panic!("a bug"));
+        let r: i64 = enter(h, table::export("nbd_get_debug"), &[], -1, |_| panic!("a bug"));
         assert_eq!((r, nbd_get_errno()), (-1, libc::EIO));
         assert!(last_error().starts_with("nbd_get_debug: internal error"), "{}", last_error());
 

@@ -70,13 +70,16 @@ thread_local! {
 /// Records `function: message: strerror(errno)` with `errno` for this
 /// thread, in libnbd's format.
 pub fn set_error(function: &str, e: &CError) {
-    let text = match e.errno {
+    let text = CString::new(error_text(function, e).replace('\0', " ")).unwrap_or_default();
+    LAST.with(|l| *l.borrow_mut() = Some((text, e.errno)));
+}
+
+/// `function: message: strerror(errno)`, as `nbd_get_error` words it.
+pub fn error_text(function: &str, e: &CError) -> String {
+    match e.errno {
         0 => format!("{function}: {}", e.msg),
         n => format!("{function}: {}: {}", e.msg, strerror(n)),
     }
-    .replace('\0', " ");
-    let text = CString::new(text).unwrap_or_default();
-    LAST.with(|l| *l.borrow_mut() = Some((text, e.errno)));
 }
 
 /// The last error message on this thread, or NULL.

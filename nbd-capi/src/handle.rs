@@ -237,9 +237,11 @@ impl nbd_handle {
     pub fn new() -> Self {
         let n = HANDLE_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let debug = std::env::var("LIBNBD_DEBUG").is_ok_and(|v| v == "1");
+        let mut conn = Connection::new(Config::default());
+        conn.set_trace(debug);
         nbd_handle {
             inner: PthreadMutex::new(Inner {
-                conn: Connection::new(Config::default()),
+                conn,
                 sock: None,
                 debug,
                 debug_cb: None,
@@ -279,6 +281,19 @@ impl nbd_handle {
             g.poisoned = true;
         }
         g
+    }
+
+    /// Logs a call that takes no lock (`nbd_{set,get}_private_data`, which
+    /// callbacks may call under the lock): when the lock is free, as the
+    /// call's `enter:` and `leave:` lines; otherwise not at all.
+    pub fn debug_unlocked(&self, function: &'static str, enter: impl FnOnce() -> String, ret: usize) {
+        if let Some(mut i) = self.inner.try_lock() {
+            if i.debug {
+                i.context = function;
+                i.debug(enter);
+                i.debug(|| format!("leave: ret={ret}"));
+            }
+        }
     }
 
     /// A panic escaped an export: the handle is dead from now on.
@@ -335,6 +350,42 @@ impl Inner {
     pub fn libnbd_state_name(&self) -> String {
         let full = self.libnbd_state().to_string_lossy();
         full.split(':').next().unwrap_or_default().to_owned()
+    }
+
+    /// Turns debug messages on or off (the core notes the handshake's
+    /// facts only while they are on).
+    pub fn set_debug(&mut self, on: bool) {
+        if on && !self.debug {
+            // Transitions are logged from the state debugging starts in.
+            self.debug_state = self.conn.state();
+        }
+        self.debug = on;
+        self.conn.set_trace(on);
+    }
+
+    /// Logs a change of the public state since the last one logged, and
+    /// why the handle died if it did.
+    pub fn debug_transition(&mut self) {
+        if !self.debug || self.conn.state() == self.debug_state {
+            return;
+        }
+        let (from, to) = (self.debug_state, self.conn.state());
+        self.debug(|| format!("transition: {} -> {}", from.name(), to.name()));
+        self.debug_state = to;
+        if to == PublicState::Dead {
+            let why = self.ended().unwrap_or_else(|| CError::new(0, "connection is dead"));
+            self.debug(|| format!("handle dead: {}", crate::error::error_text(self.context, &why)));
+        }
+    }
+
+    /// Logs what the handshake learned since last asked, in libnbd's words.
+    fn debug_notes(&mut self) {
+        while let Some(note) = self.conn.poll_note() {
+            let (sr, eh) = (self.conn.structured_replies_negotiated(), self.conn.extended_headers_negotiated());
+            for line in crate::trace::note_lines(&note, sr, eh) {
+                self.debug(|| line);
+            }
+        }
     }
 
     /// A debug message from the current call, when debugging is on: to the
@@ -627,10 +678,12 @@ impl Inner {
     /// decrypted bytes to the core while it wants them.
     fn tls_progress(&mut self) {
         let Some(tls) = self.tls.as_mut() else { return };
+        let mut about = None;
         if !self.tls_established {
             match tls.handshake() {
                 Ok(true) => {
                     self.tls_established = true;
+                    about = self.debug.then(|| tls.describe());
                     if let Err(e) = self.conn.handle_tls_established() {
                         self.conn.handle_transport_error(e.errno(), &e.to_string());
                     }
@@ -654,6 +707,9 @@ impl Inner {
                     }
                 }
             }
+        }
+        if let Some(about) = about {
+            self.debug(|| format!("connection is using TLS: {about}"));
         }
         self.tls_flush();
     }
@@ -703,9 +759,11 @@ impl Inner {
         // Without an extra descriptor, one pollfd (poll ignores a negative
         // fd, but the count is what a syscall trace shows).
         let n: libc::nfds_t = if extra_fd < 0 { 1 } else { 2 };
+        self.debug(|| format!("poll start: events={:x}", fds[0].events));
         // SAFETY: `n` valid pollfds in an array we own.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
         let pfd = fds[0];
+        self.debug(|| format!("poll end: r={r} revents={:x}", pfd.revents));
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -763,10 +821,9 @@ impl Inner {
         if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) {
             self.sock = None;
         }
-        if self.debug && self.conn.state() != self.debug_state {
-            let (from, to) = (self.debug_state, self.conn.state());
-            self.debug(|| format!("transition: {} -> {}", from.name(), to.name()));
-            self.debug_state = to;
+        if self.debug {
+            self.debug_notes();
+            self.debug_transition();
         }
         while let Some(ev) = self.conn.poll_event() {
             match ev {

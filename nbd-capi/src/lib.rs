@@ -25,4 +25,5 @@ pub mod send;
 pub mod subprocess;
 pub mod table;
 pub mod tls;
+pub mod trace;
 pub mod uri;

@@ -31,6 +31,16 @@ impl<T> PthreadMutex<T> {
     }
 }
 
+impl<T> PthreadMutex<T> {
+    /// The lock if it is free now; `None` if anyone holds it, this thread
+    /// included (a callback running under the lock).
+    pub fn try_lock(&self) -> Option<PthreadGuard<'_, T>> {
+        // SAFETY: an initialised mutex that lives as long as `self`.
+        let r = unsafe { libc::pthread_mutex_trylock(self.raw.get()) };
+        (r == 0).then_some(PthreadGuard { mutex: self })
+    }
+}
+
 impl<T> Drop for PthreadMutex<T> {
     fn drop(&mut self) {
         // SAFETY: unlocked (no guard can outlive `&self`) and never used again.

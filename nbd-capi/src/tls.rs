@@ -31,6 +31,9 @@ pub trait TlsLayer: Send {
     /// Whether decrypted bytes or undecrypted records wait inside the
     /// layer, so that reading needs no new bytes from the socket.
     fn has_buffered_input(&self) -> bool;
+    /// The session's parameters in words, for the debug line once the
+    /// handshake is done.
+    fn describe(&self) -> String;
 }
 
 /// The result of a decrypting read.
@@ -369,6 +372,25 @@ impl TlsLayer for OpensslTls {
     fn has_buffered_input(&self) -> bool {
         let pipe = self.stream.get_ref();
         self.stream.ssl().pending() > 0 || pipe.start < pipe.end
+    }
+
+    /// libnbd's words with OpenSSL's names: the cipher suite and its key
+    /// size, key exchange and MAC as OpenSSL describes the suite, the
+    /// protocol version; no kernel TLS.
+    fn describe(&self) -> String {
+        let ssl = self.stream.ssl();
+        let Some(c) = ssl.current_cipher() else { return format!("{} kTLS disabled", ssl.version_str()) };
+        let about = c.description();
+        let field =
+            |key: &str| about.split_whitespace().find_map(|w| w.strip_prefix(key)).unwrap_or("unknown").to_owned();
+        format!(
+            "cipher {} ({} bits) key exchange {} mac {} protocol {} kTLS disabled",
+            c.name(),
+            c.bits().secret,
+            field("Kx="),
+            field("Mac="),
+            ssl.version_str()
+        )
     }
 }
 

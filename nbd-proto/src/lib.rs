@@ -13,7 +13,7 @@ pub mod wire;
 
 pub use client::{
     BlockSize, ChunkStatus, CommandBuffer, Config, Connection, Cookie, Direction, Event, ExportInfo, Extent,
-    MetaContext, Protocol, PublicState, Stats,
+    MetaContext, Note, OptionOutcome, Protocol, PublicState, Stats,
 };
 pub use error::{Error, LocalError, ProtocolError, ServerError, TransportError};
 pub use flags::{CmdFlags, HandshakeFlags, StrictMode, TlsMode, TransmissionFlags};

@@ -5,6 +5,7 @@ use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner, Pending, UserBuf};
+use crate::trace::{Fun, Hex, ReadBuf, WriteBuf};
 use nbd_proto::{Connection, Cookie, Error};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
@@ -135,7 +136,7 @@ pub extern "C" fn nbd_aio_pread(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    let r = export!("nbd_aio_pread", h, -1, |i| {
+    let r = export!("nbd_aio_pread", h, -1, [buf = ReadBuf, count, offset, completion = cb, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(buf, count)?;
         submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))
@@ -154,12 +155,18 @@ pub extern "C" fn nbd_aio_pread_structured(
     flags: u32,
 ) -> i64 {
     let mut cbs = Callbacks { chunk: Owned::some(chunk), ..completion(cb) };
-    let r = export!("nbd_aio_pread_structured", h, -1, |i| {
-        required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
-        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
-        let b = read_buf(buf, count)?;
-        submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))
-    });
+    let r = export!(
+        "nbd_aio_pread_structured",
+        h,
+        -1,
+        [buf = ReadBuf, count, offset, chunk = Fun, completion = cb, flags = Hex(flags)],
+        |i| {
+            required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
+            let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
+            let b = read_buf(buf, count)?;
+            submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))
+        }
+    );
     initialize_refused(h, buf, count, r)
 }
 
@@ -173,17 +180,23 @@ pub extern "C" fn nbd_aio_pwrite(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_pwrite", h, -1, |i| {
-        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
-        let b = write_buf(buf, count)?;
-        submit(i, "write", cbs, None, offset, |c| c.write(offset, b, f))
-    })
+    export!(
+        "nbd_aio_pwrite",
+        h,
+        -1,
+        [buf = WriteBuf(buf, count), count, offset, completion = cb, flags = Hex(flags)],
+        |i| {
+            let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
+            let b = write_buf(buf, count)?;
+            submit(i, "write", cbs, None, offset, |c| c.write(offset, b, f))
+        }
+    )
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_flush(h: *mut nbd_handle, cb: nbd_completion_callback, flags: u32) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_flush", h, -1, |i| {
+    export!("nbd_aio_flush", h, -1, [completion = cb, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         submit(i, "flush", cbs, None, 0, |c| c.flush(f))
     })
@@ -198,7 +211,7 @@ pub extern "C" fn nbd_aio_trim(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_trim", h, -1, |i| {
+    export!("nbd_aio_trim", h, -1, [count, offset, completion = cb, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         submit(i, "trim", cbs, None, offset, |c| c.trim(offset, count, f))
     })
@@ -213,7 +226,7 @@ pub extern "C" fn nbd_aio_cache(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_cache", h, -1, |i| {
+    export!("nbd_aio_cache", h, -1, [count, offset, completion = cb, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, 0)?;
         submit(i, "cache", cbs, None, offset, |c| c.cache(offset, count, f))
     })
@@ -228,7 +241,7 @@ pub extern "C" fn nbd_aio_zero(
     flags: u32,
 ) -> i64 {
     let cbs = completion(cb);
-    export!("nbd_aio_zero", h, -1, |i| {
+    export!("nbd_aio_zero", h, -1, [count, offset, completion = cb, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, ZERO_FLAGS)?;
         submit(i, "zero", cbs, None, offset, |c| c.write_zeroes(offset, count, f))
     })
@@ -244,7 +257,7 @@ pub extern "C" fn nbd_aio_block_status(
     flags: u32,
 ) -> i64 {
     let mut cbs = Callbacks { extent: Owned::some(extent), ..completion(cb) };
-    export!("nbd_aio_block_status", h, -1, |i| {
+    export!("nbd_aio_block_status", h, -1, [count, offset, extent = Fun, completion = cb, flags = Hex(flags)], |i| {
         required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
         submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))
@@ -304,11 +317,17 @@ pub extern "C" fn nbd_aio_block_status_64(
     flags: u32,
 ) -> i64 {
     let mut cbs = Callbacks { extent64: Owned::some(extent64), ..completion(cb) };
-    export!("nbd_aio_block_status_64", h, -1, |i| {
-        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
-        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
-        submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))
-    })
+    export!(
+        "nbd_aio_block_status_64",
+        h,
+        -1,
+        [count, offset, extent64 = Fun, completion = cb, flags = Hex(flags)],
+        |i| {
+            required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+            let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
+            submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))
+        }
+    )
 }
 
 #[no_mangle]
@@ -322,19 +341,25 @@ pub extern "C" fn nbd_aio_block_status_filter(
     flags: u32,
 ) -> i64 {
     let mut cbs = Callbacks { extent64: Owned::some(extent64), ..completion(cb) };
-    export!("nbd_aio_block_status_filter", h, -1, |i| {
-        let names = arg_str_list(contexts, "contexts")?;
-        required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
-        let (f, ids) = status_filter(i, &names, flags)?;
-        submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))
-    })
+    export!(
+        "nbd_aio_block_status_filter",
+        h,
+        -1,
+        [count, offset, contexts, extent64 = Fun, completion = cb, flags = Hex(flags)],
+        |i| {
+            let names = arg_str_list(contexts, "contexts")?;
+            required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
+            let (f, ids) = status_filter(i, &names, flags)?;
+            submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))
+        }
+    )
 }
 
 // ---- synchronous commands -------------------------------------------------------
 
 #[no_mangle]
 pub extern "C" fn nbd_pread(h: *mut nbd_handle, buf: *mut c_void, count: usize, offset: u64, flags: u32) -> c_int {
-    let r = export!("nbd_pread", h, -1, |i| {
+    let r = export!("nbd_pread", h, -1, [buf = ReadBuf, count, offset, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, 0)?;
         let b = read_buf(buf, count)?;
         let c = submit(i, "read", no_callbacks(), Some((buf.cast(), count)), offset, |c| c.read(offset, b, f))?;
@@ -353,19 +378,20 @@ pub extern "C" fn nbd_pread_structured(
     flags: u32,
 ) -> c_int {
     let mut cbs = Callbacks { chunk: Owned::some(chunk), ..Callbacks::default() };
-    let r = export!("nbd_pread_structured", h, -1, |i| {
-        required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
-        let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
-        let b = read_buf(buf, count)?;
-        let c = submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))?;
-        wait(i, c)
-    });
+    let r =
+        export!("nbd_pread_structured", h, -1, [buf = ReadBuf, count, offset, chunk = Fun, flags = Hex(flags)], |i| {
+            required(cbs.chunk.take(), "chunk").map(|c| cbs.chunk = Some(c))?;
+            let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_DF)?;
+            let b = read_buf(buf, count)?;
+            let c = submit(i, "read", cbs, Some((buf.cast(), count)), offset, |c| c.read_structured(offset, b, f))?;
+            wait(i, c)
+        });
     initialize_refused(h, buf, count, r)
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usize, offset: u64, flags: u32) -> c_int {
-    export!("nbd_pwrite", h, -1, |i| {
+    export!("nbd_pwrite", h, -1, [buf = WriteBuf(buf, count), count, offset, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let b = write_buf(buf, count)?;
         let c = submit(i, "write", no_callbacks(), None, offset, |c| c.write(offset, b, f))?;
@@ -375,7 +401,7 @@ pub extern "C" fn nbd_pwrite(h: *mut nbd_handle, buf: *const c_void, count: usiz
 
 #[no_mangle]
 pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
-    export!("nbd_flush", h, -1, |i| {
+    export!("nbd_flush", h, -1, [flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let c = submit(i, "flush", no_callbacks(), None, 0, |c| c.flush(f))?;
         wait(i, c)
@@ -384,7 +410,7 @@ pub extern "C" fn nbd_flush(h: *mut nbd_handle, flags: u32) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
-    export!("nbd_trim", h, -1, |i| {
+    export!("nbd_trim", h, -1, [count, offset, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_FUA)?;
         let c = submit(i, "trim", no_callbacks(), None, offset, |c| c.trim(offset, count, f))?;
         wait(i, c)
@@ -393,7 +419,7 @@ pub extern "C" fn nbd_trim(h: *mut nbd_handle, count: u64, offset: u64, flags: u
 
 #[no_mangle]
 pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
-    export!("nbd_cache", h, -1, |i| {
+    export!("nbd_cache", h, -1, [count, offset, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, 0)?;
         let c = submit(i, "cache", no_callbacks(), None, offset, |c| c.cache(offset, count, f))?;
         wait(i, c)
@@ -402,7 +428,7 @@ pub extern "C" fn nbd_cache(h: *mut nbd_handle, count: u64, offset: u64, flags: 
 
 #[no_mangle]
 pub extern "C" fn nbd_zero(h: *mut nbd_handle, count: u64, offset: u64, flags: u32) -> c_int {
-    export!("nbd_zero", h, -1, |i| {
+    export!("nbd_zero", h, -1, [count, offset, flags = Hex(flags)], |i| {
         let f = cmd_flags(i, flags, ZERO_FLAGS)?;
         let c = submit(i, "zero", no_callbacks(), None, offset, |c| c.write_zeroes(offset, count, f))?;
         wait(i, c)
@@ -418,7 +444,7 @@ pub extern "C" fn nbd_block_status(
     flags: u32,
 ) -> c_int {
     let mut cbs = Callbacks { extent: Owned::some(extent), ..Callbacks::default() };
-    export!("nbd_block_status", h, -1, |i| {
+    export!("nbd_block_status", h, -1, [count, offset, extent = Fun, flags = Hex(flags)], |i| {
         required(cbs.extent.take(), "extent").map(|c| cbs.extent = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
         let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))?;
@@ -435,7 +461,7 @@ pub extern "C" fn nbd_block_status_64(
     flags: u32,
 ) -> c_int {
     let mut cbs = Callbacks { extent64: Owned::some(extent64), ..Callbacks::default() };
-    export!("nbd_block_status_64", h, -1, |i| {
+    export!("nbd_block_status_64", h, -1, [count, offset, extent64 = Fun, flags = Hex(flags)], |i| {
         required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
         let f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE)?;
         let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status(offset, count, f))?;
@@ -453,7 +479,7 @@ pub extern "C" fn nbd_block_status_filter(
     flags: u32,
 ) -> c_int {
     let mut cbs = Callbacks { extent64: Owned::some(extent64), ..Callbacks::default() };
-    export!("nbd_block_status_filter", h, -1, |i| {
+    export!("nbd_block_status_filter", h, -1, [count, offset, contexts, extent64 = Fun, flags = Hex(flags)], |i| {
         let names = arg_str_list(contexts, "contexts")?;
         required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
         let (f, ids) = status_filter(i, &names, flags)?;
@@ -466,7 +492,7 @@ pub extern "C" fn nbd_block_status_filter(
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
-    export!("nbd_aio_disconnect", h, -1, |i| {
+    export!("nbd_aio_disconnect", h, -1, [flags = Hex(flags)], |i| {
         if flags != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
@@ -478,7 +504,7 @@ pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
-    export!("nbd_shutdown", h, -1, |i| {
+    export!("nbd_shutdown", h, -1, [flags = Hex(flags)], |i| {
         if flags & !crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
@@ -526,7 +552,7 @@ fn no_socket_event(i: &Inner, event: u32) -> CResult<()> {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_get_fd", h, -1, |i| {
+    export!("nbd_aio_get_fd", h, -1, [], |i| {
         let fd = i.fd();
         if fd < 0 {
             return Err(CError::new(libc::EINVAL, "connection is not in a connected state"));
@@ -537,7 +563,7 @@ pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
-    export!("nbd_aio_get_direction", h, 0, |i| {
+    export!("nbd_aio_get_direction", h, 0, [], |i| {
         let d = i.direction();
         i.write_announced = d & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
         Ok(d)
@@ -546,7 +572,7 @@ pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_notify_read", h, -1, |i| {
+    export!("nbd_aio_notify_read", h, -1, [], |i| {
         no_socket_event(i, 0)?;
         i.notify_read();
         i.notify_write();
@@ -556,7 +582,7 @@ pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_notify_write", h, -1, |i| {
+    export!("nbd_aio_notify_write", h, -1, [], |i| {
         no_socket_event(i, 1)?;
         i.write_announced = false;
         i.notify_write();
@@ -577,17 +603,17 @@ fn poll(i: &mut Inner, extra_fd: c_int, timeout: c_int) -> CResult<c_int> {
 
 #[no_mangle]
 pub extern "C" fn nbd_poll(h: *mut nbd_handle, timeout: c_int) -> c_int {
-    export!("nbd_poll", h, -1, |i| poll(i, -1, timeout))
+    export!("nbd_poll", h, -1, [timeout], |i| poll(i, -1, timeout))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_poll2(h: *mut nbd_handle, fd: c_int, timeout: c_int) -> c_int {
-    export!("nbd_poll2", h, -1, |i| poll(i, fd, timeout))
+    export!("nbd_poll2", h, -1, [fd, timeout], |i| poll(i, fd, timeout))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> c_int {
-    export!("nbd_aio_command_completed", h, -1, |i| {
+    export!("nbd_aio_command_completed", h, -1, [cookie], |i| {
         if cookie == 0 {
             return Err(CError::new(libc::EINVAL, "invalid aio cookie 0"));
         }
@@ -597,7 +623,7 @@ pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> 
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
-    export!("nbd_aio_peek_command_completed", h, -1, |i| {
+    export!("nbd_aio_peek_command_completed", h, -1, [], |i| {
         if let Some(c) = i.done.front().map(|d| d.cookie) {
             return Ok(c as i64);
         }
@@ -610,52 +636,54 @@ pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_in_flight(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_in_flight", h, -1, |i| Ok(i.conn.in_flight() as c_int))
+    export!("nbd_aio_in_flight", h, -1, [], |i| Ok(i.conn.in_flight() as c_int))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_created(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_created", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_created", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Created && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_connecting(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_connecting", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_connecting", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Connecting && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_negotiating(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_negotiating", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_negotiating", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Negotiating && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_ready", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_ready", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Ready && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_processing", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_processing", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Processing && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_closed(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_closed", h, -1, |i| Ok(c_int::from(
+    export!("nbd_aio_is_closed", h, -1, [], |i| Ok(c_int::from(
         i.conn.state() == nbd_proto::PublicState::Closed && !i.poisoned
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_dead(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_dead", h, -1, |i| Ok(c_int::from(i.poisoned || i.conn.state() == nbd_proto::PublicState::Dead)))
+    export!("nbd_aio_is_dead", h, -1, [], |i| Ok(c_int::from(
+        i.poisoned || i.conn.state() == nbd_proto::PublicState::Dead
+    )))
 }

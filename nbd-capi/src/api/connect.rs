@@ -5,6 +5,7 @@ use crate::boundary::export;
 use crate::dial::Address;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner};
+use crate::trace::{Hex, SockAddr};
 use crate::uri::{self, Transport};
 use nbd_proto::PublicState;
 use std::ffi::{c_char, c_int};
@@ -88,7 +89,7 @@ fn connect_socket(i: &mut Inner, sock: c_int) -> CResult<()> {
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_unix(h: *mut nbd_handle, path: *const c_char) -> c_int {
-    export!("nbd_connect_unix", h, -1, |i| {
+    export!("nbd_connect_unix", h, -1, [unixsocket = path], |i| {
         connect_unix(i, path)?;
         finish_connect(i)
     })
@@ -96,12 +97,12 @@ pub extern "C" fn nbd_connect_unix(h: *mut nbd_handle, path: *const c_char) -> c
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_unix(h: *mut nbd_handle, path: *const c_char) -> c_int {
-    export!("nbd_aio_connect_unix", h, -1, |i| connect_unix(i, path).map(|()| 0))
+    export!("nbd_aio_connect_unix", h, -1, [unixsocket = path], |i| connect_unix(i, path).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_tcp(h: *mut nbd_handle, host: *const c_char, port: *const c_char) -> c_int {
-    export!("nbd_connect_tcp", h, -1, |i| {
+    export!("nbd_connect_tcp", h, -1, [hostname = host, port], |i| {
         connect_tcp(i, host, port)?;
         finish_connect(i)
     })
@@ -109,12 +110,12 @@ pub extern "C" fn nbd_connect_tcp(h: *mut nbd_handle, host: *const c_char, port:
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_tcp(h: *mut nbd_handle, host: *const c_char, port: *const c_char) -> c_int {
-    export!("nbd_aio_connect_tcp", h, -1, |i| connect_tcp(i, host, port).map(|()| 0))
+    export!("nbd_aio_connect_tcp", h, -1, [hostname = host, port], |i| connect_tcp(i, host, port).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_socket(h: *mut nbd_handle, sock: c_int) -> c_int {
-    export!("nbd_connect_socket", h, -1, |i| {
+    export!("nbd_connect_socket", h, -1, [sock], |i| {
         connect_socket(i, sock)?;
         finish_connect(i)
     })
@@ -122,12 +123,12 @@ pub extern "C" fn nbd_connect_socket(h: *mut nbd_handle, sock: c_int) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_socket(h: *mut nbd_handle, sock: c_int) -> c_int {
-    export!("nbd_aio_connect_socket", h, -1, |i| connect_socket(i, sock).map(|()| 0))
+    export!("nbd_aio_connect_socket", h, -1, [sock], |i| connect_socket(i, sock).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
-    export!("nbd_connect_uri", h, -1, |i| {
+    export!("nbd_connect_uri", h, -1, [uri], |i| {
         connect_uri(i, uri)?;
         finish_connect(i)
     })
@@ -135,12 +136,12 @@ pub extern "C" fn nbd_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_i
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
-    export!("nbd_aio_connect_uri", h, -1, |i| connect_uri(i, uri).map(|()| 0))
+    export!("nbd_aio_connect_uri", h, -1, [uri], |i| connect_uri(i, uri).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_vsock(h: *mut nbd_handle, cid: u32, port: u32) -> c_int {
-    export!("nbd_connect_vsock", h, -1, |i| {
+    export!("nbd_connect_vsock", h, -1, [cid, port], |i| {
         connect_vsock(i, cid, port)?;
         finish_connect(i)
     })
@@ -148,12 +149,12 @@ pub extern "C" fn nbd_connect_vsock(h: *mut nbd_handle, cid: u32, port: u32) -> 
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_vsock(h: *mut nbd_handle, cid: u32, port: u32) -> c_int {
-    export!("nbd_aio_connect_vsock", h, -1, |i| connect_vsock(i, cid, port).map(|()| 0))
+    export!("nbd_aio_connect_vsock", h, -1, [cid, port], |i| connect_vsock(i, cid, port).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_supports_uri(h: *mut nbd_handle) -> c_int {
-    export!("nbd_supports_uri", h, -1, |_i| Ok(1))
+    export!("nbd_supports_uri", h, -1, [], |_i| Ok(1))
 }
 
 /// The URI schemes `nbd_is_uri` recognises, by prefix, in any case.
@@ -162,7 +163,7 @@ const URI_PREFIXES: [&str; 8] =
 
 #[no_mangle]
 pub extern "C" fn nbd_is_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
-    export!("nbd_is_uri", h, -1, |_i| {
+    export!("nbd_is_uri", h, -1, [uri], |_i| {
         let uri = arg_str(uri, "uri")?;
         let is = URI_PREFIXES.iter().any(|p| uri.get(..p.len()).is_some_and(|head| head.eq_ignore_ascii_case(p)));
         Ok(c_int::from(is))
@@ -171,7 +172,7 @@ pub extern "C" fn nbd_is_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_uri", h, std::ptr::null_mut(), |i| {
+    export!("nbd_get_uri", h, std::ptr::null_mut(), [], |i| {
         let t = match (&i.transport, &i.address_uri) {
             (Some(t), _) => t,
             (None, Some(from_address)) => from_address.as_ref().map_err(Clone::clone)?,
@@ -202,7 +203,7 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
 
 #[no_mangle]
 pub extern "C" fn nbd_set_uri_allow_transports(h: *mut nbd_handle, mask: u32) -> c_int {
-    export!("nbd_set_uri_allow_transports", h, -1, |i| {
+    export!("nbd_set_uri_allow_transports", h, -1, [mask = Hex(mask)], |i| {
         if mask & !crate::constants::LIBNBD_ALLOW_TRANSPORT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid value for mask: {mask:#x}")));
         }
@@ -213,7 +214,7 @@ pub extern "C" fn nbd_set_uri_allow_transports(h: *mut nbd_handle, mask: u32) ->
 
 #[no_mangle]
 pub extern "C" fn nbd_set_uri_allow_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
-    export!("nbd_set_uri_allow_tls", h, -1, |i| {
+    export!("nbd_set_uri_allow_tls", h, -1, [tls], |i| {
         if !(0..=2).contains(&tls) {
             return Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}")));
         }
@@ -224,7 +225,7 @@ pub extern "C" fn nbd_set_uri_allow_tls(h: *mut nbd_handle, tls: c_int) -> c_int
 
 #[no_mangle]
 pub extern "C" fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int {
-    export!("nbd_set_uri_allow_local_file", h, -1, |i| {
+    export!("nbd_set_uri_allow_local_file", h, -1, [allow], |i| {
         i.uri_allow_local_file = allow;
         Ok(0)
     })
@@ -266,7 +267,7 @@ fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::sockl
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_command(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
-    export!("nbd_connect_command", h, -1, |i| {
+    export!("nbd_connect_command", h, -1, [argv], |i| {
         connect_command(i, argv)?;
         finish_connect(i)
     })
@@ -274,12 +275,12 @@ pub extern "C" fn nbd_connect_command(h: *mut nbd_handle, argv: *mut *mut c_char
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_command(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
-    export!("nbd_aio_connect_command", h, -1, |i| connect_command(i, argv).map(|()| 0))
+    export!("nbd_aio_connect_command", h, -1, [argv], |i| connect_command(i, argv).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connect_systemd_socket_activation(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
-    export!("nbd_connect_systemd_socket_activation", h, -1, |i| {
+    export!("nbd_connect_systemd_socket_activation", h, -1, [argv], |i| {
         connect_activated(i, argv)?;
         finish_connect(i)
     })
@@ -287,17 +288,17 @@ pub extern "C" fn nbd_connect_systemd_socket_activation(h: *mut nbd_handle, argv
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect_systemd_socket_activation(h: *mut nbd_handle, argv: *mut *mut c_char) -> c_int {
-    export!("nbd_aio_connect_systemd_socket_activation", h, -1, |i| connect_activated(i, argv).map(|()| 0))
+    export!("nbd_aio_connect_systemd_socket_activation", h, -1, [argv], |i| connect_activated(i, argv).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_connect(h: *mut nbd_handle, addr: *const libc::sockaddr, len: libc::socklen_t) -> c_int {
-    export!("nbd_aio_connect", h, -1, |i| connect_sockaddr(i, addr, len).map(|()| 0))
+    export!("nbd_aio_connect", h, -1, [addr = SockAddr, addrlen = len], |i| connect_sockaddr(i, addr, len).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_int {
-    export!("nbd_kill_subprocess", h, -1, |i| {
+    export!("nbd_kill_subprocess", h, -1, [signum], |i| {
         if signum < 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid signal number: {signum}")));
         }

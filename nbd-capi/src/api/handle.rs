@@ -4,6 +4,7 @@ use super::{arg_str, c_string};
 use crate::boundary::export;
 use crate::callbacks::{nbd_debug_callback, Owned};
 use crate::handle::nbd_handle;
+use crate::trace::Fun;
 use std::ffi::{c_char, c_int, CString};
 use std::sync::atomic::Ordering;
 
@@ -42,25 +43,25 @@ pub unsafe extern "C" fn nbd_close(h: *mut nbd_handle) {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_version(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_get_version", h, std::ptr::null(), |_i| Ok(VERSION.as_ptr()))
+    export!("nbd_get_version", h, std::ptr::null(), [], |_i| Ok(VERSION.as_ptr()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_package_name(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_get_package_name", h, std::ptr::null(), |_i| Ok(PACKAGE.as_ptr()))
+    export!("nbd_get_package_name", h, std::ptr::null(), [], |_i| Ok(PACKAGE.as_ptr()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_debug(h: *mut nbd_handle, debug: bool) -> c_int {
-    export!("nbd_set_debug", h, -1, |i| {
-        i.debug = debug;
+    export!("nbd_set_debug", h, -1, [debug], |i| {
+        i.set_debug(debug);
         Ok(0)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_debug(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_debug", h, -1, |i| Ok(c_int::from(i.debug)))
+    export!("nbd_get_debug", h, -1, [], |i| Ok(c_int::from(i.debug)))
 }
 
 #[no_mangle]
@@ -68,7 +69,7 @@ pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callb
     // libnbd 1.14 accepts a NULL debug callback; its free runs when the
     // callback is replaced, cleared or the handle closes.
     let cb = Owned::new(cb);
-    export!("nbd_set_debug_callback", h, -1, |i| {
+    export!("nbd_set_debug_callback", h, -1, [debug = Fun], |i| {
         i.debug_cb = Some(cb);
         Ok(0)
     })
@@ -76,7 +77,7 @@ pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callb
 
 #[no_mangle]
 pub extern "C" fn nbd_clear_debug_callback(h: *mut nbd_handle) -> c_int {
-    export!("nbd_clear_debug_callback", h, -1, |i| {
+    export!("nbd_clear_debug_callback", h, -1, [], |i| {
         i.debug_cb = None;
         Ok(0)
     })
@@ -84,7 +85,7 @@ pub extern "C" fn nbd_clear_debug_callback(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_set_handle_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
-    export!("nbd_set_handle_name", h, -1, |i| {
+    export!("nbd_set_handle_name", h, -1, [handle_name = name], |i| {
         let name = arg_str(name, "handle_name")?;
         i.handle_name = CString::new(name).unwrap_or_default();
         Ok(0)
@@ -93,7 +94,7 @@ pub extern "C" fn nbd_set_handle_name(h: *mut nbd_handle, name: *const c_char) -
 
 #[no_mangle]
 pub extern "C" fn nbd_get_handle_name(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_handle_name", h, std::ptr::null_mut(), |i| c_string(&i.handle_name.to_string_lossy()))
+    export!("nbd_get_handle_name", h, std::ptr::null_mut(), [], |i| c_string(&i.handle_name.to_string_lossy()))
 }
 
 #[no_mangle]
@@ -101,7 +102,11 @@ pub extern "C" fn nbd_set_private_data(h: *mut nbd_handle, data: usize) -> usize
     // SAFETY: NULL or a live handle (the C contract); no lock is needed
     // for the atomic, as in libnbd.
     match unsafe { h.as_ref() } {
-        Some(handle) => handle.private_data.swap(data, Ordering::SeqCst),
+        Some(handle) => {
+            let old = handle.private_data.swap(data, Ordering::SeqCst);
+            handle.debug_unlocked("nbd_set_private_data", || format!("enter: private_data={data}"), old);
+            old
+        }
         None => 0,
     }
 }
@@ -109,12 +114,16 @@ pub extern "C" fn nbd_set_private_data(h: *mut nbd_handle, data: usize) -> usize
 #[no_mangle]
 pub extern "C" fn nbd_get_private_data(h: *mut nbd_handle) -> usize {
     // SAFETY: as for nbd_set_private_data.
-    unsafe { h.as_ref() }.map_or(0, |handle| handle.private_data.load(Ordering::SeqCst))
+    unsafe { h.as_ref() }.map_or(0, |handle| {
+        let data = handle.private_data.load(Ordering::SeqCst);
+        handle.debug_unlocked("nbd_get_private_data", || "enter:".into(), data);
+        data
+    })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_connection_state", h, std::ptr::null(), |i| {
+    export!("nbd_connection_state", h, std::ptr::null(), [], |i| {
         let s = i.libnbd_state();
         Ok(s.as_ptr())
     })
@@ -122,17 +131,17 @@ pub extern "C" fn nbd_connection_state(h: *mut nbd_handle) -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn nbd_supports_tls(h: *mut nbd_handle) -> c_int {
-    export!("nbd_supports_tls", h, -1, |_i| Ok(1))
+    export!("nbd_supports_tls", h, -1, [], |_i| Ok(1))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_supports_vsock(h: *mut nbd_handle) -> c_int {
-    export!("nbd_supports_vsock", h, -1, |_i| Ok(1))
+    export!("nbd_supports_vsock", h, -1, [], |_i| Ok(1))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_subprocess_pid(h: *mut nbd_handle) -> i64 {
-    export!("nbd_get_subprocess_pid", h, -1, |i| match &i.subprocess {
+    export!("nbd_get_subprocess_pid", h, -1, [], |i| match &i.subprocess {
         Some((pid, _)) => Ok(i64::from(*pid)),
         None => Err(crate::error::CError::new(libc::ESRCH, "no subprocess exists")),
     })
@@ -140,20 +149,20 @@ pub extern "C" fn nbd_get_subprocess_pid(h: *mut nbd_handle) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_sent", h, 0, |i| Ok(i.conn.stats().bytes_sent))
+    export!("nbd_stats_bytes_sent", h, 0, [], |i| Ok(i.conn.stats().bytes_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_received", h, 0, |i| Ok(i.conn.stats().bytes_received))
+    export!("nbd_stats_bytes_received", h, 0, [], |i| Ok(i.conn.stats().bytes_received))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_sent", h, 0, |i| Ok(i.conn.stats().chunks_sent))
+    export!("nbd_stats_chunks_sent", h, 0, [], |i| Ok(i.conn.stats().chunks_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_received", h, 0, |i| Ok(i.conn.stats().chunks_received))
+    export!("nbd_stats_chunks_received", h, 0, [], |i| Ok(i.conn.stats().chunks_received))
 }

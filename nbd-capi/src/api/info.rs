@@ -16,62 +16,62 @@ fn flags(i: &Inner) -> CResult<TF> {
 
 #[no_mangle]
 pub extern "C" fn nbd_is_read_only(h: *mut nbd_handle) -> c_int {
-    export!("nbd_is_read_only", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::READ_ONLY))))
+    export!("nbd_is_read_only", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::READ_ONLY))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_flush(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_flush", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FLUSH))))
+    export!("nbd_can_flush", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FLUSH))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_fua(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_fua", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FUA))))
+    export!("nbd_can_fua", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FUA))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_is_rotational(h: *mut nbd_handle) -> c_int {
-    export!("nbd_is_rotational", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::ROTATIONAL))))
+    export!("nbd_is_rotational", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::ROTATIONAL))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_trim(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_trim", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_TRIM))))
+    export!("nbd_can_trim", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_TRIM))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_zero(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_zero", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_WRITE_ZEROES))))
+    export!("nbd_can_zero", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_WRITE_ZEROES))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_fast_zero(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_fast_zero", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FAST_ZERO))))
+    export!("nbd_can_fast_zero", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_FAST_ZERO))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_df(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_df", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_DF))))
+    export!("nbd_can_df", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_DF))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_block_status_payload(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_block_status_payload", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::BLOCK_STAT_PAYLOAD))))
+    export!("nbd_can_block_status_payload", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::BLOCK_STAT_PAYLOAD))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_multi_conn(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_multi_conn", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::CAN_MULTI_CONN))))
+    export!("nbd_can_multi_conn", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::CAN_MULTI_CONN))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_cache(h: *mut nbd_handle) -> c_int {
-    export!("nbd_can_cache", h, -1, |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_CACHE))))
+    export!("nbd_can_cache", h, -1, [], |i| Ok(c_int::from(flags(i)?.contains(TF::SEND_CACHE))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
-    export!("nbd_can_meta_context", h, -1, |i| {
+    export!("nbd_can_meta_context", h, -1, [metacontext = name], |i| {
         let name = arg_str(name, "metacontext")?;
         // As libnbd 1.22: what SET_META_CONTEXT selected, also before GO;
         // an error only while contexts are configured and no request has
@@ -91,7 +91,7 @@ pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) 
 
 #[no_mangle]
 pub extern "C" fn nbd_get_size(h: *mut nbd_handle) -> i64 {
-    export!("nbd_get_size", h, -1, |i| {
+    export!("nbd_get_size", h, -1, [], |i| {
         // The core refuses sizes of 2^63 and more, so this cannot go negative.
         let size =
             i.conn.export().size.ok_or_else(|| CError::new(libc::EINVAL, "server has not returned export size"))?;
@@ -101,7 +101,7 @@ pub extern "C" fn nbd_get_size(h: *mut nbd_handle) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i64 {
-    export!("nbd_get_block_size", h, -1, |i| {
+    export!("nbd_get_block_size", h, -1, [size_type], |i| {
         flags(i)?;
         let b = i.conn.export().block_size;
         let v = match size_type {
@@ -117,7 +117,7 @@ pub extern "C" fn nbd_get_block_size(h: *mut nbd_handle, size_type: c_int) -> i6
 
 #[no_mangle]
 pub extern "C" fn nbd_get_protocol(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_get_protocol", h, std::ptr::null(), |i| {
+    export!("nbd_get_protocol", h, std::ptr::null(), [], |i| {
         let p: &'static std::ffi::CStr = match i.conn.protocol() {
             Some(nbd_proto::Protocol::Oldstyle) => c"oldstyle",
             Some(nbd_proto::Protocol::Newstyle) => c"newstyle",
@@ -130,22 +130,24 @@ pub extern "C" fn nbd_get_protocol(h: *mut nbd_handle) -> *const c_char {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_structured_replies_negotiated(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_structured_replies_negotiated", h, -1, |i| Ok(c_int::from(i.conn.structured_replies_negotiated())))
+    export!("nbd_get_structured_replies_negotiated", h, -1, [], |i| Ok(c_int::from(
+        i.conn.structured_replies_negotiated()
+    )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_extended_headers_negotiated(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_extended_headers_negotiated", h, -1, |i| Ok(c_int::from(i.conn.extended_headers_negotiated())))
+    export!("nbd_get_extended_headers_negotiated", h, -1, [], |i| Ok(c_int::from(i.conn.extended_headers_negotiated())))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_negotiated(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_tls_negotiated", h, -1, |i| Ok(c_int::from(i.conn.tls_negotiated())))
+    export!("nbd_get_tls_negotiated", h, -1, [], |i| Ok(c_int::from(i.conn.tls_negotiated())))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_canonical_export_name(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_canonical_export_name", h, std::ptr::null_mut(), |i| {
+    export!("nbd_get_canonical_export_name", h, std::ptr::null_mut(), [], |i| {
         match i.conn.export().canonical_name.as_deref() {
             Some(n) => c_string(n),
             None => Err(CError::new(libc::ENOTSUP, "server did not advertise a canonical name")),
@@ -155,7 +157,7 @@ pub extern "C" fn nbd_get_canonical_export_name(h: *mut nbd_handle) -> *mut c_ch
 
 #[no_mangle]
 pub extern "C" fn nbd_get_export_description(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_export_description", h, std::ptr::null_mut(), |i| {
+    export!("nbd_get_export_description", h, std::ptr::null_mut(), [], |i| {
         match i.conn.export().description.as_deref() {
             Some(d) => c_string(d),
             None => Err(CError::new(libc::ENOTSUP, "server did not advertise a description")),

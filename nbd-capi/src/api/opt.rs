@@ -5,6 +5,7 @@ use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Inner, OptPending, UserBuf};
+use crate::trace::Fun;
 use nbd_proto::{Connection, Error, PublicState};
 use std::ffi::{c_char, c_int};
 
@@ -102,7 +103,7 @@ fn meta_aio(i: &mut Inner, which: MetaOption, q: Queries, mut p: OptPending) -> 
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_go(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_go", h, -1, |i| {
+    export!("nbd_opt_go", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_go())?;
         finish(i, "opt_go").map(|_| 0)
     })
@@ -110,7 +111,7 @@ pub extern "C" fn nbd_opt_go(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_info(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_info", h, -1, |i| {
+    export!("nbd_opt_info", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_info())?;
         finish(i, "opt_info").map(|_| 0)
     })
@@ -128,13 +129,13 @@ pub(crate) fn abort(i: &mut Inner) -> CResult<c_int> {
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_abort(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_abort", h, -1, |i| abort(i))
+    export!("nbd_opt_abort", h, -1, [], |i| abort(i))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_list(h: *mut nbd_handle, list: nbd_list_callback) -> c_int {
     let list = Owned::some(list);
-    export!("nbd_opt_list", h, -1, |i| {
+    export!("nbd_opt_list", h, -1, [list = Fun], |i| {
         let list = Some(required(list, "list")?);
         start(i, OptPending { list, ..OptPending::default() }, |c| c.opt_list())?;
         finish(i, "opt_list")
@@ -144,7 +145,7 @@ pub extern "C" fn nbd_opt_list(h: *mut nbd_handle, list: nbd_list_callback) -> c
 #[no_mangle]
 pub extern "C" fn nbd_opt_list_meta_context(h: *mut nbd_handle, context: nbd_context_callback) -> c_int {
     let context = Owned::some(context);
-    export!("nbd_opt_list_meta_context", h, -1, |i| meta_sync(
+    export!("nbd_opt_list_meta_context", h, -1, [context = Fun], |i| meta_sync(
         i,
         MetaOption::List,
         None,
@@ -160,7 +161,7 @@ pub extern "C" fn nbd_opt_list_meta_context_queries(
     context: nbd_context_callback,
 ) -> c_int {
     let context = Owned::some(context);
-    export!("nbd_opt_list_meta_context_queries", h, -1, |i| meta_sync(
+    export!("nbd_opt_list_meta_context_queries", h, -1, [queries, context = Fun], |i| meta_sync(
         i,
         MetaOption::List,
         Some(queries),
@@ -172,7 +173,13 @@ pub extern "C" fn nbd_opt_list_meta_context_queries(
 #[no_mangle]
 pub extern "C" fn nbd_opt_set_meta_context(h: *mut nbd_handle, context: nbd_context_callback) -> c_int {
     let context = Owned::some(context);
-    export!("nbd_opt_set_meta_context", h, -1, |i| meta_sync(i, MetaOption::Set, None, context, "opt_set_meta_context"))
+    export!("nbd_opt_set_meta_context", h, -1, [context = Fun], |i| meta_sync(
+        i,
+        MetaOption::Set,
+        None,
+        context,
+        "opt_set_meta_context"
+    ))
 }
 
 #[no_mangle]
@@ -182,7 +189,7 @@ pub extern "C" fn nbd_opt_set_meta_context_queries(
     context: nbd_context_callback,
 ) -> c_int {
     let context = Owned::some(context);
-    export!("nbd_opt_set_meta_context_queries", h, -1, |i| meta_sync(
+    export!("nbd_opt_set_meta_context_queries", h, -1, [queries, context = Fun], |i| meta_sync(
         i,
         MetaOption::Set,
         Some(queries),
@@ -193,7 +200,7 @@ pub extern "C" fn nbd_opt_set_meta_context_queries(
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_starttls(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_starttls", h, -1, |i| {
+    export!("nbd_opt_starttls", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_starttls())?;
         finish_bool(i, "opt_starttls")
     })
@@ -201,7 +208,7 @@ pub extern "C" fn nbd_opt_starttls(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_structured_reply(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_structured_reply", h, -1, |i| {
+    export!("nbd_opt_structured_reply", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_structured_reply())?;
         finish_bool(i, "opt_structured_reply")
     })
@@ -209,7 +216,7 @@ pub extern "C" fn nbd_opt_structured_reply(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_opt_extended_headers(h: *mut nbd_handle) -> c_int {
-    export!("nbd_opt_extended_headers", h, -1, |i| {
+    export!("nbd_opt_extended_headers", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_extended_headers())?;
         finish_bool(i, "opt_extended_headers")
     })
@@ -218,24 +225,24 @@ pub extern "C" fn nbd_opt_extended_headers(h: *mut nbd_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_go(h: *mut nbd_handle, cb: nbd_completion_callback) -> c_int {
     let p = with_completion(cb);
-    export!("nbd_aio_opt_go", h, -1, |i| start(i, p, |c| c.opt_go()).map(|()| 0))
+    export!("nbd_aio_opt_go", h, -1, [completion = cb], |i| start(i, p, |c| c.opt_go()).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_info(h: *mut nbd_handle, cb: nbd_completion_callback) -> c_int {
     let p = with_completion(cb);
-    export!("nbd_aio_opt_info", h, -1, |i| start(i, p, |c| c.opt_info()).map(|()| 0))
+    export!("nbd_aio_opt_info", h, -1, [completion = cb], |i| start(i, p, |c| c.opt_info()).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_abort(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_opt_abort", h, -1, |i| start(i, OptPending::default(), |c| c.opt_abort()).map(|()| 0))
+    export!("nbd_aio_opt_abort", h, -1, [], |i| start(i, OptPending::default(), |c| c.opt_abort()).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_list(h: *mut nbd_handle, list: nbd_list_callback, cb: nbd_completion_callback) -> c_int {
     let mut p = OptPending { list: Owned::some(list), ..with_completion(cb) };
-    export!("nbd_aio_opt_list", h, -1, |i| {
+    export!("nbd_aio_opt_list", h, -1, [list = Fun, completion = cb], |i| {
         p.list = Some(required(p.list.take(), "list")?);
         start(i, p, |c| c.opt_list()).map(|()| 0)
     })
@@ -248,7 +255,12 @@ pub extern "C" fn nbd_aio_opt_list_meta_context(
     cb: nbd_completion_callback,
 ) -> c_int {
     let p = OptPending { context: Owned::some(context), ..with_completion(cb) };
-    export!("nbd_aio_opt_list_meta_context", h, -1, |i| meta_aio(i, MetaOption::List, None, p))
+    export!("nbd_aio_opt_list_meta_context", h, -1, [context = Fun, completion = cb], |i| meta_aio(
+        i,
+        MetaOption::List,
+        None,
+        p
+    ))
 }
 
 #[no_mangle]
@@ -259,7 +271,12 @@ pub extern "C" fn nbd_aio_opt_list_meta_context_queries(
     cb: nbd_completion_callback,
 ) -> c_int {
     let p = OptPending { context: Owned::some(context), ..with_completion(cb) };
-    export!("nbd_aio_opt_list_meta_context_queries", h, -1, |i| meta_aio(i, MetaOption::List, Some(queries), p))
+    export!("nbd_aio_opt_list_meta_context_queries", h, -1, [queries, context = Fun, completion = cb], |i| meta_aio(
+        i,
+        MetaOption::List,
+        Some(queries),
+        p
+    ))
 }
 
 #[no_mangle]
@@ -269,7 +286,12 @@ pub extern "C" fn nbd_aio_opt_set_meta_context(
     cb: nbd_completion_callback,
 ) -> c_int {
     let p = OptPending { context: Owned::some(context), ..with_completion(cb) };
-    export!("nbd_aio_opt_set_meta_context", h, -1, |i| meta_aio(i, MetaOption::Set, None, p))
+    export!("nbd_aio_opt_set_meta_context", h, -1, [context = Fun, completion = cb], |i| meta_aio(
+        i,
+        MetaOption::Set,
+        None,
+        p
+    ))
 }
 
 #[no_mangle]
@@ -280,23 +302,30 @@ pub extern "C" fn nbd_aio_opt_set_meta_context_queries(
     cb: nbd_completion_callback,
 ) -> c_int {
     let p = OptPending { context: Owned::some(context), ..with_completion(cb) };
-    export!("nbd_aio_opt_set_meta_context_queries", h, -1, |i| meta_aio(i, MetaOption::Set, Some(queries), p))
+    export!("nbd_aio_opt_set_meta_context_queries", h, -1, [queries, context = Fun, completion = cb], |i| meta_aio(
+        i,
+        MetaOption::Set,
+        Some(queries),
+        p
+    ))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_starttls(h: *mut nbd_handle, cb: nbd_completion_callback) -> c_int {
     let p = with_completion(cb);
-    export!("nbd_aio_opt_starttls", h, -1, |i| start(i, p, |c| c.opt_starttls()).map(|()| 0))
+    export!("nbd_aio_opt_starttls", h, -1, [completion = cb], |i| start(i, p, |c| c.opt_starttls()).map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_structured_reply(h: *mut nbd_handle, cb: nbd_completion_callback) -> c_int {
     let p = with_completion(cb);
-    export!("nbd_aio_opt_structured_reply", h, -1, |i| start(i, p, |c| c.opt_structured_reply()).map(|()| 0))
+    export!("nbd_aio_opt_structured_reply", h, -1, [completion = cb], |i| start(i, p, |c| c.opt_structured_reply())
+        .map(|()| 0))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_opt_extended_headers(h: *mut nbd_handle, cb: nbd_completion_callback) -> c_int {
     let p = with_completion(cb);
-    export!("nbd_aio_opt_extended_headers", h, -1, |i| start(i, p, |c| c.opt_extended_headers()).map(|()| 0))
+    export!("nbd_aio_opt_extended_headers", h, -1, [completion = cb], |i| start(i, p, |c| c.opt_extended_headers())
+        .map(|()| 0))
 }

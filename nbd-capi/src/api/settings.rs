@@ -4,12 +4,13 @@ use super::{arg_str, c_string};
 use crate::boundary::export;
 use crate::error::CError;
 use crate::handle::nbd_handle;
+use crate::trace::Hex;
 use nbd_proto::{HandshakeFlags, StrictMode};
 use std::ffi::{c_char, c_int};
 
 #[no_mangle]
 pub extern "C" fn nbd_set_export_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
-    export!("nbd_set_export_name", h, -1, |i| {
+    export!("nbd_set_export_name", h, -1, [export_name = name], |i| {
         let name = arg_str(name, "export_name")?;
         i.conn.config_mut()?.set_export_name(&name)?;
         Ok(0)
@@ -18,12 +19,12 @@ pub extern "C" fn nbd_set_export_name(h: *mut nbd_handle, name: *const c_char) -
 
 #[no_mangle]
 pub extern "C" fn nbd_get_export_name(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_export_name", h, std::ptr::null_mut(), |i| c_string(i.conn.config().export_name()))
+    export!("nbd_get_export_name", h, std::ptr::null_mut(), [], |i| c_string(i.conn.config().export_name()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_request_block_size(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_request_block_size", h, -1, |i| {
+    export!("nbd_set_request_block_size", h, -1, [request = v], |i| {
         i.conn.config_mut()?.request_block_size = v;
         Ok(0)
     })
@@ -31,12 +32,12 @@ pub extern "C" fn nbd_set_request_block_size(h: *mut nbd_handle, v: bool) -> c_i
 
 #[no_mangle]
 pub extern "C" fn nbd_get_request_block_size(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_request_block_size", h, -1, |i| Ok(c_int::from(i.conn.config().request_block_size)))
+    export!("nbd_get_request_block_size", h, -1, [], |i| Ok(c_int::from(i.conn.config().request_block_size)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_full_info(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_full_info", h, -1, |i| {
+    export!("nbd_set_full_info", h, -1, [request = v], |i| {
         i.conn.config_mut()?.full_info = v;
         Ok(0)
     })
@@ -44,12 +45,12 @@ pub extern "C" fn nbd_set_full_info(h: *mut nbd_handle, v: bool) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_full_info(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_full_info", h, -1, |i| Ok(c_int::from(i.conn.config().full_info)))
+    export!("nbd_get_full_info", h, -1, [], |i| Ok(c_int::from(i.conn.config().full_info)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_request_structured_replies(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_request_structured_replies", h, -1, |i| {
+    export!("nbd_set_request_structured_replies", h, -1, [request = v], |i| {
         i.conn.config_mut()?.request_structured_replies = v;
         Ok(0)
     })
@@ -57,14 +58,14 @@ pub extern "C" fn nbd_set_request_structured_replies(h: *mut nbd_handle, v: bool
 
 #[no_mangle]
 pub extern "C" fn nbd_get_request_structured_replies(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_request_structured_replies", h, -1, |i| Ok(c_int::from(
+    export!("nbd_get_request_structured_replies", h, -1, [], |i| Ok(c_int::from(
         i.conn.config().request_structured_replies
     )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_request_extended_headers(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_request_extended_headers", h, -1, |i| {
+    export!("nbd_set_request_extended_headers", h, -1, [request = v], |i| {
         i.conn.config_mut()?.request_extended_headers = v;
         Ok(0)
     })
@@ -72,12 +73,14 @@ pub extern "C" fn nbd_set_request_extended_headers(h: *mut nbd_handle, v: bool) 
 
 #[no_mangle]
 pub extern "C" fn nbd_get_request_extended_headers(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_request_extended_headers", h, -1, |i| Ok(c_int::from(i.conn.config().request_extended_headers)))
+    export!("nbd_get_request_extended_headers", h, -1, [], |i| Ok(c_int::from(
+        i.conn.config().request_extended_headers
+    )))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_request_meta_context(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_request_meta_context", h, -1, |i| {
+    export!("nbd_set_request_meta_context", h, -1, [request = v], |i| {
         i.conn.config_mut()?.request_meta_context = v;
         Ok(0)
     })
@@ -85,12 +88,12 @@ pub extern "C" fn nbd_set_request_meta_context(h: *mut nbd_handle, v: bool) -> c
 
 #[no_mangle]
 pub extern "C" fn nbd_get_request_meta_context(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_request_meta_context", h, -1, |i| Ok(c_int::from(i.conn.config().request_meta_context)))
+    export!("nbd_get_request_meta_context", h, -1, [], |i| Ok(c_int::from(i.conn.config().request_meta_context)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_opt_mode(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_opt_mode", h, -1, |i| {
+    export!("nbd_set_opt_mode", h, -1, [enable = v], |i| {
         i.conn.config_mut()?.opt_mode = v;
         Ok(0)
     })
@@ -98,12 +101,12 @@ pub extern "C" fn nbd_set_opt_mode(h: *mut nbd_handle, v: bool) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_opt_mode(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_opt_mode", h, -1, |i| Ok(c_int::from(i.conn.config().opt_mode)))
+    export!("nbd_get_opt_mode", h, -1, [], |i| Ok(c_int::from(i.conn.config().opt_mode)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_handshake_flags(h: *mut nbd_handle, flags: u32) -> c_int {
-    export!("nbd_set_handshake_flags", h, -1, |i| {
+    export!("nbd_set_handshake_flags", h, -1, [flags = Hex(flags)], |i| {
         let f = HandshakeFlags::from_bits(flags)
             .ok_or_else(|| CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")))?;
         i.conn.config_mut()?.handshake_flags = f;
@@ -113,12 +116,12 @@ pub extern "C" fn nbd_set_handshake_flags(h: *mut nbd_handle, flags: u32) -> c_i
 
 #[no_mangle]
 pub extern "C" fn nbd_get_handshake_flags(h: *mut nbd_handle) -> u32 {
-    export!("nbd_get_handshake_flags", h, 0, |i| Ok(i.conn.config().handshake_flags.bits()))
+    export!("nbd_get_handshake_flags", h, 0, [], |i| Ok(i.conn.config().handshake_flags.bits()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
-    export!("nbd_set_strict_mode", h, -1, |i| {
+    export!("nbd_set_strict_mode", h, -1, [flags = Hex(flags)], |i| {
         if flags & !crate::constants::LIBNBD_STRICT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
@@ -129,12 +132,12 @@ pub extern "C" fn nbd_set_strict_mode(h: *mut nbd_handle, flags: u32) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_strict_mode(h: *mut nbd_handle) -> u32 {
-    export!("nbd_get_strict_mode", h, 0, |i| Ok(i.conn.config().strict.bits()))
+    export!("nbd_get_strict_mode", h, 0, [], |i| Ok(i.conn.config().strict.bits()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_pread_initialize(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_pread_initialize", h, -1, |i| {
+    export!("nbd_set_pread_initialize", h, -1, [request = v], |i| {
         i.pread_initialize = v;
         Ok(0)
     })
@@ -142,12 +145,12 @@ pub extern "C" fn nbd_set_pread_initialize(h: *mut nbd_handle, v: bool) -> c_int
 
 #[no_mangle]
 pub extern "C" fn nbd_get_pread_initialize(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_pread_initialize", h, -1, |i| Ok(c_int::from(i.pread_initialize)))
+    export!("nbd_get_pread_initialize", h, -1, [], |i| Ok(c_int::from(i.pread_initialize)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_add_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
-    export!("nbd_add_meta_context", h, -1, |i| {
+    export!("nbd_add_meta_context", h, -1, [name], |i| {
         let name = arg_str(name, "name")?;
         i.conn.config_mut()?.add_meta_context(&name)?;
         Ok(0)
@@ -156,7 +159,7 @@ pub extern "C" fn nbd_add_meta_context(h: *mut nbd_handle, name: *const c_char) 
 
 #[no_mangle]
 pub extern "C" fn nbd_clear_meta_contexts(h: *mut nbd_handle) -> c_int {
-    export!("nbd_clear_meta_contexts", h, -1, |i| {
+    export!("nbd_clear_meta_contexts", h, -1, [], |i| {
         i.conn.config_mut()?.clear_meta_contexts();
         Ok(0)
     })
@@ -164,12 +167,12 @@ pub extern "C" fn nbd_clear_meta_contexts(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_nr_meta_contexts(h: *mut nbd_handle) -> isize {
-    export!("nbd_get_nr_meta_contexts", h, -1, |i| Ok(i.conn.config().meta_contexts().len() as isize))
+    export!("nbd_get_nr_meta_contexts", h, -1, [], |i| Ok(i.conn.config().meta_contexts().len() as isize))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_meta_context(h: *mut nbd_handle, n: usize) -> *mut c_char {
-    export!("nbd_get_meta_context", h, std::ptr::null_mut(), |i| {
+    export!("nbd_get_meta_context", h, std::ptr::null_mut(), [i = n], |i| {
         let names = i.conn.config().meta_contexts();
         let name =
             names.get(n).ok_or_else(|| CError::new(libc::EINVAL, format!("meta context request out of range: {n}")))?;
@@ -181,7 +184,7 @@ pub extern "C" fn nbd_get_meta_context(h: *mut nbd_handle, n: usize) -> *mut c_c
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
-    export!("nbd_set_tls", h, -1, |i| {
+    export!("nbd_set_tls", h, -1, [tls], |i| {
         let mode = match tls {
             0 => nbd_proto::TlsMode::Disable,
             1 => nbd_proto::TlsMode::Allow,
@@ -195,12 +198,12 @@ pub extern "C" fn nbd_set_tls(h: *mut nbd_handle, tls: c_int) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_tls", h, -1, |i| Ok(i.conn.config().tls as c_int))
+    export!("nbd_get_tls", h, -1, [], |i| Ok(i.conn.config().tls as c_int))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_verify_peer(h: *mut nbd_handle, v: bool) -> c_int {
-    export!("nbd_set_tls_verify_peer", h, -1, |i| {
+    export!("nbd_set_tls_verify_peer", h, -1, [verify = v], |i| {
         i.tls_settings.verify_peer = v;
         Ok(0)
     })
@@ -208,12 +211,12 @@ pub extern "C" fn nbd_set_tls_verify_peer(h: *mut nbd_handle, v: bool) -> c_int 
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_verify_peer(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_tls_verify_peer", h, -1, |i| Ok(c_int::from(i.tls_settings.verify_peer)))
+    export!("nbd_get_tls_verify_peer", h, -1, [], |i| Ok(c_int::from(i.tls_settings.verify_peer)))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_username(h: *mut nbd_handle, user: *const c_char) -> c_int {
-    export!("nbd_set_tls_username", h, -1, |i| {
+    export!("nbd_set_tls_username", h, -1, [username = user], |i| {
         i.tls_settings.username = Some(arg_str(user, "username")?);
         Ok(0)
     })
@@ -221,7 +224,7 @@ pub extern "C" fn nbd_set_tls_username(h: *mut nbd_handle, user: *const c_char) 
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_tls_username", h, std::ptr::null_mut(), |i| {
+    export!("nbd_get_tls_username", h, std::ptr::null_mut(), [], |i| {
         let name = match &i.tls_settings.username {
             Some(u) => u.clone(),
             None => crate::tls::local_username()?,
@@ -232,7 +235,7 @@ pub extern "C" fn nbd_get_tls_username(h: *mut nbd_handle) -> *mut c_char {
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_hostname(h: *mut nbd_handle, hostname: *const c_char) -> c_int {
-    export!("nbd_set_tls_hostname", h, -1, |i| {
+    export!("nbd_set_tls_hostname", h, -1, [hostname], |i| {
         i.tls_hostname = Some(arg_str(hostname, "hostname")?);
         Ok(0)
     })
@@ -240,12 +243,12 @@ pub extern "C" fn nbd_set_tls_hostname(h: *mut nbd_handle, hostname: *const c_ch
 
 #[no_mangle]
 pub extern "C" fn nbd_get_tls_hostname(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_tls_hostname", h, std::ptr::null_mut(), |i| c_string(i.tls_hostname.as_deref().unwrap_or("")))
+    export!("nbd_get_tls_hostname", h, std::ptr::null_mut(), [], |i| c_string(i.tls_hostname.as_deref().unwrap_or("")))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_socket_activation_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
-    export!("nbd_set_socket_activation_name", h, -1, |i| {
+    export!("nbd_set_socket_activation_name", h, -1, [socket_name = name], |i| {
         let name = arg_str(name, "socket_name")?;
         if name.len() > 32 {
             return Err(CError::new(libc::ENAMETOOLONG, "socket activation name should be <= 32 characters"));
@@ -263,12 +266,12 @@ pub extern "C" fn nbd_set_socket_activation_name(h: *mut nbd_handle, name: *cons
 
 #[no_mangle]
 pub extern "C" fn nbd_get_socket_activation_name(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_socket_activation_name", h, std::ptr::null_mut(), |i| c_string(&i.socket_activation_name))
+    export!("nbd_get_socket_activation_name", h, std::ptr::null_mut(), [], |i| c_string(&i.socket_activation_name))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_certificates(h: *mut nbd_handle, dir: *const c_char) -> c_int {
-    export!("nbd_set_tls_certificates", h, -1, |i| {
+    export!("nbd_set_tls_certificates", h, -1, [dir], |i| {
         i.tls_settings.certificates = Some(arg_str(dir, "dir")?.into());
         Ok(0)
     })
@@ -276,7 +279,7 @@ pub extern "C" fn nbd_set_tls_certificates(h: *mut nbd_handle, dir: *const c_cha
 
 #[no_mangle]
 pub extern "C" fn nbd_set_tls_psk_file(h: *mut nbd_handle, file: *const c_char) -> c_int {
-    export!("nbd_set_tls_psk_file", h, -1, |i| {
+    export!("nbd_set_tls_psk_file", h, -1, [filename = file], |i| {
         i.tls_settings.psk_file = Some(arg_str(file, "filename")?.into());
         Ok(0)
     })

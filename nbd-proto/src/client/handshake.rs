@@ -2,7 +2,7 @@
 //! automatic sequence and the `opt_*` commands of opt mode.
 
 use super::config::{check_queries, query_matches};
-use super::{BlockSize, Connection, Event, Negotiated, Protocol, State};
+use super::{BlockSize, Connection, Event, Negotiated, Note, OptionOutcome, Protocol, State};
 use crate::error::{Error, LocalError, ProtocolError, ServerError};
 use crate::flags::{HandshakeFlags, TlsMode, TransmissionFlags};
 use crate::wire::{self, info, opt, rep, OptionHeader, OptionReplyHeader, Put, Reader, MAX_STRING, ZERO_PAD};
@@ -242,8 +242,11 @@ impl<B: super::CommandBuffer> Connection<B> {
             Handshake::Greeting => self.on_greeting(&mut r)?,
             Handshake::Oldstyle => {
                 let size = r.u64().unwrap_or_default();
-                // The low 16 bits of the 32-bit field are the transmission flags.
-                let flags = r.u32().unwrap_or_default() as u16;
+                // The low 16 bits of the 32-bit field are the transmission
+                // flags, the high 16 the global flags.
+                let both = r.u32().unwrap_or_default();
+                self.note(|| Note::OldstyleFlags((both >> 16) as u16));
+                let flags = both as u16;
                 self.neg.protocol = Some(Protocol::Oldstyle);
                 if self.config.tls == TlsMode::Require {
                     return Err(ServerError::TlsUnavailable("uses the oldstyle handshake").into());
@@ -450,8 +453,14 @@ impl<B: super::CommandBuffer> Connection<B> {
                 (_, Some(_)) if self.config.tls == TlsMode::Require => {
                     return Err(ServerError::TlsUnavailable("refused NBD_OPT_STARTTLS").into());
                 }
-                (_, Some(e)) if self.plan.user_asked(Goal::StartTls) => self.complete_goal(Err(e.into())),
-                (_, Some(_)) => self.advance_options(),
+                (_, Some(e)) if self.plan.user_asked(Goal::StartTls) => {
+                    self.note(|| Note::TlsRefused { reply: h.reply, continuing: false });
+                    self.complete_goal(Err(e.into()))
+                }
+                (_, Some(_)) => {
+                    self.note(|| Note::TlsRefused { reply: h.reply, continuing: true });
+                    self.advance_options()
+                }
                 _ => return Err(unexpected()),
             },
             opt::EXTENDED_HEADERS | opt::STRUCTURED_REPLY => {
@@ -465,6 +474,17 @@ impl<B: super::CommandBuffer> Connection<B> {
                     (_, Some(e)) => Err(e.into()),
                     _ => return Err(unexpected()),
                 };
+                let already =
+                    if sent == opt::EXTENDED_HEADERS { self.neg.extended_headers } else { self.neg.structured_replies };
+                let outcome = match (&result, already) {
+                    (Ok(()), _) => OptionOutcome::Negotiated,
+                    (Err(_), true) => OptionOutcome::AlreadyNegotiated,
+                    (Err(_), false) => OptionOutcome::Unsupported,
+                };
+                self.note(|| match sent {
+                    opt::EXTENDED_HEADERS => Note::ExtendedHeaders(outcome),
+                    _ => Note::StructuredReplies(outcome),
+                });
                 if asked {
                     self.complete_goal(result);
                 } else {
@@ -474,6 +494,7 @@ impl<B: super::CommandBuffer> Connection<B> {
             opt::SET_META_CONTEXT => match (h.reply, refused) {
                 (rep::META_CONTEXT, _) => {
                     let (id, name) = parse_meta_context(payload).ok_or_else(bad_length)?;
+                    self.note(|| Note::MetaContext { name: name.clone(), id });
                     let queries = self.plan.queries.as_deref().unwrap_or(self.config.meta_contexts());
                     if !query_matches(queries, &name) || self.neg.meta_contexts.iter().any(|m| m.name == name) {
                         return Err(ProtocolError::MetaContextNotRequested(name).into());
@@ -540,7 +561,8 @@ impl<B: super::CommandBuffer> Connection<B> {
             },
             opt::LIST_META_CONTEXT => match (h.reply, refused) {
                 (rep::META_CONTEXT, _) => {
-                    let (_, name) = parse_meta_context(payload).ok_or_else(bad_length)?;
+                    let (id, name) = parse_meta_context(payload).ok_or_else(bad_length)?;
+                    self.note(|| Note::MetaContext { name: name.clone(), id });
                     self.events.push_back(Event::MetaContextListed { name });
                 }
                 (rep::ACK, _) => self.complete_goal(Ok(())),
@@ -575,7 +597,9 @@ impl<B: super::CommandBuffer> Connection<B> {
                 }
                 let b = BlockSize { minimum: r.u32()?, preferred: r.u32()?, maximum: r.u32()? };
                 // Nonsense constraints are ignored rather than obeyed.
-                self.neg.export.block_size = valid_block_size(b).then_some(b);
+                let accepted = valid_block_size(b);
+                self.note(|| Note::BlockSize { block: b, accepted });
+                self.neg.export.block_size = accepted.then_some(b);
             }
             info::NAME => self.neg.export.canonical_name = Some(string(&mut r)?),
             info::DESCRIPTION => self.neg.export.description = Some(string(&mut r)?),
@@ -586,6 +610,7 @@ impl<B: super::CommandBuffer> Connection<B> {
 
     /// Records the export's size and flags, as libnbd normalises them.
     pub(super) fn set_export(&mut self, size: u64, flags: u16) -> Result<(), Error> {
+        self.note(|| Note::Export { size, flags });
         if size > i64::MAX as u64 {
             return Err(ProtocolError::SizeTooLarge(size).into());
         }

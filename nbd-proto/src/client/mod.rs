@@ -166,6 +166,52 @@ pub enum Event<B> {
     Complete { cookie: Cookie, result: Result<(), Error>, buf: Option<B> },
 }
 
+/// How the server answered an option that turns on a reply format
+/// (`NBD_OPT_STRUCTURED_REPLY`, `NBD_OPT_EXTENDED_HEADERS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionOutcome {
+    /// Accepted: the format is on.
+    Negotiated,
+    /// Refused, but the format was on already.
+    AlreadyNegotiated,
+    /// Refused, and the format is off.
+    Unsupported,
+}
+
+/// A fact the handshake learned, for a caller that traces the connection
+/// (see [`Connection::set_trace`]); taken with [`Connection::poll_note`].
+/// Notes change nothing: the same facts drive the connection either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    StructuredReplies(OptionOutcome),
+    ExtendedHeaders(OptionOutcome),
+    /// The export's size and transmission flags, as the server sent them
+    /// (before the flags are normalised).
+    Export {
+        size: u64,
+        flags: u16,
+    },
+    /// Block size constraints as the server sent them; `accepted` is
+    /// false when they made no sense and are ignored.
+    BlockSize {
+        block: BlockSize,
+        accepted: bool,
+    },
+    /// A meta context the server named (SET or LIST), with its id.
+    MetaContext {
+        name: String,
+        id: u32,
+    },
+    /// The server refused STARTTLS with `reply`; `continuing` when the
+    /// automatic handshake goes on without TLS.
+    TlsRefused {
+        reply: u32,
+        continuing: bool,
+    },
+    /// An oldstyle server's global flags (the high half of its flags field).
+    OldstyleFlags(u16),
+}
+
 /// What a command buffer must offer. READ commands write into
 /// `as_mut`; WRITE commands send from `as_ref`. A write-only buffer may
 /// return an empty slice from `as_mut`.
@@ -242,6 +288,9 @@ pub struct Connection<B> {
     error: Option<Error>,
     milestones: Vec<Milestone>,
     stats: Stats,
+    /// Notes are recorded only when the caller asked for them.
+    trace: bool,
+    notes: VecDeque<Note>,
 }
 
 impl<B: CommandBuffer> Connection<B> {
@@ -263,6 +312,8 @@ impl<B: CommandBuffer> Connection<B> {
             error: None,
             milestones: Vec::new(),
             stats: Stats::default(),
+            trace: false,
+            notes: VecDeque::new(),
         }
     }
 
@@ -535,7 +586,29 @@ impl<B: CommandBuffer> Connection<B> {
         self.events.pop_front()
     }
 
+    /// Whether to record [`Note`]s from now on (off by default, so that a
+    /// caller that never takes them does not accumulate them). Turning it
+    /// off drops the notes not yet taken.
+    pub fn set_trace(&mut self, on: bool) {
+        self.trace = on;
+        if !on {
+            self.notes.clear();
+        }
+    }
+
+    /// The next fact the handshake learned, in the order it learned them.
+    pub fn poll_note(&mut self) -> Option<Note> {
+        self.notes.pop_front()
+    }
+
     // ---- internals shared by the handshake and transmission halves --------
+
+    /// Records a note if tracing; `note` is built only then.
+    pub(crate) fn note(&mut self, note: impl FnOnce() -> Note) {
+        if self.trace {
+            self.notes.push_back(note());
+        }
+    }
 
     fn is_finished(&self) -> bool {
         matches!(self.state, State::Dead | State::Closed)

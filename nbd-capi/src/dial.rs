@@ -3,8 +3,10 @@
 //! connect tries each address `getaddrinfo` gives until one answers.
 
 use crate::error::{CError, CResult};
+use crate::uri::Transport;
 use std::collections::VecDeque;
 use std::ffi::{c_int, CString};
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// One socket address, in the kernel's representation.
@@ -94,6 +96,51 @@ impl Address {
 
     fn family(&self) -> c_int {
         c_int::from(self.storage.ss_family)
+    }
+
+    /// How an NBD URI names this address (`nbd_get_uri` after
+    /// `nbd_aio_connect`): a numeric host and port, a socket path, or a
+    /// vsock CID and port. `None` for what a URI cannot name (an abstract
+    /// Unix socket, another family, a truncated address).
+    pub fn transport(&self) -> Option<Transport> {
+        let len = self.len as usize;
+        let fits = |size: usize| len >= size;
+        match self.family() {
+            libc::AF_INET if fits(std::mem::size_of::<libc::sockaddr_in>()) => {
+                // SAFETY: `storage` holds an AF_INET address of at least
+                // sizeof(sockaddr_in) bytes, and sockaddr_storage is
+                // aligned for every sockaddr type.
+                let sin = unsafe { &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                Some(Transport::Tcp { host: ip.to_string(), port: u16::from_be(sin.sin_port).to_string() })
+            }
+            libc::AF_INET6 if fits(std::mem::size_of::<libc::sockaddr_in6>()) => {
+                // SAFETY: as above, for AF_INET6 and sockaddr_in6.
+                let sin6 = unsafe { &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+                let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+                Some(Transport::Tcp { host: ip.to_string(), port: u16::from_be(sin6.sin6_port).to_string() })
+            }
+            libc::AF_UNIX => {
+                // SAFETY: as above, for AF_UNIX and sockaddr_un; only the
+                // `len` bytes the caller gave are read below.
+                let sun = unsafe { &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_un>() };
+                let start = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+                let path: Vec<u8> = sun.sun_path[..len.saturating_sub(start).min(sun.sun_path.len())]
+                    .iter()
+                    .map(|&c| c as u8)
+                    .take_while(|&c| c != 0)
+                    .collect();
+                // An empty path is unnamed or abstract: no URI names it.
+                let socket = String::from_utf8(path).ok().filter(|p| !p.is_empty())?;
+                Some(Transport::Unix { socket })
+            }
+            libc::AF_VSOCK if fits(std::mem::size_of::<libc::sockaddr_vm>()) => {
+                // SAFETY: as above, for AF_VSOCK and sockaddr_vm.
+                let svm = unsafe { &*(&self.storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_vm>() };
+                Some(Transport::Vsock { cid: svm.svm_cid, port: svm.svm_port })
+            }
+            _ => None,
+        }
     }
 }
 
@@ -214,5 +261,50 @@ pub fn tune(sock: &OwnedFd) {
                 std::mem::size_of::<c_int>() as libc::socklen_t,
             )
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw<T>(sa: &T) -> Address {
+        // SAFETY: `sa` is a whole sockaddr of its type's size.
+        unsafe { Address::from_raw((sa as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t) }.unwrap()
+    }
+
+    fn tcp(host: &str, port: &str) -> Option<Transport> {
+        Some(Transport::Tcp { host: host.into(), port: port.into() })
+    }
+
+    #[test]
+    fn an_address_names_its_transport_for_a_uri() {
+        let v4 = Address::resolve("127.0.0.1", "10809").unwrap();
+        assert_eq!(v4[0].transport(), tcp("127.0.0.1", "10809"));
+
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sin6.sin6_port = 10810u16.to_be();
+        sin6.sin6_addr.s6_addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+        assert_eq!(raw(&sin6).transport(), tcp("fd00::1", "10810"));
+
+        let unix = Address::unix("/tmp/nbd.sock").unwrap();
+        assert_eq!(unix.transport(), Some(Transport::Unix { socket: "/tmp/nbd.sock".into() }));
+        assert_eq!(Address::vsock(3, 10809).unwrap().transport(), Some(Transport::Vsock { cid: 3, port: 10809 }));
+
+        // An abstract socket (leading NUL) and an unnamed one have no URI.
+        // SAFETY: all-zero is a valid sockaddr_un.
+        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        sun.sun_path[1] = b'x' as libc::c_char;
+        assert_eq!(raw(&sun).transport(), None);
+        // A sockaddr_in cut short is not read past its length.
+        // SAFETY: all-zero is a valid sockaddr_in.
+        let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sin.sin_family = libc::AF_INET as libc::sa_family_t;
+        // SAFETY: the first 4 bytes of `sin` are readable.
+        let short = unsafe { Address::from_raw((&sin as *const libc::sockaddr_in).cast(), 4) }.unwrap();
+        assert_eq!(short.transport(), None);
     }
 }

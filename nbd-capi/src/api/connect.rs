@@ -229,6 +229,8 @@ fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::sockl
     }
     // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
     let a = unsafe { Address::from_raw(addr, len) }?;
+    // Recorded for `nbd_get_uri`, as libnbd does with the address.
+    i.transport = a.transport();
     i.dial(vec![a], None)
 }
 

@@ -185,6 +185,11 @@ pub enum TransportError {
     Eof(&'static str),
     #[error("{context}: {}", ErrnoName(*errno))]
     Io { errno: i32, context: String },
+    /// What a command in flight fails with when the transport fails under
+    /// it: ENOTCONN, as in libnbd, whatever the failure's own errno (the
+    /// call that met the failure reports that one). Holds its message.
+    #[error("connection lost: {0}")]
+    Lost(String),
 }
 
 impl TransportError {
@@ -195,6 +200,7 @@ impl TransportError {
             // the commands it ends.
             TransportError::Io { errno: 0, .. } => ENOTCONN,
             TransportError::Io { errno, .. } => *errno,
+            TransportError::Lost(_) => ENOTCONN,
         }
     }
 }

@@ -554,8 +554,14 @@ impl<B: CommandBuffer> Connection<B> {
         if self.plan.user_goal_pending() {
             self.events.push_back(Event::OptionComplete { result: Err(err.clone()) });
         }
+        // Commands cut off by a failed transport fail with ENOTCONN (the
+        // failure's own errno is the connection's error).
+        let cmd_err = match &err {
+            Error::Transport(t @ TransportError::Io { .. }) => TransportError::Lost(t.to_string()).into(),
+            _ => err.clone(),
+        };
         for slot in self.cmds.live_slots() {
-            self.cmds.get_mut(slot).record_error(err.clone());
+            self.cmds.get_mut(slot).record_error(cmd_err.clone());
             self.complete(slot);
         }
         self.state = State::Dead;

@@ -19,7 +19,8 @@
 # Environment: LIBNBD_SUITE_DIRS (default "tests info copy dump"),
 # LIBNBD_SUITE_JOBS (make -j, default 2), LIBNBD_SUITE_TIMEOUT (seconds per
 # test, default 300), LIBNBD_SUITE_REF=reuse (keep the reference's results
-# of a previous run, with its tree, and run only ours).
+# of a previous run, with its tree, and run only ours), LIBNBD_SUITE_LIB (the
+# library to test, default target/lib/libnbd.so.0).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -28,7 +29,7 @@ jobs=${LIBNBD_SUITE_JOBS:-2}
 per_test=${LIBNBD_SUITE_TIMEOUT:-300}
 known_file=$root/tests/libnbd-suite.known
 work=$root/target/libnbd-suite
-so=$root/target/lib/libnbd.so.0
+so=$(readlink -f "${LIBNBD_SUITE_LIB:-$root/target/lib/libnbd.so.0}")
 
 test -f "$so" || { echo "libnbd-suite: build first: make lib" >&2; exit 1; }
 tests/reference-libnbd.sh || exit 1
@@ -164,6 +165,17 @@ for t in $(printf '%s\n' "${!refr[@]}" | sort); do
     echo "FAIL   $t: $r on ours, PASS on libnbd (log: ${ours#"$root"/}/$t.log)"
   fi
 done
+# A program that cannot even load on ours: which of libnbd's functions it
+# lacks (the dynamic loader stops at the first missing version node).
+missing_bins=$(grep -ho "version \`LIBNBD_[0-9.]*' not found (required by [^)]*)" "$ours"/*/*.log 2>/dev/null |
+  sed 's/.*required by \(.*\))/\1/' | sort -u)
+if [ -n "$missing_bins" ]; then
+  objdump -T "$so" | awk '$NF ~ /^nbd_/ {print $NF}' | sort -u >"$work/ours.symbols"
+  for b in $missing_bins; do
+    echo "missing in ours, needed by ${b#"$ours"/}: $(objdump -T "$b" | awk '/\*UND\*/ && $NF ~ /^nbd_/ {print $NF}' |
+      sort -u | comm -23 - "$work/ours.symbols" | tr '\n' ' ')"
+  done
+fi
 echo "libnbd-suite: $accepted known differences (tests/libnbd-suite.known); per-test results in ${work#"$root"/}/results.txt"
 echo "libnbd-suite: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -6,7 +6,7 @@ mod connect;
 pub(crate) mod handle;
 pub(crate) mod info;
 mod opt;
-mod settings;
+pub(crate) mod settings;
 
 use crate::error::{CError, CResult};
 use std::ffi::{c_char, CStr};

@@ -416,6 +416,7 @@ fn info_then_go_in_opt_mode_report_the_export() {
     assert_eq!(e.errno(), ENOENT);
     assert!(e.to_string().contains("no such export"), "{e}");
     assert_eq!(p.state(), PublicState::Negotiating);
+    assert_eq!(p.client.meta_contexts(), None, "a refused export has no contexts");
 
     p.client.config_mut().unwrap().set_export_name("b").unwrap();
     p.client.opt_info().unwrap();

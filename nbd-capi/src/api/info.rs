@@ -68,16 +68,9 @@ pub extern "C" fn nbd_can_cache(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_can_meta_context(h: *mut nbd_handle, name: *const c_char) -> c_int {
     export!("nbd_can_meta_context", h, -1, |i| {
         let name = arg_str(name, "metacontext")?;
-        // As libnbd 1.22: known once the server answered the contexts
-        // asked for (in opt mode, before any export flags); none asked for,
-        // none granted; none either once an export is known without
-        // structured replies, which contexts need.
-        let none_possible = i.conn.export().size.is_some() && !i.conn.structured_replies_negotiated();
-        match i.conn.meta_contexts() {
-            Some(m) => Ok(c_int::from(m.iter().any(|c| c.name == name))),
-            None if i.conn.config().meta_contexts().is_empty() || none_possible => Ok(0),
-            None => Err(CError::new(libc::EINVAL, "need a successful server meta context request first")),
-        }
+        flags(i)?;
+        let found = i.conn.meta_contexts().is_some_and(|m| m.iter().any(|c| c.name == name));
+        Ok(c_int::from(found))
     })
 }
 

@@ -291,9 +291,9 @@ pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_in
 
 #[cfg(test)]
 mod tests {
+    use super::super::settings::nbd_set_tls_verify_peer;
     use super::*;
     use crate::api::handle::{nbd_close, nbd_create};
-    use crate::api::settings::nbd_set_tls_verify_peer;
     use std::ffi::CStr;
 
     /// The URI of a handle connected with `nbd_aio_connect` to a Unix

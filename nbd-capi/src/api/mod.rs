@@ -6,7 +6,7 @@ mod connect;
 pub(crate) mod handle;
 pub(crate) mod info;
 mod opt;
-pub(crate) mod settings;
+mod settings;
 
 use crate::error::{CError, CResult};
 use std::ffi::{c_char, CStr};

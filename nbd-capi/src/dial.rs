@@ -258,3 +258,42 @@ pub fn tune(sock: &OwnedFd) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv6Addr;
+
+    fn raw<T>(sa: &T) -> Address {
+        // SAFETY: `sa` is a whole sockaddr of its type's size.
+        unsafe { Address::from_raw((sa as *const T).cast(), std::mem::size_of::<T>() as libc::socklen_t) }.unwrap()
+    }
+
+    fn tcp(host: &str, port: &str) -> Option<Transport> {
+        Some(Transport::Tcp { host: host.into(), port: port.into() })
+    }
+
+    #[test]
+    fn an_address_names_its_transport_for_a_uri() {
+        let v4 = Address::resolve("127.0.0.1", "10809").unwrap();
+        assert_eq!(v4[0].transport().ok(), tcp("127.0.0.1", "10809"));
+
+        // SAFETY: all-zero is a valid sockaddr_in6.
+        let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+        sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sin6.sin6_port = 10810u16.to_be();
+        sin6.sin6_addr.s6_addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).octets();
+        assert_eq!(raw(&sin6).transport().ok(), tcp("fd00::1", "10810"));
+
+        let unix = Address::unix("/tmp/nbd.sock").unwrap();
+        assert_eq!(unix.transport().ok(), Some(Transport::Unix { socket: "/tmp/nbd.sock".into() }));
+        assert_eq!(Address::vsock(3, 10809).unwrap().transport().ok(), Some(Transport::Vsock { cid: 3, port: 10809 }));
+
+        // An abstract socket (leading NUL) and an unnamed one have no URI.
+        // SAFETY: all-zero is a valid sockaddr_un.
+        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        sun.sun_path[1] = b'x' as libc::c_char;
+        assert_eq!(raw(&sun).transport().ok(), None);
+    }
+}

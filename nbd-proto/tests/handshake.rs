@@ -434,8 +434,14 @@ fn info_then_go_in_opt_mode_report_the_export() {
     assert_eq!(p.client.export().description.as_deref(), Some("first"));
     assert!(p.client.export().flags.contains(TransmissionFlags::READ_ONLY));
 
+    // The same name keeps what INFO said; another name forgets it.
+    p.client.set_export_name("a").unwrap();
+    assert_eq!(p.client.export().size, Some(SIZE as u64));
+    p.client.set_export_name("nope").unwrap();
+    assert_eq!(p.client.export().size, None, "a new name forgets the old export");
+    assert_eq!(p.client.export().description, None);
+    assert!(p.client.export().flags.is_empty());
     // An unknown export: INFO fails, and negotiation goes on.
-    p.client.config_mut().unwrap().set_export_name("nope").unwrap();
     p.client.opt_info().unwrap();
     assert!(p.client.opt_list().is_err(), "one option at a time");
     p.drive();
@@ -443,6 +449,7 @@ fn info_then_go_in_opt_mode_report_the_export() {
     assert_eq!(e.errno(), ENOENT);
     assert!(e.to_string().contains("no such export"), "{e}");
     assert_eq!(p.state(), PublicState::Negotiating);
+    assert_eq!(p.client.meta_contexts(), None, "a refused export has no contexts");
 
     p.client.config_mut().unwrap().set_export_name("b").unwrap();
     p.client.opt_info().unwrap();

@@ -8,7 +8,7 @@
 
 mod support;
 
-use nbd_proto::errno::{EINVAL, ENOSPC, ENOTCONN, ENOTSUP, EPERM, ERANGE};
+use nbd_proto::errno::{ECONNRESET, EINVAL, ENOSPC, ENOTCONN, ENOTSUP, EPERM, ERANGE};
 use nbd_proto::wire::{cmd, nbd_error};
 use nbd_proto::*;
 use support::pair::{Pair, Split};
@@ -532,6 +532,28 @@ fn disconnect_answered_by_a_close_fails_what_is_left() {
     let e = p.completed(r).unwrap_err();
     assert_eq!(e.errno(), ENOTCONN);
     assert!(matches!(e, Error::Transport(TransportError::Eof(_))));
+    assert_eq!(p.client.in_flight(), 0);
+}
+
+#[test]
+fn a_transport_failure_fails_commands_in_flight_with_enotconn() {
+    let mut p = ready(Preset::Nbdkit);
+    p.server.hold = true;
+    let r = p.client.read(0, vec![0; 512], CmdFlags::empty()).unwrap();
+    let w = p.client.write(0, vec![1; 512], CmdFlags::empty()).unwrap();
+    p.drive();
+    assert_eq!(p.client.in_flight(), 2);
+    p.client.handle_transport_error(ECONNRESET, "recv");
+    p.collect();
+    assert_eq!(p.state(), PublicState::Dead);
+    // The connection keeps the failure's errno; the commands it cut off
+    // fail with ENOTCONN, as in libnbd.
+    assert_eq!(p.client.error().map(Error::errno), Some(ECONNRESET));
+    for c in [r, w] {
+        let e = p.completed(c).map(|_| ()).unwrap_err();
+        assert_eq!(e.errno(), ENOTCONN, "{e}");
+        assert!(e.to_string().contains("recv"), "{e}");
+    }
     assert_eq!(p.client.in_flight(), 0);
 }
 

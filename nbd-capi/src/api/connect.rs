@@ -315,3 +315,44 @@ pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_in
         Ok(0)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::settings::nbd_set_tls_verify_peer;
+    use super::*;
+    use crate::api::handle::{nbd_close, nbd_create};
+    use std::ffi::CStr;
+
+    /// The URI of a handle connected with `nbd_aio_connect` to a Unix
+    /// socket address, with peer verification turned off.
+    #[test]
+    fn get_uri_names_a_raw_address_and_peer_verification_off() {
+        let dir = std::env::temp_dir().join(format!("nbd-capi-get-uri-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let text = path.to_str().unwrap();
+        assert!(text.len() < 100, "the socket path must fit a sockaddr_un");
+        // SAFETY: all-zero is a valid sockaddr_un.
+        let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in sun.sun_path.iter_mut().zip(text.bytes()) {
+            *d = s as c_char;
+        }
+
+        let h = nbd_create();
+        assert_eq!(nbd_set_tls_verify_peer(h, false), 0);
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        assert_eq!(nbd_aio_connect(h, (&sun as *const libc::sockaddr_un).cast(), len), 0);
+        let uri = nbd_get_uri(h);
+        assert!(!uri.is_null());
+        // SAFETY: a NUL-terminated string from nbd_get_uri, freed once below.
+        let got = unsafe { CStr::from_ptr(uri) }.to_string_lossy().into_owned();
+        // SAFETY: nbd_get_uri's result is the caller's to free.
+        unsafe { libc::free(uri.cast()) };
+        // SAFETY: `h` came from nbd_create and is closed once.
+        unsafe { nbd_close(h) };
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(got, format!("nbd+unix:///?socket={text}&tls-verify-peer=false"));
+    }
+}

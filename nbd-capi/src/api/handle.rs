@@ -31,14 +31,42 @@ pub unsafe extern "C" fn nbd_close(h: *mut nbd_handle) {
     }
     // SAFETY: per the function's contract the handle is ours to free.
     // Dropping it closes the socket and runs the `free` of every callback
-    // still held, without calling the callbacks, as libnbd does.
+    // still held.
     let handle = unsafe { Box::from_raw(h) };
     {
         let mut i = handle.lock();
         i.context = "nbd_close";
         i.debug(|| "closing handle".into());
+        abandon_in_flight(&mut i);
     }
     drop(handle);
+}
+
+/// Commands still in flight when the handle closes are told they failed,
+/// as libnbd 1.22 does: the completion callback runs with the command's
+/// error, ENOTCONN if it has none; then the chunk or extent callback's
+/// `free` runs, and the completion's last.
+fn abandon_in_flight(i: &mut crate::handle::Inner) {
+    let mut cookies: Vec<u64> = i.pending.keys().copied().collect();
+    cookies.sort_unstable();
+    for cookie in cookies {
+        let Some(mut p) = i.pending.remove(&cookie) else { continue };
+        if p.zero_on_error > 0 {
+            // SAFETY: the read's buffer, `zero_on_error` bytes the caller
+            // lent until completion, which is now.
+            unsafe { std::ptr::write_bytes(p.buf, 0, p.zero_on_error) };
+        }
+        let mut err = if p.callback_error != 0 { p.callback_error } else { libc::ENOTCONN };
+        if let Some(c) = p.completion.as_ref().map(|c| *c.get()) {
+            if let Some(f) = c.callback {
+                // SAFETY: the caller's completion callback with its user data.
+                unsafe { f(c.user_data, &mut err) };
+            }
+        }
+        drop(p.chunk.take());
+        drop(p.extent.take());
+        drop(p.completion.take());
+    }
 }
 
 #[no_mangle]

@@ -12,7 +12,7 @@ use std::ffi::{c_char, c_int};
 pub extern "C" fn nbd_set_export_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
     export!("nbd_set_export_name", h, -1, [export_name = name], |i| {
         let name = arg_str(name, "export_name")?;
-        i.conn.config_mut()?.set_export_name(&name)?;
+        i.conn.set_export_name(&name)?;
         Ok(0)
     })
 }

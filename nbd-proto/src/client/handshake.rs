@@ -537,7 +537,10 @@ impl<B: super::CommandBuffer> Connection<B> {
                 }
                 (rep::ERR_UNSUP, _) if sent == opt::GO => self.send_export_name(),
                 (_, Some(e)) => {
+                    // As libnbd: a refused export leaves nothing known,
+                    // not even the contexts agreed for it.
                     self.neg.export = Default::default();
+                    self.neg.meta_valid = false;
                     if self.plan.user {
                         self.complete_goal(Err(e.into()));
                     } else {

@@ -332,6 +332,21 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
+    /// Names the export to ask for (before connecting, or while
+    /// negotiating). A different name forgets what the server said about
+    /// the previous one (size, flags, block sizes, names, meta contexts),
+    /// as libnbd does; the same name changes nothing.
+    pub fn set_export_name(&mut self, name: &str) -> Result<(), Error> {
+        let config = self.config_mut()?;
+        if config.export_name() == name {
+            return Ok(());
+        }
+        config.set_export_name(name)?;
+        self.neg.export = Default::default();
+        self.neg.meta_valid = false;
+        Ok(())
+    }
+
     /// Strictness may change at any time; it applies to later commands.
     pub fn set_strict_mode(&mut self, strict: crate::flags::StrictMode) {
         self.config.strict = strict;

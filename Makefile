@@ -54,7 +54,7 @@ header: build
 # alone as C99 (pedantic) and as C++, must have one LIBNBD_HAVE_NBD_* macro
 # per exported function and per callback struct, and must offer every
 # declaration and macro of libnbd 1.22.2's header (tests/header-check.sh).
-check-header: build
+check-header: build reference
 	@cbindgen --version | grep -qx 'cbindgen $(CBINDGEN_VERSION)' || \
 	  { echo "need cbindgen $(CBINDGEN_VERSION): cargo install cbindgen --version $(CBINDGEN_VERSION) --locked"; exit 1; }
 	cbindgen --quiet --config nbd-capi/cbindgen.toml --crate nbd-capi --output target/libnbd.cbindgen.h nbd-capi
@@ -72,7 +72,7 @@ check-header: build
 	tests/header-check.sh
 
 # The exported symbols, version nodes and SONAME are libnbd 1.22.2's.
-check-abi: lib deps
+check-abi: lib deps reference
 	tests/abi-check.sh
 
 # C programs on our library and on Debian's, same binary, same output.
@@ -86,14 +86,14 @@ check-valgrind: lib deps
 
 # Debian's nbdinfo, nbdcopy, nbdsh, python3-libnbd, fio and nbdkit's nbd
 # plugin, unchanged, on our libnbd.so.0.
-check-debian: lib deps
+check-debian: lib deps reference
 	tests/debian-programs.sh
 
 # libnbd 1.22.2's own tests (tests/, info/, copy/, dump/) on libnbd and on
 # ours, same binaries: every test passing on libnbd must pass on ours, but
 # for the deliberate differences in tests/libnbd-suite.known. About 3
 # minutes on 2 cores; LIBNBD_SUITE_REF=reuse runs only ours.
-check-libnbd-suite: lib deps
+check-libnbd-suite: lib deps reference
 	tests/libnbd-suite.sh
 
 # Ours against Debian's libnbd 1.14.2 and libnbd 1.22.2 (make reference),
@@ -132,7 +132,7 @@ lint: deps
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-header check-abi check-c check-valgrind check-debian fuzz-smoke
+check: lint test check-header check-abi check-c check-valgrind check-debian check-libnbd-suite fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

@@ -64,10 +64,12 @@ impl AsMut<[u8]> for UserBuf {
 
 /// Callbacks and errors of one command in flight.
 pub struct Pending {
-    pub completion: Option<Owned<nbd_completion_callback>>,
+    // Fields drop in order: as in libnbd, the data callbacks are freed
+    // before the completion, which stays last of them.
     pub chunk: Option<Owned<nbd_chunk_callback>>,
     pub extent: Option<Owned<nbd_extent_callback>>,
     pub extent64: Option<Owned<nbd_extent64_callback>>,
+    pub completion: Option<Owned<nbd_completion_callback>>,
     /// An errno a callback asked to fail the command with.
     pub callback_error: i32,
     /// The read buffer's start, for chunk callbacks.
@@ -108,9 +110,11 @@ impl Done {
 /// Callbacks of the `opt_*` command in progress.
 #[derive(Default)]
 pub struct OptPending {
-    pub completion: Option<Owned<nbd_completion_callback>>,
+    // Fields drop in order: the list or context callback is freed before
+    // the completion, as in libnbd.
     pub list: Option<Owned<nbd_list_callback>>,
     pub context: Option<Owned<nbd_context_callback>>,
+    pub completion: Option<Owned<nbd_completion_callback>>,
     /// Entries reported, for the synchronous calls' return value.
     pub count: c_int,
     /// Set once the option finished: its errno (0 for success).
@@ -940,9 +944,9 @@ impl Inner {
                             unsafe { f(cb.user_data, &mut said) };
                         }
                     }
-                    opt.completion = None;
                     opt.list = None;
                     opt.context = None;
+                    opt.completion = None;
                     opt.done = Some(err);
                     if let Err(e) = result {
                         self.last_option_error = Some(e.to_string());

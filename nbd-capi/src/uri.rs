@@ -34,6 +34,8 @@ pub struct Uri {
     pub username: Option<String>,
     pub tls_certificates: Option<String>,
     pub tls_psk_file: Option<String>,
+    /// The name the server's certificate must carry (libnbd 1.22).
+    pub tls_hostname: Option<String>,
     pub tls_verify_peer: Option<bool>,
 }
 
@@ -204,16 +206,19 @@ pub fn parse(uri: &str) -> CResult<Uri> {
         username: userinfo,
         tls_certificates: None,
         tls_psk_file: None,
+        tls_hostname: None,
         tls_verify_peer: None,
     };
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let k = decode_part(uri, k, &format!("name of the query parameter \"{pair}\""))?;
         let v = decode_part(uri, v, &format!("value of the query parameter \"{k}\""))?;
-        match k.as_str() {
+        // Parameter names are case-insensitive, as in libnbd.
+        match k.to_ascii_lowercase().as_str() {
             "socket" => socket = Some(v),
             "tls-certificates" => u.tls_certificates = Some(v),
             "tls-psk-file" => u.tls_psk_file = Some(v),
+            "tls-hostname" => u.tls_hostname = Some(v),
             "tls-username" => u.username = Some(v),
             "tls-verify-peer" => {
                 u.tls_verify_peer = Some(parse_bool(&v).ok_or_else(|| {
@@ -341,8 +346,11 @@ mod tests {
         assert_eq!(u.transport, Transport::Vsock { cid: 2, port: 1234 });
         let u = parse("nbd://h//x").unwrap();
         assert_eq!(u.export, "/x");
-        let u = parse("nbds+unix:///?socket=/s&tls-psk-file=/k&tls-verify-peer=false&tls-certificates=/c").unwrap();
+        let u =
+            parse("nbds+unix:///?socket=/s&tls-psk-file=/k&tls-verify-peer=false&tls-certificates=/c&tls-hostname=h")
+                .unwrap();
         assert_eq!(u.tls_psk_file.as_deref(), Some("/k"));
+        assert_eq!(u.tls_hostname.as_deref(), Some("h"));
         assert_eq!(u.tls_certificates.as_deref(), Some("/c"));
         assert_eq!(u.tls_verify_peer, Some(false));
     }
@@ -395,8 +403,10 @@ mod tests {
         let (errno, msg) = refusal("nbd+ssh://h/");
         assert_eq!(errno, libc::ENOTSUP, "{msg}");
         assert!(msg.contains("nbd+ssh"), "{msg}");
-        // As libnbd 1.22, the scheme in any case.
+        // As libnbd 1.22, the scheme and the parameter names in any case.
         assert_eq!(parse("NBDS+Unix:///?socket=/s").unwrap().transport, Transport::Unix { socket: "/s".into() });
+        let u = parse("NBD+UNIX:///?SOCKET=/s&TLS-Verify-Peer=false").unwrap();
+        assert_eq!((u.transport, u.tls_verify_peer), (Transport::Unix { socket: "/s".into() }, Some(false)));
     }
 
     #[test]

@@ -10,11 +10,13 @@ use nbd_proto::{Connection, Cookie, Error};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
 #[derive(Default)]
+/// A command's callbacks. Fields drop in order: as in libnbd, the data
+/// callbacks are freed before the completion, which stays last.
 struct Callbacks {
-    completion: Option<Owned<nbd_completion_callback>>,
     chunk: Option<Owned<nbd_chunk_callback>>,
     extent: Option<Owned<nbd_extent_callback>>,
     extent64: Option<Owned<nbd_extent64_callback>>,
+    completion: Option<Owned<nbd_completion_callback>>,
 }
 
 /// Submits one command and remembers its callbacks. It leaves at once

@@ -72,6 +72,9 @@ fn connect_uri(i: &mut Inner, uri: *const c_char) -> CResult<()> {
     t.psk_file = u.tls_psk_file.map(Into::into).or(t.psk_file.take());
     t.username = u.username.or(t.username.take());
     t.verify_peer = u.tls_verify_peer.unwrap_or(t.verify_peer);
+    if u.tls_hostname.is_some() {
+        i.tls_hostname = u.tls_hostname;
+    }
     i.conn.config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
 }
@@ -191,6 +194,9 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
         }
         if let Some(f) = &s.psk_file {
             files.push(("tls-psk-file", f.to_string_lossy()));
+        }
+        if let Some(h) = &i.tls_hostname {
+            files.push(("tls-hostname", h.into()));
         }
         // As libnbd 1.22 writes it, whether TLS is used or not.
         if !s.verify_peer {

@@ -1,6 +1,6 @@
 //! Arbitrary bytes as an NBD URI: parsing never panics, and what `format`
 //! (`nbd_get_uri`) writes for an accepted URI parses back to the same
-//! connection, export, user and TLS files.
+//! connection, export, user, TLS files, TLS host name and verification.
 #![no_main]
 
 use nbd::uri::{format, parse, Transport};
@@ -21,10 +21,16 @@ fn check(data: &[u8]) {
     if literal_with_odd_bytes(&u.transport) {
         return;
     }
-    let files: Vec<(&str, &str)> = [("tls-certificates", &u.tls_certificates), ("tls-psk-file", &u.tls_psk_file)]
-        .into_iter()
-        .filter_map(|(k, v)| Some((k, v.as_deref()?)))
-        .collect();
+    let verify_off = (u.tls_verify_peer == Some(false)).then(|| "false".to_string());
+    let files: Vec<(&str, &str)> = [
+        ("tls-certificates", &u.tls_certificates),
+        ("tls-psk-file", &u.tls_psk_file),
+        ("tls-hostname", &u.tls_hostname),
+        ("tls-verify-peer", &verify_off),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| Some((k, v.as_deref()?)))
+    .collect();
     let written = format(u.tls, &u.transport, &u.export, u.username.as_deref(), &files);
     assert!(!written.bytes().any(|b| b <= b' ' || b == 0x7f), "{text:?} written as {written:?}");
     let v = parse(&written).unwrap_or_else(|e| panic!("{text:?} written as {written:?}, which fails: {}", e.msg));
@@ -36,6 +42,8 @@ fn check(data: &[u8]) {
             u.username.clone(),
             u.tls_certificates.clone(),
             u.tls_psk_file.clone(),
+            u.tls_hostname.clone(),
+            u.tls_verify_peer == Some(false),
         )
     };
     assert_eq!(key(&v), key(&u), "{text:?} written as {written:?}");

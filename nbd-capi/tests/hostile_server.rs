@@ -53,7 +53,19 @@ fn report(class: &str, n: usize, at_least: usize) {
 // ---- the client side ------------------------------------------------------------
 
 /// A handle set up for `preset`, optionally in opt mode.
+/// Rust's runtime ignores SIGPIPE; a C program does not. The library
+/// must never raise it, so these tests run with the default disposition,
+/// under which a stray SIGPIPE ends the test binary.
+fn default_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: setting a signal's disposition to its default.
+    ONCE.call_once(|| unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    });
+}
+
 fn create(preset: Preset, opt_mode: bool) -> H {
+    default_sigpipe();
     // SAFETY: plain calls on a fresh handle with NUL-terminated strings.
     unsafe {
         let h = nbd_create();

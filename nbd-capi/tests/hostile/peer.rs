@@ -13,7 +13,7 @@
 
 use super::server::{Behaviour, Server};
 use nbd_proto::wire::{cmd, opt, RequestHeader};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::net::Shutdown;
 use std::os::fd::{IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -228,6 +228,20 @@ impl Drop for Peer {
     }
 }
 
+/// Sends all of `bytes`. The test process keeps SIGPIPE's default, as a C
+/// program does, so the peer, like a real server, sends with MSG_NOSIGNAL:
+/// a client that hung up is an error here, not the end of the tests.
+fn send_all(sock: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match nbd::send::send(sock, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Reads what is available; `None` at EOF (or a dead socket), and the
 /// watchdog flag when the deadline passed.
 fn read_some(sock: &mut UnixStream, deadline: Instant, report: &mut Report) -> Option<Vec<u8>> {
@@ -279,7 +293,7 @@ fn run(mut sock: UnixStream, mut script: Script) -> Report {
     let mut closed = false;
     loop {
         let upto = stream.len().min(script.budget);
-        if sock.write_all(&stream[sent..upto]).is_err() {
+        if send_all(&sock, &stream[sent..upto]).is_err() {
             break;
         }
         sent = upto;

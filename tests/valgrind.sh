@@ -34,7 +34,7 @@ done
 # (messages-test is not run here: valgrind runs a vfork as a fork, so a
 # spawn's failed exec is not reported to the parent, and valgrind holds
 # file descriptors of its own, which the out-of-descriptors case counts.)
-for name in capi-test compat-test peers-test stress-test tls-test api122-test; do
+for name in capi-test compat-test debug-test peers-test stress-test tls-test api122-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -L"$ours" -l:libnbd.so.0
   leaks=() limit=
   # OpenSSL (and the openssl crate's index cache) keep process-wide state.

@@ -6,7 +6,6 @@ use crate::error::{CError, CResult};
 use std::ffi::{c_char, CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command, Stdio};
 
 /// The child's argv from a NULL-terminated C array.
 ///
@@ -32,11 +31,6 @@ pub unsafe fn argv_from_c(argv: *mut *mut c_char) -> CResult<Vec<CString>> {
     Ok(out)
 }
 
-fn os_str(c: &CString) -> &std::ffi::OsStr {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::OsStr::from_bytes(c.as_bytes())
-}
-
 /// A server command that could not be run. libnbd's child reports the
 /// exec error on its stderr and exits, and the library sees its socket
 /// close; so the errno is the one that closing gives (`then_errno`: none
@@ -55,23 +49,12 @@ fn not_run(argv0: &CString, exec_errno: i32, then_errno: i32) -> CError {
 }
 
 /// Starts `argv` with one end of a socketpair as its stdin and stdout;
-/// returns our end and the child.
-pub fn spawn_command(argv: &[CString]) -> CResult<(OwnedFd, Child)> {
+/// returns our end and the child's pid.
+pub fn spawn_command(argv: &[CString]) -> CResult<(OwnedFd, libc::pid_t)> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| CError::os("socketpair", &e))?;
-    let theirs_out = theirs.try_clone().map_err(|e| CError::os("dup", &e))?;
-    // std spawns with fork/exec (or posix_spawn): nothing but
-    // async-signal-safe work happens in the child, and an exec that
-    // fails is reported here with its errno.
-    let child = Command::new(os_str(&argv[0]))
-        .args(argv[1..].iter().map(os_str))
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .stdout(Stdio::from(OwnedFd::from(theirs_out)))
-        .spawn()
-        .map_err(|e| match e.raw_os_error() {
-            Some(errno) => not_run(&argv[0], errno, 0),
-            None => CError::os(argv[0].to_string_lossy(), &e),
-        })?;
-    Ok((OwnedFd::from(ours), child))
+    let fd = theirs.as_raw_fd();
+    let pid = fork_exec(argv, &[(fd, 0), (fd, 1)], None)?.map_err(|errno| not_run(&argv[0], errno, 0))?;
+    Ok((OwnedFd::from(ours), pid))
 }
 
 /// The socket a socket-activated server listens on, in its scratch directory.
@@ -116,11 +99,40 @@ fn start_activated(argv: &[CString], dir: &std::path::Path, fdname: &str) -> CRe
     let fdname = if fdname.is_empty() { "unknown" } else { fdname };
     env.push(CString::new(format!("LISTEN_FDNAMES={fdname}")).unwrap_or_default());
     let mut pid_var = *b"LISTEN_PID=00000000000000000000\0";
+    // One raw pointer for both: the list the exec reads and the slot the
+    // child fills in.
+    let pid_slot: *mut [u8; 32] = &mut pid_var;
     let mut envp: Vec<*const c_char> = env.iter().map(|c| c.as_ptr()).collect();
-    envp.push(pid_var.as_ptr().cast());
+    envp.push(pid_slot.cast_const().cast());
     envp.push(std::ptr::null());
-    let argvp: Vec<*const c_char> = argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
     let lfd = listener.as_raw_fd();
+    let r = fork_exec(argv, &[(lfd, 3)], Some((&envp, pid_slot)));
+    drop(listener);
+    let pid = r?.map_err(|errno| not_run(&argv[0], errno, libc::ECONNRESET))?;
+    let sock = UnixStream::connect(&path).map_err(|e| CError::os("connect", &e))?;
+    // SAFETY: turning a std socket into an OwnedFd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
+    Ok((fd, pid))
+}
+
+/// The environment of a child that must know its own pid (socket
+/// activation): the variables, ending with a `LISTEN_PID=` slot the child
+/// fills in before exec.
+type EnvWithPid<'a> = (&'a [*const c_char], *mut [u8; 32]);
+
+/// Forks and execs `argv` (searching PATH), after `dup2(from, to)` for
+/// each of `fds` (`from == to` keeps a descriptor open across exec) and
+/// with SIGPIPE at its default, as libnbd's children start. Returns the
+/// child's pid once the exec succeeded, or the exec's errno (inner `Err`,
+/// the child reaped); the outer error is a pipe or fork that failed here.
+/// Everything the child touches is prepared before the fork; the child
+/// calls only async-signal-safe functions.
+fn fork_exec(
+    argv: &[CString],
+    fds: &[(libc::c_int, libc::c_int)],
+    env: Option<EnvWithPid>,
+) -> CResult<Result<libc::pid_t, i32>> {
+    let argvp: Vec<*const c_char> = argv.iter().map(|c| c.as_ptr()).chain([std::ptr::null()]).collect();
     // The exec's outcome: the child writes its errno here if exec fails;
     // a successful exec closes the pipe (close-on-exec) unwritten.
     let mut status_fds = [0 as libc::c_int; 2];
@@ -131,9 +143,12 @@ fn start_activated(argv: &[CString], dir: &std::path::Path, fdname: &str) -> CRe
     // SAFETY: both descriptors are fresh from pipe2 and ours alone.
     let (status_r, status_w) = unsafe { (OwnedFd::from_raw_fd(status_fds[0]), OwnedFd::from_raw_fd(status_fds[1])) };
     let status_wfd = status_w.as_raw_fd();
-
+    let (envp, pid_var) = match env {
+        Some((envp, pid_var)) => (Some(envp), Some(pid_var)),
+        None => (None, None),
+    };
     // SAFETY: fork(2); the child below calls only async-signal-safe
-    // functions (getpid, dup2, fcntl, signal, execvpe, write, _exit) on
+    // functions (getpid, dup2, fcntl, signal, execvp(e), write, _exit) on
     // memory prepared before the fork.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -142,46 +157,55 @@ fn start_activated(argv: &[CString], dir: &std::path::Path, fdname: &str) -> CRe
     if pid == 0 {
         // SAFETY: in the child, on buffers prepared above.
         unsafe {
-            let mut v = libc::getpid() as u64;
-            let digits = &mut pid_var[11..31];
-            let mut i = digits.len();
-            loop {
-                i -= 1;
-                digits[i] = b'0' + (v % 10) as u8;
-                v /= 10;
-                if v == 0 {
-                    break;
+            if let Some(pid_var) = pid_var {
+                write_pid(&mut *pid_var, libc::getpid() as u64);
+            }
+            for &(from, to) in fds {
+                if from != to {
+                    libc::dup2(from, to);
+                } else {
+                    libc::fcntl(to, libc::F_SETFD, 0);
                 }
             }
-            // Shift the digits left so the value has no leading zeroes.
-            let len = digits.len() - i;
-            digits.copy_within(i.., 0);
-            digits[len] = 0;
-            if lfd != 3 {
-                libc::dup2(lfd, 3);
-            } else {
-                libc::fcntl(3, libc::F_SETFD, 0);
-            }
-            // The server starts with SIGPIPE's default, as libnbd's does.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            libc::execvpe(argvp[0], argvp.as_ptr(), envp.as_ptr());
+            match envp {
+                Some(envp) => libc::execvpe(argvp[0], argvp.as_ptr(), envp.as_ptr()),
+                None => libc::execvp(argvp[0], argvp.as_ptr()),
+            };
             let errno = *libc::__errno_location();
             libc::write(status_wfd, (&errno as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>());
             libc::_exit(if errno == libc::ENOENT { 127 } else { 126 });
         }
     }
     drop(status_w);
-    drop(listener);
-    if let Some(errno) = exec_error(status_r) {
-        let mut status = 0;
-        // SAFETY: reaping our own child, which has exited or is exiting.
-        unsafe { libc::waitpid(pid, &mut status, 0) };
-        return Err(not_run(&argv[0], errno, libc::ECONNRESET));
+    Ok(match exec_error(status_r) {
+        Some(errno) => {
+            let mut status = 0;
+            // SAFETY: reaping our own child, which has exited or is exiting.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            Err(errno)
+        }
+        None => Ok(pid),
+    })
+}
+
+/// Writes `pid` in decimal after the `LISTEN_PID=` of `var`, NUL-terminated,
+/// without allocating (it runs in a forked child).
+fn write_pid(var: &mut [u8; 32], mut pid: u64) {
+    let digits = &mut var[11..31];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
     }
-    let sock = UnixStream::connect(&path).map_err(|e| CError::os("connect", &e))?;
-    // SAFETY: turning a std socket into an OwnedFd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(sock)) };
-    Ok((fd, pid))
+    // Shift the digits left so the value has no leading zeroes.
+    let len = digits.len() - i;
+    digits.copy_within(i.., 0);
+    digits[len] = 0;
 }
 
 /// The errno a child wrote to its exec-status pipe, or `None` once the

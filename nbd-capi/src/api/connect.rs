@@ -241,10 +241,10 @@ fn connect_command(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: argv is NULL or a NULL-terminated array of C strings (the C contract).
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
     i.conn.start_connect()?;
-    let (fd, child) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
+    let (fd, pid) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
         i.conn.handle_transport_error(e.errno, "connect_command");
     })?;
-    i.subprocess = Some((child.id() as libc::pid_t, None));
+    i.subprocess = Some((pid, None));
     i.attach(fd)
 }
 

@@ -21,24 +21,6 @@
  * volatile, so that the compiler does not refuse the call. */
 static void *volatile null_ptr;
 
-static void
-run (char **argv)
-{
-  int status;
-  pid_t pid = spawn (argv, -1, -1);
-  if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
-    fatal ("%s %s failed", argv[0], argv[1]);
-  forget_child (pid);
-}
-
-static bool
-str_is (char *s, const char *want)
-{
-  bool ok = s != NULL && strcmp (s, want) == 0;
-  free (s);
-  return ok;
-}
-
 /* Context names a callback reported, and how often its free ran. */
 struct names {
   int n, freed;

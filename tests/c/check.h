@@ -5,7 +5,9 @@
 #ifndef NBD_TESTS_CHECK_H
 #define NBD_TESTS_CHECK_H
 
+#include <stdbool.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <libnbd.h>
 
@@ -32,5 +34,17 @@ static int failures, checks;
     CHECK (m_ && strncmp (m_, fn, strlen (fn)) == 0,                      \
            "%s: message does not name the function", fn);               \
   } while (0)
+
+/* Whether the allocated string S (freed here; NULL is no match) is WANT.
+ * A mismatch is noted on stderr, for the CHECK that fails on it. */
+static bool __attribute__ ((unused))
+str_is (char *s, const char *want)
+{
+  bool ok = s && strcmp (s, want) == 0;
+  if (!ok)
+    fprintf (stderr, "note: got \"%s\", want \"%s\"\n", s ? s : "(null)", want);
+  free (s);
+  return ok;
+}
 
 #endif

@@ -37,16 +37,6 @@
 
 static char live_port[16];      /* an nbdkit memory 1M on 127.0.0.1 */
 
-static void
-run (char **argv)
-{
-  int status;
-  pid_t pid = spawn (argv, -1, -1);
-  if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
-    fatal ("%s %s failed", argv[0], argv[1]);
-  forget_child (pid);
-}
-
 
 
 
@@ -215,14 +205,6 @@ all_bytes (const char *buf, size_t len, char v)
   for (size_t i = 0; i < len; i++)
     if (buf[i] != v) return false;
   return true;
-}
-
-static bool
-str_is (char *s, const char *want)
-{
-  bool ok = s && strcmp (s, want) == 0;
-  free (s);
-  return ok;
 }
 
 /* libnbd's connection_state text for the stable states. */

@@ -176,6 +176,17 @@ forget_child (pid_t pid)
     if (children[i] == pid) children[i] = children[--nchildren];
 }
 
+/* Runs ARGV to completion; anything but exit status 0 is fatal. */
+static void __attribute__ ((unused))
+run (char **argv)
+{
+  int status;
+  pid_t pid = spawn (argv, -1, -1);
+  if (waitpid (pid, &status, 0) != pid || !WIFEXITED (status) || WEXITSTATUS (status) != 0)
+    fatal ("%s %s failed", argv[0], argv[1]);
+  forget_child (pid);
+}
+
 static bool
 file_nonempty (const char *path)
 {

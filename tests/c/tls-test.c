@@ -164,16 +164,6 @@ x509_handle (int tls, const char *certdir, bool verify)
   return h;
 }
 
-static bool
-str_is (char *s, const char *want)
-{
-  bool ok = s && strcmp (s, want) == 0;
-  if (!ok && verbose)
-    fprintf (stderr, "tls-test: note: got \"%s\", want \"%s\"\n", s ? s : "(null)", want);
-  free (s);
-  return ok;
-}
-
 /* A formatted string, kept until exit. */
 static char *
 uri_of (const char *fmt, ...)

@@ -7,9 +7,10 @@
  * with a ca-cert.pem and a host name) and its default directories
  * ($HOME/.pki/libnbd, tried as user nobody); the default user name; and
  * large and many small AIO transfers through TLS, driven by nbd_poll and
- * by the caller's own poll loop.  Every expected value is what Debian's
- * libnbd 1.14.2 (GnuTLS) does; tests/c-compare.sh runs this on both
- * libraries, and tests/c/TLS-DISCREPANCIES.md lists where ours differs.
+ * by the caller's own poll loop.  Every expected value is what libnbd
+ * (GnuTLS) does: 1.14.2 where it verifies less (strict_tls below), 1.22.2
+ * elsewhere; tests/c-compare.sh runs this on Debian's 1.14.2, on 1.22.2
+ * and on ours, and the README lists where ours differs.
  * tests/tls-certs.sh makes the certificates and PSK files in a private
  * temporary directory; the servers are started there and everything is
  * removed at the end, even on failure.  A missing server binary is a

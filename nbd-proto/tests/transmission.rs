@@ -236,6 +236,24 @@ fn flags_reach_the_server() {
     }
 }
 
+/// Strict mode's AUTO_FLAG sets PAYLOAD_LEN on WRITE exactly when extended
+/// headers were negotiated, whatever the caller passed.
+#[test]
+fn auto_flag_matches_payload_len_to_the_headers() {
+    for preset in PRESETS {
+        let mut p = ready(preset);
+        let extended = p.client.extended_headers_negotiated();
+        let want = if extended { CmdFlags::PAYLOAD_LEN } else { CmdFlags::empty() };
+        let a = p.client.write(0, vec![1; 512], CmdFlags::PAYLOAD_LEN).unwrap();
+        let b = p.client.write(512, vec![1; 512], CmdFlags::empty()).unwrap();
+        p.drive();
+        for (req, cookie) in p.server.requests.iter().zip([a, b]) {
+            assert_eq!(req.cookie, cookie, "{preset:?}");
+            assert_eq!(req.flags, want.bits(), "{preset:?}: extended headers {extended}");
+        }
+    }
+}
+
 #[test]
 fn df_reads_arrive_in_one_chunk_even_from_a_sparse_server() {
     let mut p = ready(Preset::Qemu);

@@ -164,10 +164,14 @@ impl<B: CommandBuffer> Connection<B> {
         if self.disconnect_requested {
             return Err(LocalError::AfterDisconnect.into());
         }
-        // A request payload is checked for what it asks, not for the flag
-        // that announces it.
-        let checked = if payload.is_empty() { flags } else { flags - CmdFlags::PAYLOAD_LEN };
-        let flags = self.check_request(kind, checked, offset, length)? | (flags & CmdFlags::PAYLOAD_LEN);
+        let flags = if payload.is_empty() {
+            self.check_request(kind, flags, offset, length)?
+        } else {
+            // A request payload is checked for what it asks, not for the
+            // flag that announces it, which is sent as the caller gave it.
+            let announced = flags & CmdFlags::PAYLOAD_LEN;
+            self.check_request(kind, flags - CmdFlags::PAYLOAD_LEN, offset, length)? | announced
+        };
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let slot = self.cmds.insert(cookie);

@@ -7,37 +7,66 @@ FUZZ_SMOKE_TIME ?= 10
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
 
-.PHONY: all build lib header check-header deps demo reference check check-c check-debian check-libnbd-suite check-abi check-valgrind bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install clean
+.PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-libnbd-suite check-abi check-valgrind check-install bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
 
-PREFIX ?= /usr/local
-LIBDIR := target/lib
 CC ?= cc
+
+# Where `make lib` puts the library it builds.
+BUILD_DIR := target/lib
+
+# Where `make install` puts it, inside DESTDIR if set. /usr/local/lib comes
+# before Debian's multiarch directory in the dynamic linker's search, so
+# after `ldconfig` programs load this library instead of libnbd0's.
+PREFIX ?= /usr/local
+libdir ?= $(PREFIX)/lib
+includedir ?= $(PREFIX)/include
+datadir ?= $(PREFIX)/share
+mandir ?= $(datadir)/man
+INSTALL_VARS = DESTDIR='$(DESTDIR)' PREFIX='$(PREFIX)' libdir='$(libdir)' includedir='$(includedir)' \
+  datadir='$(datadir)' mandir='$(mandir)' BUILD_DIR='$(BUILD_DIR)'
 
 all: lib
 
-build: deps
+# Building needs a Rust toolchain (rustc 1.85 or newer), a C compiler,
+# pkg-config and OpenSSL's headers; never root, never apt-get.
+build: build-deps
 	$(CARGO) build --workspace --release
 
-# libnbd.so.0: the Rust staticlib linked by the C compiler with a version
-# script made from the export table (a cdylib cannot carry version nodes).
-lib: build
-	mkdir -p $(LIBDIR)
-	target/release/nbd-capi-gen version-script > $(LIBDIR)/libnbd.sym
-	$(CC) -shared -o $(LIBDIR)/libnbd.so.0 -Wl,-soname,libnbd.so.0 \
-	  -Wl,--version-script=$(LIBDIR)/libnbd.sym \
-	  -Wl,--whole-archive target/release/libnbd.a -Wl,--no-whole-archive -lssl -lcrypto -lpthread -ldl -lm
-	ln -sf libnbd.so.0 $(LIBDIR)/libnbd.so
-	cp target/release/libnbd.a $(LIBDIR)/libnbd.a
-	sed 's|@PREFIX@|$(PREFIX)|' nbd-capi/libnbd.pc.in > $(LIBDIR)/libnbd.pc
+build-deps:
+	@for p in pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev $(CC):gcc objcopy:binutils; do \
+	  { command -v $${p%%:*} || test -e $${p%%:*}; } >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
+	done; \
+	if [ -n "$$missing" ]; then echo "building needs:$$missing (apt-get install$$missing)"; exit 1; fi
 
+# libnbd.so.0: the Rust staticlib (built with LTO, one codegen unit) linked
+# by the C compiler with a version script made from the export table (a
+# cdylib cannot carry version nodes), then stripped, its debug information
+# kept beside it in libnbd.so.0.debug (found by gdb and valgrind through
+# the debug link). libnbd.pc.in is libnbd.pc with the paths still to fill.
+lib: build
+	mkdir -p $(BUILD_DIR)
+	target/release/nbd-capi-gen version-script > $(BUILD_DIR)/libnbd.sym
+	$(CC) -shared -o $(BUILD_DIR)/libnbd.so.0 -Wl,-soname,libnbd.so.0 \
+	  -Wl,--version-script=$(BUILD_DIR)/libnbd.sym -Wl,--gc-sections -Wl,-O1 -Wl,-z,relro -Wl,-z,now \
+	  -Wl,--whole-archive target/release/libnbd.a -Wl,--no-whole-archive -lssl -lcrypto -lpthread -ldl -lm
+	objcopy --only-keep-debug --compress-debug-sections $(BUILD_DIR)/libnbd.so.0 $(BUILD_DIR)/libnbd.so.0.debug
+	cd $(BUILD_DIR) && objcopy --strip-all --add-gnu-debuglink=libnbd.so.0.debug libnbd.so.0
+	ln -sf libnbd.so.0 $(BUILD_DIR)/libnbd.so
+	cp target/release/libnbd.a $(BUILD_DIR)/libnbd.a
+	target/release/nbd-capi-gen pkg-config < nbd-capi/libnbd.pc.in > $(BUILD_DIR)/libnbd.pc.in
+	@echo "$(BUILD_DIR)/libnbd.so.0: $$(stat -c %s $(BUILD_DIR)/libnbd.so.0) bytes"
+
+# The shared library, header, pkg-config file and man pages; scripts/install.sh
+# keeps a manifest so that `make uninstall` removes exactly what it put there.
 install: lib
-	install -d $(DESTDIR)$(PREFIX)/lib/pkgconfig
-	install -m 755 $(LIBDIR)/libnbd.so.0 $(DESTDIR)$(PREFIX)/lib/
-	ln -sf libnbd.so.0 $(DESTDIR)$(PREFIX)/lib/libnbd.so
-	install -m 644 $(LIBDIR)/libnbd.a $(DESTDIR)$(PREFIX)/lib/
-	install -m 644 $(LIBDIR)/libnbd.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
-	install -d $(DESTDIR)$(PREFIX)/include
-	install -m 644 include/libnbd.h $(DESTDIR)$(PREFIX)/include/
+	$(INSTALL_VARS) scripts/install.sh install
+
+# The same, and libnbd.a.
+install-static: lib
+	$(INSTALL_VARS) STATIC=1 scripts/install.sh install
+
+uninstall:
+	$(INSTALL_VARS) scripts/install.sh uninstall
 
 CBINDGEN_VERSION := 0.27.0
 
@@ -72,35 +101,40 @@ check-header: build reference
 	tests/header-check.sh
 
 # The exported symbols, version nodes and SONAME are libnbd 1.22.2's.
-check-abi: lib deps reference
+check-abi: deps lib reference
 	tests/abi-check.sh
 
 # C programs on our library and on Debian's, same binary, same output.
-check-c: lib deps reference
+check-c: deps lib reference
 	tests/c-compare.sh
 
 # The C examples and tests on our library under valgrind: no invalid
 # access, no leak; and stress-test's threads under helgrind: no race.
-check-valgrind: lib deps
+check-valgrind: deps lib
 	tests/valgrind.sh
 
 # Debian's nbdinfo, nbdcopy, nbdsh, python3-libnbd, fio and nbdkit's nbd
 # plugin, unchanged, on our libnbd.so.0.
-check-debian: lib deps reference
+check-debian: deps lib reference
 	tests/debian-programs.sh
+
+# make install, uninstall and the switch of the system's programs to ours
+# and back (in a private mount namespace, so nothing leaks), as root.
+check-install: deps lib
+	tests/install-check.sh
 
 # libnbd 1.22.2's own tests (tests/, info/, copy/, dump/) on libnbd and on
 # ours, same binaries: every test passing on libnbd must pass on ours, but
 # for the deliberate differences in tests/libnbd-suite.known. About 3
 # minutes on 2 cores; LIBNBD_SUITE_REF=reuse runs only ours.
-check-libnbd-suite: lib deps reference
+check-libnbd-suite: deps lib reference
 	tests/libnbd-suite.sh
 
 # Ours against Debian's libnbd 1.14.2 and libnbd 1.22.2 (make reference),
 # same programs, rotated rounds; the table
 # goes to target/bench.md. BENCH_ARGS="--rounds 7 --seconds 5", "--quick".
 BENCH_ARGS ?=
-bench: lib deps reference
+bench: deps lib reference
 	mkdir -p target/bench
 	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
 	/usr/bin/python3 bench/bench.py --markdown target/bench.md $(BENCH_ARGS)
@@ -132,7 +166,7 @@ lint: deps
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-header check-abi check-c check-valgrind check-debian check-libnbd-suite fuzz-smoke
+check: lint test check-header check-abi check-c check-valgrind check-debian check-install check-libnbd-suite fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! grep -E '^(libc|mio|tokio|socket2|nix)' nbd-proto/Cargo.toml || { echo "nbd-proto has an I/O dependency"; exit 1; }

@@ -348,6 +348,8 @@ int nbd_aio_connect(struct nbd_handle *h, const struct sockaddr *addr, socklen_t
 
 int nbd_kill_subprocess(struct nbd_handle *h, int signum);
 
+const char *nbd_rs_get_version(void);
+
 struct nbd_handle *nbd_create(void);
 
 void nbd_close(struct nbd_handle *h);
@@ -744,5 +746,6 @@ int nbd_get_errno(void);
 #define LIBNBD_HAVE_NBD_SUPPORTS_VSOCK 1
 #define LIBNBD_HAVE_NBD_TRIM 1
 #define LIBNBD_HAVE_NBD_ZERO 1
+#define LIBNBD_HAVE_NBD_RS_GET_VERSION 1
 
 #endif  /* LIBNBD_H */

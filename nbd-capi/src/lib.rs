@@ -20,6 +20,7 @@ pub mod constants;
 pub mod dial;
 pub mod error;
 pub mod handle;
+pub mod identity;
 pub mod lock;
 pub mod send;
 pub mod subprocess;

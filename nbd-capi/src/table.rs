@@ -30,7 +30,7 @@ const fn row(name: &'static str, node: &'static str, states: States, may_fail: b
     Export { name, node, states, may_fail }
 }
 
-/// Version nodes in chain order: each inherits from the one before.
+/// libnbd's version nodes in chain order: each inherits from the one before.
 pub const NODES: [&str; 9] = [
     "LIBNBD_1.0",
     "LIBNBD_1.2",
@@ -42,6 +42,11 @@ pub const NODES: [&str; 9] = [
     "LIBNBD_1.18",
     "LIBNBD_1.22",
 ];
+
+/// This library's own version nodes, for its extension functions
+/// (`nbd_rs_*`): outside libnbd's chain, so libnbd's nodes stay exactly
+/// libnbd's and a name libnbd adds later can never clash with ours.
+pub const EXTENSION_NODES: [&str; 1] = ["NBD_RS_0.1"];
 
 #[rustfmt::skip]
 pub const EXPORTS: &[Export] = &[
@@ -205,6 +210,8 @@ pub const EXPORTS: &[Export] = &[
     row("nbd_supports_vsock", "LIBNBD_1.16", ANY, false),
     row("nbd_trim", "LIBNBD_1.0", CONNECTED, true),
     row("nbd_zero", "LIBNBD_1.0", CONNECTED, true),
+    // This library's extensions, in EXTENSION_NODES; they take no handle.
+    row("nbd_rs_get_version", "NBD_RS_0.1", ANY, false),
 ];
 
 /// The row for `name`, at compile time; a name missing from the table

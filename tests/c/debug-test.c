@@ -8,11 +8,19 @@
  * the same for these calls). Then the handshake lines, and the line count of the sequence
  * nbdinfo --size runs, against the reference's.
  *
+ * Which library is loaded shows only where ours adds something: the first
+ * LIBNBD_DEBUG line names nbd-rs and its version, and nbd_rs_get_version
+ * exists (at its own version node), while nbd_get_version and
+ * nbd_get_package_name stay libnbd's on every library.
+ *
  * NBD_TEST_LIBRARY (debian, reference, ours) says which library this is;
  * DEBUG_TEST_VERBOSE=1 prints every message collected.
  */
 #define _GNU_SOURCE
+#include <dlfcn.h>
+#include <fcntl.h>
 #include <inttypes.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -344,6 +352,67 @@ test_nbdinfo_size (const char *sock)
   free (uri);
 }
 
+/* The first line LIBNBD_DEBUG=1 writes (to stderr, at nbd_create), into
+ * FIRST. */
+static void
+first_debug_line (char *first, size_t size)
+{
+  char path[] = "/tmp/debug-test-stderr-XXXXXX";
+  int fd = mkstemp (path);
+  if (fd == -1) fatal ("mkstemp");
+  fflush (stderr);
+  int saved = dup (2);
+  if (saved == -1 || dup2 (fd, 2) == -1) fatal ("dup2");
+  setenv ("LIBNBD_DEBUG", "1", 1);
+  struct nbd_handle *h = nbd_create ();
+  unsetenv ("LIBNBD_DEBUG");
+  nbd_close (h);
+  fflush (stderr);
+  if (dup2 (saved, 2) == -1) fatal ("dup2");
+  close (saved);
+  FILE *fp = fdopen (fd, "r");
+  if (fp == NULL) fatal ("fdopen");
+  rewind (fp);
+  if (fgets (first, size, fp) == NULL) first[0] = '\0';
+  first[strcspn (first, "\n")] = '\0';
+  fclose (fp);
+  unlink (path);
+}
+
+static void
+test_identity (void)
+{
+  char first[512];
+  first_debug_line (first, sizeof first);
+  CHECK (strncmp (first, "libnbd: debug: nbd", 18) == 0 && strstr (first, ": nbd_create: opening handle"),
+         "first debug line: %s", first);
+  const char *(*our_version) (void) = (const char *(*) (void)) dlsym (RTLD_DEFAULT, "nbd_rs_get_version");
+  if (ours) {
+    CHECK (our_version != NULL, "nbd_rs_get_version is exported");
+    CHECK (dlvsym (RTLD_DEFAULT, "nbd_rs_get_version", "NBD_RS_0.1") == (void *) our_version,
+           "nbd_rs_get_version is at NBD_RS_0.1");
+    if (our_version) {
+      const char *v = our_version ();
+      char want[256];
+      snprintf (want, sizeof want, "nbd_create: opening handle (nbd-rs %s, libnbd 1.22.2 ABI)", v ? v : "?");
+      CHECK (v && *v >= '0' && *v <= '9', "nbd_rs_get_version: %s", v ? v : "NULL");
+      CHECK (strstr (first, want) != NULL, "first debug line names nbd-rs: %s", first);
+    }
+  }
+  else {
+    CHECK (our_version == NULL, "libnbd has no nbd_rs_get_version");
+    CHECK (strstr (first, "nbd-rs") == NULL, "libnbd's first debug line: %s", first);
+  }
+  /* Programs parse these, so they stay libnbd's. */
+  struct nbd_handle *h = nbd_create ();
+  if (h == NULL) fatal ("nbd_create");
+  const char *package = nbd_get_package_name (h), *version = nbd_get_version (h);
+  CHECK (package && strcmp (package, "libnbd") == 0, "get_package_name: %s", package ? package : "NULL");
+  CHECK (version && strcmp (version, debian ? "1.14.2" : "1.22.2") == 0, "get_version: %s",
+         version ? version : "NULL");
+  nbd_close (h);
+}
+
 int
 main (void)
 {
@@ -364,6 +433,7 @@ main (void)
   char *tls_args[] = { "--tls=require", server, "memory", "1M", NULL };
   start_nbdkit_listening (tls_sock, 0, tls_args);
 
+  test_identity ();
   test_calls (sock);
   test_command ();
   test_tls (tls_sock, certs);

@@ -4,20 +4,24 @@ use super::{arg_str, c_string};
 use crate::boundary::export;
 use crate::callbacks::{nbd_debug_callback, Owned};
 use crate::handle::nbd_handle;
+use crate::identity;
 use crate::trace::Fun;
 use std::ffi::{c_char, c_int, CString};
 use std::sync::atomic::Ordering;
-
-/// The version string, as libnbd reports it: the ABI we implement.
-static VERSION: &CStr0 = c"1.22.2";
-static PACKAGE: &CStr0 = c"libnbd";
-type CStr0 = std::ffi::CStr;
 
 #[no_mangle]
 pub extern "C" fn nbd_create() -> *mut nbd_handle {
     export!("nbd_create", std::ptr::null_mut(), || {
         let h = nbd_handle::new();
-        h.lock().debug(|| "opening handle".into());
+        // The first debug line names this library: nbd_get_version cannot.
+        h.lock().debug(|| {
+            format!(
+                "opening handle ({} {}, libnbd {} ABI)",
+                identity::NAME,
+                identity::VERSION.to_string_lossy(),
+                identity::LIBNBD_VERSION.to_string_lossy()
+            )
+        });
         Ok(Box::into_raw(Box::new(h)))
     })
 }
@@ -71,12 +75,12 @@ fn abandon_in_flight(i: &mut crate::handle::Inner) {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_version(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_get_version", h, std::ptr::null(), [], |_i| Ok(VERSION.as_ptr()))
+    export!("nbd_get_version", h, std::ptr::null(), [], |_i| Ok(identity::LIBNBD_VERSION.as_ptr()))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_package_name(h: *mut nbd_handle) -> *const c_char {
-    export!("nbd_get_package_name", h, std::ptr::null(), [], |_i| Ok(PACKAGE.as_ptr()))
+    export!("nbd_get_package_name", h, std::ptr::null(), [], |_i| Ok(identity::LIBNBD_PACKAGE.as_ptr()))
 }
 
 #[no_mangle]

@@ -3,6 +3,7 @@
 
 mod commands;
 mod connect;
+pub(crate) mod extensions;
 pub(crate) mod handle;
 pub(crate) mod info;
 pub(crate) mod opt;

@@ -1,8 +1,10 @@
 //! Writes the files that come from the export table: the linker version
-//! script (`version-script`) and the header's `LIBNBD_HAVE_*` lines
-//! (`have-macros`), one per function and one per callback struct.
+//! script (`version-script`: libnbd's chained nodes, then ours unchained) and the header's `LIBNBD_HAVE_*` lines
+//! (`have-macros`), one per function and one per callback struct; and
+//! the pkg-config template with the versions filled in (`pkg-config`).
 
-use nbd::table::{EXPORTS, NODES};
+use nbd::identity;
+use nbd::table::{EXPORTS, EXTENSION_NODES, NODES};
 
 fn version_script() -> String {
     let mut out = String::new();
@@ -18,6 +20,13 @@ fn version_script() -> String {
             0 => out.push_str("};\n"),
             _ => out.push_str(&format!("}} {};\n", NODES[i - 1])),
         }
+    }
+    for node in EXTENSION_NODES {
+        out.push_str(&format!("{node} {{\n  global:\n"));
+        for e in EXPORTS.iter().filter(|e| e.node == node) {
+            out.push_str(&format!("    {};\n", e.name));
+        }
+        out.push_str("};\n");
     }
     out
 }
@@ -58,13 +67,23 @@ fn finish_header() -> String {
     text
 }
 
+/// `nbd-capi/libnbd.pc.in` on stdin, with the two versions filled in; the
+/// paths stay placeholders for `make install` (scripts/install.sh).
+fn pkg_config() -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).expect("read stdin");
+    text.replace("@NBD_RS_VERSION@", &identity::VERSION.to_string_lossy())
+        .replace("@LIBNBD_VERSION@", &identity::LIBNBD_VERSION.to_string_lossy())
+}
+
 fn main() {
     match std::env::args().nth(1).as_deref() {
         Some("version-script") => print!("{}", version_script()),
         Some("have-macros") => print!("{}", have_macros()),
         Some("finish-header") => print!("{}", finish_header()),
+        Some("pkg-config") => print!("{}", pkg_config()),
         _ => {
-            eprintln!("usage: nbd-capi-gen version-script|have-macros|finish-header");
+            eprintln!("usage: nbd-capi-gen version-script|have-macros|finish-header|pkg-config");
             std::process::exit(2);
         }
     }

@@ -30,15 +30,38 @@ pub const MAX_STRING: usize = 4096;
 
 /// Option codes (`NBD_OPT_*`).
 pub mod opt {
+    /// `NBD_OPT_EXPORT_NAME`: names the export and ends the handshake at
+    /// once. The server answers with the export's size and flags and no option
+    /// reply header, or closes the connection if it refuses. The only option of
+    /// a non-fixed newstyle server, and the fallback when `NBD_OPT_GO` is
+    /// unsupported.
     pub const EXPORT_NAME: u32 = 1;
+    /// `NBD_OPT_ABORT`: the client ends the session during negotiation.
     pub const ABORT: u32 = 2;
+    /// `NBD_OPT_LIST`: asks for the server's exports, one
+    /// [`rep::SERVER`](super::rep::SERVER) reply each.
     pub const LIST: u32 = 3;
+    /// `NBD_OPT_STARTTLS`: upgrades the connection to TLS; negotiation starts
+    /// over inside it.
     pub const STARTTLS: u32 = 5;
+    /// `NBD_OPT_INFO`: asks about an export ([`rep::INFO`](super::rep::INFO)
+    /// replies) without selecting it.
     pub const INFO: u32 = 6;
+    /// `NBD_OPT_GO`: as `NBD_OPT_INFO`, and an ACK selects the export and ends
+    /// the handshake: transmission begins.
     pub const GO: u32 = 7;
+    /// `NBD_OPT_STRUCTURED_REPLY`: turns on structured (chunked) replies, which
+    /// block status, holes in READ replies and the DF flag need.
     pub const STRUCTURED_REPLY: u32 = 8;
+    /// `NBD_OPT_LIST_META_CONTEXT`: asks which meta contexts match the queries,
+    /// one [`rep::META_CONTEXT`](super::rep::META_CONTEXT) reply each.
     pub const LIST_META_CONTEXT: u32 = 9;
+    /// `NBD_OPT_SET_META_CONTEXT`: selects the meta contexts that
+    /// `NBD_CMD_BLOCK_STATUS` will report, each answered with its id in a
+    /// [`rep::META_CONTEXT`](super::rep::META_CONTEXT) reply.
     pub const SET_META_CONTEXT: u32 = 10;
+    /// `NBD_OPT_EXTENDED_HEADERS`: turns on extended headers (64-bit lengths in
+    /// requests and replies), which imply structured replies.
     pub const EXTENDED_HEADERS: u32 = 11;
 
     /// The option's protocol name, for messages.
@@ -61,21 +84,42 @@ pub mod opt {
 
 /// Option reply types (`NBD_REP_*`).
 pub mod rep {
+    /// `NBD_REP_ACK`: the option succeeded; the last reply to it.
     pub const ACK: u32 = 1;
+    /// `NBD_REP_SERVER`: one export in answer to `NBD_OPT_LIST` (name length,
+    /// name, description).
     pub const SERVER: u32 = 2;
+    /// `NBD_REP_INFO`: one `NBD_INFO_*` item (see [`info`](super::info)) in
+    /// answer to `NBD_OPT_INFO` or `NBD_OPT_GO`.
     pub const INFO: u32 = 3;
+    /// `NBD_REP_META_CONTEXT`: one meta context, its 32-bit id then its name,
+    /// in answer to `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`.
     pub const META_CONTEXT: u32 = 4;
     /// Bit 31 marks every error reply.
     pub const ERR_BIT: u32 = 1 << 31;
+    /// `NBD_REP_ERR_UNSUP`: the server does not know the option.
     pub const ERR_UNSUP: u32 = ERR_BIT + 1;
+    /// `NBD_REP_ERR_POLICY`: the server's policy forbids the option.
     pub const ERR_POLICY: u32 = ERR_BIT + 2;
+    /// `NBD_REP_ERR_INVALID`: the option is malformed or makes no sense now.
     pub const ERR_INVALID: u32 = ERR_BIT + 3;
+    /// `NBD_REP_ERR_PLATFORM`: the option is not available on the server's
+    /// platform.
     pub const ERR_PLATFORM: u32 = ERR_BIT + 4;
+    /// `NBD_REP_ERR_TLS_REQD`: the server accepts this option only inside TLS.
     pub const ERR_TLS_REQD: u32 = ERR_BIT + 5;
+    /// `NBD_REP_ERR_UNKNOWN`: the server has no export of that name.
     pub const ERR_UNKNOWN: u32 = ERR_BIT + 6;
+    /// `NBD_REP_ERR_SHUTDOWN`: the server is shutting down.
     pub const ERR_SHUTDOWN: u32 = ERR_BIT + 7;
+    /// `NBD_REP_ERR_BLOCK_SIZE_REQD`: the server serves the export only to a
+    /// client that asks for `NBD_INFO_BLOCK_SIZE`.
     pub const ERR_BLOCK_SIZE_REQD: u32 = ERR_BIT + 8;
+    /// `NBD_REP_ERR_TOO_BIG`: the request or its reply is too big for the
+    /// server.
     pub const ERR_TOO_BIG: u32 = ERR_BIT + 9;
+    /// `NBD_REP_ERR_EXT_HEADER_REQD`: the server requires extended headers
+    /// first.
     pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT + 10;
 
     /// What an error reply means, in words.
@@ -98,34 +142,65 @@ pub mod rep {
 
 /// Information types inside `NBD_REP_INFO` and requested by INFO/GO.
 pub mod info {
+    /// `NBD_INFO_EXPORT`: the export's size (u64, bytes) and transmission
+    /// flags (u16). Mandatory before the ACK of `NBD_OPT_INFO` or `NBD_OPT_GO`.
     pub const EXPORT: u16 = 0;
+    /// `NBD_INFO_NAME`: the export's canonical name.
     pub const NAME: u16 = 1;
+    /// `NBD_INFO_DESCRIPTION`: a human-readable description of the export.
     pub const DESCRIPTION: u16 = 2;
+    /// `NBD_INFO_BLOCK_SIZE`: minimum, preferred and maximum block sizes
+    /// (three u32, bytes).
     pub const BLOCK_SIZE: u16 = 3;
 }
 
 /// Command types (`NBD_CMD_*`).
 pub mod cmd {
+    /// `NBD_CMD_READ`: read a range; the reply carries the data.
     pub const READ: u16 = 0;
+    /// `NBD_CMD_WRITE`: write a range; the request carries the data.
     pub const WRITE: u16 = 1;
+    /// `NBD_CMD_DISC`: disconnect. It has no reply: the server finishes the
+    /// requests it already received and closes the connection.
     pub const DISC: u16 = 2;
+    /// `NBD_CMD_FLUSH`: make every completed write durable.
     pub const FLUSH: u16 = 3;
+    /// `NBD_CMD_TRIM`: the client no longer needs a range (a discard hint).
     pub const TRIM: u16 = 4;
+    /// `NBD_CMD_CACHE`: prefetch a range into the server's cache.
     pub const CACHE: u16 = 5;
+    /// `NBD_CMD_WRITE_ZEROES`: make a range read as zeroes, with no payload.
     pub const WRITE_ZEROES: u16 = 6;
+    /// `NBD_CMD_BLOCK_STATUS`: describe a range in each negotiated meta
+    /// context (allocation, dirtiness, ...).
     pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Structured reply chunk types (`NBD_REPLY_TYPE_*`).
 pub mod chunk {
+    /// `NBD_REPLY_TYPE_NONE`: an empty chunk that only ends a reply (it must
+    /// carry [`FLAG_DONE`]).
     pub const NONE: u16 = 0;
+    /// `NBD_REPLY_TYPE_OFFSET_DATA`: a u64 export offset, then READ data for the
+    /// range starting there.
     pub const OFFSET_DATA: u16 = 1;
+    /// `NBD_REPLY_TYPE_OFFSET_HOLE`: a u64 offset and a u32 length: that part
+    /// of a READ reads as zeroes.
     pub const OFFSET_HOLE: u16 = 2;
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS`: a u32 meta context id, then extents as
+    /// (u32 length, u32 flags) pairs.
     pub const BLOCK_STATUS: u16 = 5;
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`: a u32 meta context id, a u32
+    /// descriptor count, then extents as (u64 length, u64 flags) pairs; only
+    /// with extended headers.
     pub const BLOCK_STATUS_EXT: u16 = 6;
     /// Bit 15 marks every error chunk type, known or not.
     pub const ERROR_BIT: u16 = 1 << 15;
+    /// `NBD_REPLY_TYPE_ERROR`: a u32 `NBD_E*` value, a u16 message length and
+    /// the message; the error applies to the whole request.
     pub const ERROR: u16 = ERROR_BIT + 1;
+    /// `NBD_REPLY_TYPE_ERROR_OFFSET`: as [`ERROR`], followed by the u64 offset
+    /// at which the error happened.
     pub const ERROR_OFFSET: u16 = ERROR_BIT + 2;
     /// `NBD_REPLY_FLAG_DONE`.
     pub const FLAG_DONE: u16 = 1;
@@ -133,13 +208,22 @@ pub mod chunk {
 
 /// Errors carried in replies (`NBD_E*`), and the errno each maps to.
 pub mod nbd_error {
+    /// `NBD_EPERM`: operation not permitted.
     pub const EPERM: u32 = 1;
+    /// `NBD_EIO`: input/output error.
     pub const EIO: u32 = 5;
+    /// `NBD_ENOMEM`: the server ran out of memory.
     pub const ENOMEM: u32 = 12;
+    /// `NBD_EINVAL`: invalid request.
     pub const EINVAL: u32 = 22;
+    /// `NBD_ENOSPC`: no space left, or a write beyond the end of the export.
     pub const ENOSPC: u32 = 28;
+    /// `NBD_EOVERFLOW`: the request is too large (a READ with DF that the
+    /// server cannot send in one chunk).
     pub const EOVERFLOW: u32 = 75;
+    /// `NBD_ENOTSUP`: the command or flag is not supported.
     pub const ENOTSUP: u32 = 95;
+    /// `NBD_ESHUTDOWN`: the server is shutting down.
     pub const ESHUTDOWN: u32 = 108;
 
     /// The local errno for an error the server sent. Unknown values become
@@ -160,14 +244,17 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// Starts reading at the beginning of `bytes`.
     pub fn new(bytes: &'a [u8]) -> Self {
         Reader { bytes }
     }
 
+    /// How many bytes have not been read yet.
     pub fn remaining(&self) -> usize {
         self.bytes.len()
     }
 
+    /// The next `n` bytes; `None`, consuming nothing, if fewer remain.
     pub fn take(&mut self, n: usize) -> Option<&'a [u8]> {
         if n > self.bytes.len() {
             return None;
@@ -177,18 +264,22 @@ impl<'a> Reader<'a> {
         Some(head)
     }
 
+    /// Every byte not yet read; the reader is empty afterwards.
     pub fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.bytes)
     }
 
+    /// The next 2 bytes as a big-endian integer.
     pub fn u16(&mut self) -> Option<u16> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
 
+    /// The next 4 bytes as a big-endian integer.
     pub fn u32(&mut self) -> Option<u32> {
         self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    /// The next 8 bytes as a big-endian integer.
     pub fn u64(&mut self) -> Option<u64> {
         self.take(8).map(|b| {
             let mut a = [0u8; 8];
@@ -200,8 +291,11 @@ impl<'a> Reader<'a> {
 
 /// Big-endian appends.
 pub trait Put {
+    /// Appends `v` as 2 big-endian bytes.
     fn put_u16(&mut self, v: u16);
+    /// Appends `v` as 4 big-endian bytes.
     fn put_u32(&mut self, v: u32);
+    /// Appends `v` as 8 big-endian bytes.
     fn put_u64(&mut self, v: u64);
 }
 
@@ -220,11 +314,14 @@ impl Put for Vec<u8> {
 /// A client's option request header (`IHAVEOPT`, option, length).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionHeader {
+    /// The option code ([`opt`]).
     pub option: u32,
+    /// Bytes of payload after the header.
     pub length: u32,
 }
 
 impl OptionHeader {
+    /// Bytes on the wire: magic (8), option (4), length (4).
     pub const SIZE: usize = 16;
 
     /// Appends the header and its payload.
@@ -248,14 +345,20 @@ impl OptionHeader {
 /// A server's option reply header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OptionReplyHeader {
+    /// The option this answers, echoed from the request ([`opt`]).
     pub option: u32,
+    /// The reply type ([`rep`]); bit 31 set means an error.
     pub reply: u32,
+    /// Bytes of payload after the header.
     pub length: u32,
 }
 
 impl OptionReplyHeader {
+    /// Bytes on the wire: magic (8), option (4), reply type (4), length (4).
     pub const SIZE: usize = 20;
 
+    /// Appends the header (with its magic) to `out`; the payload is the
+    /// caller's to append.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.put_u64(OPTION_REPLY_MAGIC);
         out.put_u32(self.option);
@@ -281,9 +384,15 @@ impl OptionReplyHeader {
 /// A transmission request header, compact or extended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RequestHeader {
+    /// Command flags (`NBD_CMD_FLAG_*`, see [`CmdFlags`](crate::CmdFlags)).
     pub flags: u16,
+    /// The command type ([`cmd`]).
     pub kind: u16,
+    /// Chosen by the client and echoed in every reply to this request (the
+    /// client uses its [`Cookie`](crate::Cookie)); called `handle` in older
+    /// versions of the protocol.
     pub cookie: u64,
+    /// Byte offset into the export.
     pub offset: u64,
     /// Effect length; for WRITE the payload length. Compact headers carry
     /// only 32 bits of it.
@@ -291,9 +400,13 @@ pub struct RequestHeader {
 }
 
 impl RequestHeader {
+    /// Bytes of a compact header (`REQUEST_MAGIC`, 32-bit length).
     pub const COMPACT_SIZE: usize = 28;
+    /// Bytes of an extended header (`EXTENDED_REQUEST_MAGIC`, 64-bit length).
     pub const EXTENDED_SIZE: usize = 32;
 
+    /// The header size in the form chosen by `extended` (whether extended
+    /// headers were negotiated).
     pub fn size(extended: bool) -> usize {
         if extended {
             Self::EXTENDED_SIZE
@@ -302,6 +415,9 @@ impl RequestHeader {
         }
     }
 
+    /// Appends the header in extended form, or in compact form (which keeps
+    /// only the low 32 bits of `length`). A WRITE's payload is the caller's to
+    /// append.
     pub fn encode(&self, extended: bool, out: &mut Vec<u8>) {
         out.put_u32(if extended { EXTENDED_REQUEST_MAGIC } else { REQUEST_MAGIC });
         out.put_u16(self.flags);
@@ -335,31 +451,49 @@ impl RequestHeader {
 /// The header of one reply from the server in transmission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { error: u32, cookie: u64 },
+    /// A simple reply (`SIMPLE_REPLY_MAGIC`). The data of a successful
+    /// READ follows it, with no length of its own.
+    Simple {
+        /// An `NBD_E*` value (see [`nbd_error`]); 0 on success.
+        error: u32,
+        /// The request this reply answers.
+        cookie: u64,
+    },
+    /// One chunk of a structured reply, compact or extended.
     Chunk(ChunkHeader),
 }
 
 /// A structured reply chunk header; `extended` says which form arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// Reply flags; [`chunk::FLAG_DONE`] marks the last chunk of a reply.
     pub flags: u16,
+    /// The chunk type ([`chunk`]).
     pub kind: u16,
+    /// The request this chunk answers.
     pub cookie: u64,
     /// Only extended headers carry an offset; zero otherwise.
     pub offset: u64,
+    /// Bytes of payload after the header.
     pub length: u64,
+    /// Whether the chunk came with an extended header (`EXTENDED_REPLY_MAGIC`)
+    /// rather than a compact one (`STRUCTURED_REPLY_MAGIC`).
     pub extended: bool,
 }
 
 impl ChunkHeader {
+    /// Whether this is the last chunk of its reply (`NBD_REPLY_FLAG_DONE`).
     pub fn is_done(&self) -> bool {
         self.flags & chunk::FLAG_DONE != 0
     }
 }
 
 impl ReplyHeader {
+    /// Bytes of a simple reply header.
     pub const SIMPLE_SIZE: usize = 16;
+    /// Bytes of a compact structured reply chunk header.
     pub const STRUCTURED_SIZE: usize = 20;
+    /// Bytes of an extended reply chunk header.
     pub const EXTENDED_SIZE: usize = 32;
 
     /// The header size a reply starting with `magic` has.
@@ -397,6 +531,9 @@ impl ReplyHeader {
         }
     }
 
+    /// Appends the header in the form it describes: simple, compact chunk
+    /// (`offset` dropped, only the low 32 bits of `length` kept) or extended
+    /// chunk. For the server role and the test suite's scripted servers.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match *self {
             ReplyHeader::Simple { error, cookie } => {

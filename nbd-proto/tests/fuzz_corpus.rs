@@ -11,6 +11,7 @@ use support::fuzz_client::{scripted_server, Cmd, Summary, EVERY_COMMAND};
 use support::fuzz_handshake::{self, Step};
 use support::fuzz_record::{Target, TARGETS};
 use support::fuzz_transmission::{self as tx, Op, IN_STREAM, PRESETS, STRICT};
+use support::rng::Rng;
 use support::server::Behaviour;
 
 fn servers() -> Vec<(&'static str, Behaviour)> {
@@ -126,20 +127,6 @@ fn recorded_sessions_replay_as_they_ran() {
     }
     // Sessions that reach transmission through opt mode and through every preset.
     assert!(seeds.iter().filter(|s| s.0 == Target::Handshake && s.3.connected).count() >= 10);
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 fn mutate(seed: &[u8], rng: &mut Rng) -> Vec<u8> {

@@ -4,14 +4,25 @@ use crate::error::LocalError;
 use crate::flags::{HandshakeFlags, StrictMode, TlsMode};
 use crate::wire::MAX_STRING;
 
-/// Client settings, with libnbd's defaults.
+/// Client settings, with libnbd's defaults: fixed newstyle and no zeroes
+/// if the server offers them, no TLS, structured replies and extended
+/// headers requested, block sizes requested, all strict checks on, the
+/// default export (`""`) and no meta contexts.
+///
+/// Passed to [`Connection::new`](crate::Connection::new); change it later
+/// through [`Connection::config_mut`](crate::Connection::config_mut),
+/// which allows it before connecting and in opt mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     export_name: String,
     meta_contexts: Vec<String>,
     /// Handshake flags the client is willing to use.
     pub handshake_flags: HandshakeFlags,
+    /// Whether to send `NBD_OPT_STARTTLS` first, and what to do when the
+    /// server refuses.
     pub tls: TlsMode,
+    /// Send `NBD_OPT_STRUCTURED_REPLY` (chunked replies: holes in READ
+    /// replies, block status, the DF flag).
     pub request_structured_replies: bool,
     /// Extended headers also imply structured replies.
     pub request_extended_headers: bool,
@@ -24,6 +35,7 @@ pub struct Config {
     pub full_info: bool,
     /// Stop after the automatic options and wait for `opt_*` commands.
     pub opt_mode: bool,
+    /// Which local checks commands go through before they are sent.
     pub strict: StrictMode,
 }
 
@@ -46,26 +58,39 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The export to ask the server for; `""` is the server's default.
     pub fn export_name(&self) -> &str {
         &self.export_name
     }
 
+    /// Names the export to ask for. Fails with
+    /// [`LocalError::NameTooLong`] beyond
+    /// [`MAX_STRING`](crate::wire::MAX_STRING) bytes. On a live connection
+    /// use [`Connection::set_export_name`](crate::Connection::set_export_name),
+    /// which also forgets what the server said about the previous export.
     pub fn set_export_name(&mut self, name: &str) -> Result<(), LocalError> {
         check_string("export name", name)?;
         self.export_name = name.to_owned();
         Ok(())
     }
 
+    /// The meta contexts to select with `NBD_OPT_SET_META_CONTEXT` (and
+    /// to query by default with `NBD_OPT_LIST_META_CONTEXT`).
     pub fn meta_contexts(&self) -> &[String] {
         &self.meta_contexts
     }
 
+    /// Adds a meta context to request, such as `base:allocation` (a
+    /// name ending in `:` is a query for every context in that
+    /// namespace). Fails with [`LocalError::NameTooLong`] beyond
+    /// [`MAX_STRING`](crate::wire::MAX_STRING) bytes.
     pub fn add_meta_context(&mut self, name: &str) -> Result<(), LocalError> {
         check_string("meta context name", name)?;
         self.meta_contexts.push(name.to_owned());
         Ok(())
     }
 
+    /// Forgets every meta context added.
     pub fn clear_meta_contexts(&mut self) {
         self.meta_contexts.clear();
     }

@@ -23,37 +23,64 @@ use transmission::Rx;
 /// and increase, as libnbd's do.
 pub type Cookie = u64;
 
-/// What the caller must wait for before driving the connection again.
+/// What the caller must wait for before driving the connection again,
+/// from [`Connection::direction`]: the events to ask `poll(2)`, epoll or
+/// an event loop for (libnbd's `nbd_aio_get_direction`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
+    /// Nothing: the connection is not started, is finished (dead or
+    /// closed), or waits for the caller (an `opt_*` command, the TLS
+    /// handshake below it).
     None,
+    /// Wait until the transport is readable, then receive.
     Read,
+    /// Wait until the transport is writable, then send what
+    /// [`Connection::poll_transmit`] yields (or, while connecting, until
+    /// the connect finished).
     Write,
+    /// Wait for either: output is pending and replies may arrive.
     Both,
 }
 
 impl Direction {
+    /// Whether to wait for the transport to become readable.
     pub fn wants_read(self) -> bool {
         matches!(self, Direction::Read | Direction::Both)
     }
+    /// Whether to wait for the transport to become writable.
     pub fn wants_write(self) -> bool {
         matches!(self, Direction::Write | Direction::Both)
     }
 }
 
-/// The states a libnbd user can observe (`nbd_aio_is_*`).
+/// The states a libnbd user can observe (`nbd_aio_is_*`), from
+/// [`Connection::state`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublicState {
+    /// Nothing started yet: settings may change.
     Created,
+    /// The transport is connecting, or the handshake is under way.
     Connecting,
+    /// Opt mode ([`Config::opt_mode`]): the handshake waits for the
+    /// caller's `opt_*` commands.
     Negotiating,
+    /// Transmission, with nothing half sent or half received: commands
+    /// may be submitted.
     Ready,
+    /// Transmission, in the middle of sending requests or receiving
+    /// replies; commands may still be submitted.
     Processing,
+    /// The connection failed; [`Connection::error`] says why. Nothing
+    /// more happens on it.
     Dead,
+    /// The connection ended cleanly (disconnect, `NBD_OPT_ABORT`, or the
+    /// server hung up between replies).
     Closed,
 }
 
 impl PublicState {
+    /// The state's name in lower case ("ready", "dead", ...), as the C
+    /// layer prints it in messages.
     pub fn name(self) -> &'static str {
         match self {
             PublicState::Created => "created",
@@ -67,11 +94,17 @@ impl PublicState {
     }
 }
 
-/// The handshake style the server used.
+/// The handshake style the server used, from [`Connection::protocol`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
+    /// The oldstyle handshake: the server sends size and flags at once;
+    /// no options, one export.
     Oldstyle,
+    /// Newstyle without `NBD_FLAG_FIXED_NEWSTYLE`: the only option is
+    /// `NBD_OPT_EXPORT_NAME`.
     Newstyle,
+    /// Fixed newstyle: every option is available (what modern servers
+    /// speak).
     NewstyleFixed,
 }
 
@@ -86,21 +119,37 @@ impl Protocol {
     }
 }
 
-/// Block size constraints from `NBD_INFO_BLOCK_SIZE`.
+/// Block size constraints from `NBD_INFO_BLOCK_SIZE`, in bytes. Kept only
+/// when they make sense: powers of two, minimum at most 64 KiB,
+/// minimum ≤ preferred ≤ maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockSize {
+    /// Offsets and lengths must be multiples of this
+    /// ([`StrictMode::ALIGN`](crate::StrictMode::ALIGN) enforces it).
     pub minimum: u32,
+    /// The size the server handles best.
     pub preferred: u32,
+    /// The largest request the server accepts; `u32::MAX` for no limit.
     pub maximum: u32,
 }
 
-/// What the server said about the export.
+/// What the server said about the export during the handshake, from
+/// [`Connection::export`]. Forgotten when another export is named or the
+/// server refuses the one asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExportInfo {
+    /// The export's size in bytes; `None` until the server sent it.
     pub size: Option<u64>,
+    /// The export's transmission flags, normalised as libnbd does (see
+    /// [`TransmissionFlags`]).
     pub flags: TransmissionFlags,
+    /// The block size constraints, if the server sent sensible ones.
     pub block_size: Option<BlockSize>,
+    /// The export's canonical name (`NBD_INFO_NAME`), if asked for with
+    /// [`Config::full_info`] and sent.
     pub canonical_name: Option<String>,
+    /// The export's description (`NBD_INFO_DESCRIPTION`), if asked for
+    /// with [`Config::full_info`] and sent.
     pub description: Option<String>,
 }
 
@@ -111,23 +160,38 @@ pub struct ExportInfo {
 /// in transmission; option replies are not counted, as in libnbd).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
+    /// Bytes the caller reported sent ([`Connection::handle_sent`]).
     pub bytes_sent: u64,
+    /// Bytes the caller reported received ([`Connection::handle_received`]).
     pub bytes_received: u64,
+    /// Messages sent: option requests and command requests.
     pub chunks_sent: u64,
+    /// Messages received: the greeting, and each reply or reply chunk in
+    /// transmission.
     pub chunks_received: u64,
 }
 
-/// A negotiated meta context.
+/// A meta context selected with `NBD_OPT_SET_META_CONTEXT`, whose block
+/// status [`Connection::block_status`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetaContext {
+    /// The server's id for the context, which block status replies carry
+    /// ([`Event::Extents`]'s `context_id`).
     pub id: u32,
+    /// The context's name, such as `base:allocation`.
     pub name: String,
 }
 
-/// One block status extent.
+/// One block status extent: a run of bytes that share the same status in
+/// one meta context. Consecutive extents of an [`Event::Extents`] follow
+/// each other from its `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Bytes the extent covers.
     pub length: u64,
+    /// Status flags, whose meaning the meta context defines; for
+    /// `base:allocation`, bit 0 is `NBD_STATE_HOLE` (unallocated) and bit
+    /// 1 `NBD_STATE_ZERO` (reads as zeroes).
     pub flags: u64,
 }
 
@@ -140,7 +204,10 @@ pub enum ChunkStatus {
     Hole,
     /// The server reported this error for the range (or for the whole
     /// request when it gave no offset).
-    Error { errno: i32 },
+    Error {
+        /// The local errno for the server's `NBD_E*` value.
+        errno: i32,
+    },
 }
 
 /// An output of the connection, taken with [`Connection::poll_event`].
@@ -152,18 +219,67 @@ pub enum Event<B> {
     StartTls,
     /// The handshake finished: transmission may begin.
     Connected,
-    /// An export named by `opt_list`.
-    ExportListed { name: String, description: String },
-    /// A meta context named by `opt_list_meta_context`.
-    MetaContextListed { name: String },
-    /// An `opt_*` command finished.
-    OptionComplete { result: Result<(), Error> },
-    /// A piece of a read with `report_chunks` landed in the buffer.
-    ReadChunk { cookie: Cookie, offset: u64, length: u64, status: ChunkStatus },
-    /// Block status for one meta context.
-    Extents { cookie: Cookie, context_id: u32, offset: u64, extents: Vec<Extent> },
+    /// An export named by [`Connection::opt_list`] (`NBD_REP_SERVER`).
+    ExportListed {
+        /// The export's name, to pass to [`Connection::set_export_name`].
+        name: String,
+        /// The server's description of it, possibly empty.
+        description: String,
+    },
+    /// A meta context named by [`Connection::opt_list_meta_context`], or
+    /// selected by [`Connection::opt_set_meta_context`].
+    MetaContextListed {
+        /// The context's name, such as `base:allocation`.
+        name: String,
+    },
+    /// An `opt_*` command finished (once per command, after any
+    /// [`Event::ExportListed`] or [`Event::MetaContextListed`] it caused).
+    OptionComplete {
+        /// `Ok` on success, else why it failed (typically
+        /// [`ServerError::OptionRefused`](crate::ServerError::OptionRefused)).
+        result: Result<(), Error>,
+    },
+    /// A piece of a read submitted with [`Connection::read_structured`]
+    /// landed in the buffer (one per data chunk, hole chunk, or error
+    /// chunk with an offset), before the read's [`Event::Complete`].
+    ReadChunk {
+        /// The read it belongs to.
+        cookie: Cookie,
+        /// Export offset of the piece, in bytes.
+        offset: u64,
+        /// Its length in bytes (0 for an error).
+        length: u64,
+        /// What the server said about it.
+        status: ChunkStatus,
+    },
+    /// Block status for one meta context, in answer to
+    /// [`Connection::block_status`]; one event per context, before the
+    /// command's [`Event::Complete`].
+    Extents {
+        /// The block status command it answers.
+        cookie: Cookie,
+        /// Which meta context ([`MetaContext::id`]); see
+        /// [`Connection::meta_context_name`].
+        context_id: u32,
+        /// Export offset where the first extent starts: the request's.
+        offset: u64,
+        /// Consecutive extents from `offset`; the last may reach past the
+        /// end of the request.
+        extents: Vec<Extent>,
+    },
     /// A command finished; its buffer, if it had one, is handed back.
-    Complete { cookie: Cookie, result: Result<(), Error>, buf: Option<B> },
+    /// Every accepted command gets exactly one, even when the connection
+    /// dies under it.
+    Complete {
+        /// The command, as its submitting method returned it.
+        cookie: Cookie,
+        /// `Ok` on success; else the server's error, or why the
+        /// connection could not carry the command.
+        result: Result<(), Error>,
+        /// The READ or WRITE buffer lent with the command (a READ's holds
+        /// the data on success); `None` for the other commands.
+        buf: Option<B>,
+    },
 }
 
 /// How the server answered an option that turns on a reply format
@@ -183,29 +299,38 @@ pub enum OptionOutcome {
 /// Notes change nothing: the same facts drive the connection either way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
+    /// How the server answered `NBD_OPT_STRUCTURED_REPLY`.
     StructuredReplies(OptionOutcome),
+    /// How the server answered `NBD_OPT_EXTENDED_HEADERS`.
     ExtendedHeaders(OptionOutcome),
     /// The export's size and transmission flags, as the server sent them
     /// (before the flags are normalised).
     Export {
+        /// Size in bytes.
         size: u64,
+        /// Raw `NBD_FLAG_*` bits.
         flags: u16,
     },
-    /// Block size constraints as the server sent them; `accepted` is
-    /// false when they made no sense and are ignored.
+    /// Block size constraints as the server sent them.
     BlockSize {
+        /// The constraints, in bytes.
         block: BlockSize,
+        /// False when they made no sense and are ignored.
         accepted: bool,
     },
     /// A meta context the server named (SET or LIST), with its id.
     MetaContext {
+        /// The context's name.
         name: String,
+        /// The server's id for it.
         id: u32,
     },
-    /// The server refused STARTTLS with `reply`; `continuing` when the
-    /// automatic handshake goes on without TLS.
+    /// The server refused STARTTLS.
     TlsRefused {
+        /// The error reply ([`rep`](crate::wire::rep)`::ERR_*`).
         reply: u32,
+        /// True when the automatic handshake goes on without TLS
+        /// ([`TlsMode::Allow`](crate::TlsMode::Allow)).
         continuing: bool,
     },
     /// An oldstyle server's global flags (the high half of its flags field).
@@ -268,6 +393,9 @@ pub(crate) struct Negotiated {
 /// `B` is the type of the buffers lent with READ and WRITE commands: a
 /// READ payload is received straight into it, a WRITE payload sent from it,
 /// and it comes back in [`Event::Complete`].
+///
+/// The [crate-level documentation](crate) has the calling order in more
+/// detail and an example that drives a connection end to end.
 #[derive(Debug)]
 pub struct Connection<B> {
     config: Config,
@@ -294,6 +422,8 @@ pub struct Connection<B> {
 }
 
 impl<B: CommandBuffer> Connection<B> {
+    /// A connection in the [`PublicState::Created`] state, with `config`'s
+    /// settings. Nothing happens until [`Self::handle_connected`].
     pub fn new(config: Config) -> Self {
         Connection {
             config,
@@ -319,12 +449,14 @@ impl<B: CommandBuffer> Connection<B> {
 
     // ---- getters ----------------------------------------------------------
 
+    /// The current settings.
     pub fn config(&self) -> &Config {
         &self.config
     }
 
-    /// Settings may change before connecting and, in opt mode, while
-    /// negotiating.
+    /// The settings, to change. Settings may change before connecting and,
+    /// in opt mode, while negotiating; otherwise this fails with
+    /// [`LocalError::WrongState`].
     pub fn config_mut(&mut self) -> Result<&mut Config, Error> {
         match self.state {
             State::Created | State::Negotiating => Ok(&mut self.config),
@@ -352,6 +484,7 @@ impl<B: CommandBuffer> Connection<B> {
         self.config.strict = strict;
     }
 
+    /// The state as libnbd's `nbd_aio_is_*` functions report it.
     pub fn state(&self) -> PublicState {
         match self.state {
             State::Created => PublicState::Created,
@@ -374,7 +507,11 @@ impl<B: CommandBuffer> Connection<B> {
         !self.output.is_empty() || !self.input.is_empty() || !matches!(self.rx, Rx::Header)
     }
 
-    /// What to wait for; derived from the state and pending output.
+    /// What to wait for; derived from the state and pending output only,
+    /// so it changes only through calls on the connection: ask again after
+    /// each. While handshaking the connection waits to read only once its
+    /// output has left; in transmission it always reads (replies and
+    /// requests may cross), and writes while output is pending.
     pub fn direction(&self) -> Direction {
         let write = !self.output.is_empty();
         let read = match &self.state {
@@ -398,22 +535,32 @@ impl<B: CommandBuffer> Connection<B> {
         self.error.as_ref()
     }
 
+    /// What the server said about the export (size, flags, block sizes,
+    /// names); complete once [`Event::Connected`] (or, in opt mode, a
+    /// successful `opt_info`) has been reported.
     pub fn export(&self) -> &ExportInfo {
         &self.neg.export
     }
 
+    /// The handshake style, once the greeting has arrived.
     pub fn protocol(&self) -> Option<Protocol> {
         self.neg.protocol
     }
 
+    /// Whether the server agreed to structured replies (directly, or
+    /// through extended headers).
     pub fn structured_replies_negotiated(&self) -> bool {
         self.neg.structured_replies
     }
 
+    /// Whether the server agreed to extended headers (64-bit lengths).
     pub fn extended_headers_negotiated(&self) -> bool {
         self.neg.extended_headers
     }
 
+    /// Whether the connection runs over TLS:
+    /// [`Self::handle_tls_established`] was called after the server
+    /// accepted STARTTLS.
     pub fn tls_negotiated(&self) -> bool {
         self.neg.tls
     }
@@ -424,6 +571,8 @@ impl<B: CommandBuffer> Connection<B> {
         self.neg.meta_valid.then_some(&self.neg.meta_contexts[..])
     }
 
+    /// The name of the negotiated meta context with this id (as
+    /// [`Event::Extents`] carries it), or `None` if there is none.
     pub fn meta_context_name(&self, id: u32) -> Option<&str> {
         self.neg.meta_contexts.iter().find(|m| m.id == id).map(|m| m.name.as_str())
     }
@@ -524,7 +673,11 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
-    /// The peer closed its side of the transport.
+    /// The peer closed its side of the transport (a receive returned 0
+    /// bytes). After `NBD_CMD_DISC`, or between replies, the connection
+    /// closes ([`PublicState::Closed`]) and commands still waiting fail
+    /// with [`TransportError::Eof`]; in the middle of a reply or of the
+    /// handshake it dies ([`PublicState::Dead`]).
     pub fn handle_eof(&mut self) {
         match self.state {
             State::Transmission if self.disconnect_sent => {
@@ -556,14 +709,20 @@ impl<B: CommandBuffer> Connection<B> {
         }
     }
 
-    /// The transport failed with `errno`; the connection is dead.
+    /// The transport failed with `errno` (0 if the failing layer has no
+    /// errno); `context` names what failed, for the message ("recv",
+    /// "send", ...). The connection is dead: [`Self::error`] reports
+    /// [`TransportError::Io`], and every command in flight completes with
+    /// [`TransportError::Lost`].
     pub fn handle_transport_error(&mut self, errno: i32, context: &str) {
         self.fail(TransportError::Io { errno, context: context.to_owned() }.into());
     }
 
     /// Fills `out` with the next slices to send, in order, and returns how
-    /// many it filled. Send them (vectored) and report with
-    /// [`Self::handle_sent`].
+    /// many it filled (0: nothing to send). Send them (vectored) and report
+    /// the bytes that left with [`Self::handle_sent`], then ask again: more
+    /// may be pending than `out` has room for. The slices borrow the
+    /// connection's encoded headers and the WRITE buffers lent to it.
     pub fn poll_transmit<'a>(&'a self, out: &mut [&'a [u8]]) -> usize {
         let mut n = 0;
         for piece in self.output.pieces().take(out.len()) {
@@ -580,7 +739,9 @@ impl<B: CommandBuffer> Connection<B> {
         n
     }
 
-    /// `n` bytes from [`Self::poll_transmit`] were sent.
+    /// `n` bytes from [`Self::poll_transmit`] were sent; `n` may be less
+    /// than what it offered (a partial write). A request counts as sent,
+    /// and its reply as expected, once its last byte has left.
     pub fn handle_sent(&mut self, n: usize) {
         self.stats.bytes_sent += n as u64;
         let mut passed = std::mem::take(&mut self.milestones);
@@ -596,7 +757,10 @@ impl<B: CommandBuffer> Connection<B> {
         self.maybe_closed();
     }
 
-    /// The next output event.
+    /// The next output event, oldest first; `None` when there is none.
+    /// Events come from the `handle_*` inputs and from a few other calls
+    /// ([`Self::abandon_unsent`], [`Self::opt_abort`], ...): drain them
+    /// after each.
     pub fn poll_event(&mut self) -> Option<Event<B>> {
         self.events.pop_front()
     }

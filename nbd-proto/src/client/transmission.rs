@@ -44,7 +44,18 @@ pub(crate) struct DataRun {
 impl<B: CommandBuffer> Connection<B> {
     // ---- commands -------------------------------------------------------------
 
-    /// Reads `buf.len()` bytes at `offset` into `buf`.
+    /// Sends `NBD_CMD_READ` for `buf.len()` bytes at export offset
+    /// `offset`; the data lands in `buf`, which comes back in the
+    /// command's [`Event::Complete`] (filled on success). Large payloads
+    /// are received straight into `buf` ([`Self::recv_buffer`] hands it
+    /// out), so it must keep its length while in flight.
+    ///
+    /// Returns the command's cookie once the request is queued. Fails,
+    /// queuing nothing, outside transmission
+    /// ([`LocalError::WrongState`]), after [`Self::disconnect`], or when a
+    /// check of the [`StrictMode`](crate::StrictMode) in force refuses the
+    /// request (out of bounds, unaligned, zero length, flags); a READ
+    /// longer than 64 MiB is always refused.
     pub fn read(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue_read(offset, buf, flags, false)
     }
@@ -59,29 +70,61 @@ impl<B: CommandBuffer> Connection<B> {
         self.issue(cmd::READ, flags, offset, len, Some((buf, report)), &[])
     }
 
-    /// Writes `buf` at `offset`; the payload is sent from `buf` itself.
+    /// Sends `NBD_CMD_WRITE` of `buf` at export offset `offset`. The
+    /// payload is sent from `buf` itself (no copy), which comes back in the
+    /// command's [`Event::Complete`]. Fails as [`Self::read`] does, and
+    /// also on a read-only export or, under
+    /// [`StrictMode::PAYLOAD`](crate::StrictMode::PAYLOAD), beyond
+    /// [`Self::payload_maximum`]. [`CmdFlags::FUA`] asks for the data to
+    /// be durable before the command completes.
     pub fn write(&mut self, offset: u64, buf: B, flags: CmdFlags) -> Result<Cookie, Error> {
         let len = buf.as_ref().len() as u64;
         self.issue(cmd::WRITE, flags, offset, len, Some((buf, false)), &[])
     }
 
+    /// Sends `NBD_CMD_FLUSH`: the server makes every write it has
+    /// completed durable. Needs [`TransmissionFlags::SEND_FLUSH`] under
+    /// strict mode.
+    ///
+    /// [`TransmissionFlags::SEND_FLUSH`]: crate::TransmissionFlags::SEND_FLUSH
     pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue(cmd::FLUSH, flags, 0, 0, None, &[])
     }
 
+    /// Sends `NBD_CMD_TRIM`: `length` bytes at `offset` are no longer
+    /// needed, and may read back as anything. Needs
+    /// [`TransmissionFlags::SEND_TRIM`] and a writable export under strict
+    /// mode.
+    ///
+    /// [`TransmissionFlags::SEND_TRIM`]: crate::TransmissionFlags::SEND_TRIM
     pub fn trim(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue(cmd::TRIM, flags, offset, length, None, &[])
     }
 
+    /// Sends `NBD_CMD_CACHE`: the server prefetches `length` bytes at
+    /// `offset`. Needs [`TransmissionFlags::SEND_CACHE`] under strict mode.
+    ///
+    /// [`TransmissionFlags::SEND_CACHE`]: crate::TransmissionFlags::SEND_CACHE
     pub fn cache(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue(cmd::CACHE, flags, offset, length, None, &[])
     }
 
+    /// Sends `NBD_CMD_WRITE_ZEROES`: `length` bytes at `offset` read as
+    /// zeroes afterwards, without sending them. Needs
+    /// [`TransmissionFlags::SEND_WRITE_ZEROES`] and a writable export
+    /// under strict mode.
+    ///
+    /// [`TransmissionFlags::SEND_WRITE_ZEROES`]: crate::TransmissionFlags::SEND_WRITE_ZEROES
     pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, &[])
     }
 
-    /// Extents arrive as [`Event::Extents`], one per meta context.
+    /// Sends `NBD_CMD_BLOCK_STATUS` for `length` bytes at `offset`:
+    /// extents arrive as [`Event::Extents`], one event per negotiated
+    /// meta context, before the command's [`Event::Complete`]. Fails with
+    /// [`LocalError::NoMetaContexts`] if no meta context was negotiated
+    /// (see [`Config::add_meta_context`](crate::Config::add_meta_context)).
+    /// [`CmdFlags::REQ_ONE`] asks for a single extent per context.
     pub fn block_status(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie, Error> {
         self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, &[])
     }

@@ -8,4 +8,5 @@ pub mod fuzz_record;
 pub mod fuzz_transmission;
 pub mod pair;
 pub mod peers;
+pub mod rng;
 pub mod server;

@@ -5,7 +5,8 @@ FUZZ_TIME ?= 60
 FUZZ_SMOKE_TIME ?= 10
 # Programs the tests need, and the Debian packages that provide them.
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
-  /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
+  /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd \
+  /usr/include/glib-2.0/glib.h:libglib2.0-dev /usr/include/ev.h:libev-dev
 
 .PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
 

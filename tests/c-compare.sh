@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the C examples once and runs each against a fresh nbdkit on
-# Debian's libnbd 1.14.2, on libnbd 1.22.2 built from source (the
+# Builds the C examples once (with the flags of tests/example-flags.sh:
+# glib-loop and libev-loop need their event loop) and runs each against a
+# fresh nbdkit on Debian's libnbd 1.14.2, on libnbd 1.22.2 built from source (the
 # reference, `make reference`) and on ours (LD_LIBRARY_PATH). Outputs
 # must match. Then the C tests in tests/c, which start their own servers,
 # must pass on all three, told which by NBD_TEST_LIBRARY; tests of
@@ -32,7 +33,8 @@ run_test() {  # NAME LIBRARY: the test's last line, or its failure
 }
 for src in examples-c/*.c; do
   name=$(basename "$src" .c)
-  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0
+  flags=$(tests/example-flags.sh "$name")
+  ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0 $flags
   ours=$(nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$PWD/target/lib $out/$name \$unixsocket" 2>&1) || { echo "$name on ours failed:"; echo "$ours"; fail=1; continue; }
   for lib in debian reference; do
     theirs=$(nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$(libpath_of $lib) $out/$name \$unixsocket" 2>&1) || { echo "$name on $lib failed:"; echo "$theirs"; fail=1; continue; }

@@ -6,7 +6,8 @@ FUZZ_SMOKE_TIME ?= 10
 # Programs the tests need, and the Debian packages that provide them.
 PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev certtool:gnutls-bin nbdkit:nbdkit nbd-server:nbd-server qemu-nbd:qemu-utils nbdinfo:libnbd-bin fio:fio psktool:gnutls-bin \
   /usr/include/libnbd.h:libnbd-dev /usr/lib/python3/dist-packages/nbd.py:python3-libnbd \
-  /usr/include/glib-2.0/glib.h:libglib2.0-dev /usr/include/ev.h:libev-dev
+  /usr/include/glib-2.0/glib.h:libglib2.0-dev /usr/include/ev.h:libev-dev \
+  mandoc:mandoc groff:groff-base man:man-db
 
 .PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
 
@@ -131,6 +132,13 @@ check-install: deps lib
 check-libnbd-suite: deps lib reference
 	tests/libnbd-suite.sh
 
+# The man pages in man/: lint clean (groff, mandoc, man), one page per
+# nbd_rs_* export, and the overview names every extension function and
+# every environment variable the sources use (tests/man-check.sh).
+.PHONY: check-man
+check-man: deps
+	tests/man-check.sh
+
 # Ours against Debian's libnbd 1.14.2 and libnbd 1.22.2 (make reference),
 # same programs, rotated rounds; the table
 # goes to target/bench.md. BENCH_ARGS="--rounds 7 --seconds 5", "--quick".
@@ -178,7 +186,7 @@ lint: deps
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-doc check-examples-rust check-header check-abi check-c check-valgrind check-debian check-install check-libnbd-suite fuzz-smoke
+check: lint test check-doc check-man check-examples-rust check-header check-abi check-c check-valgrind check-debian check-install check-libnbd-suite fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! awk '/^\[/ { deps = ($$0 ~ /dependencies\]$$/ && $$0 !~ /dev-dependencies/) } deps' nbd-proto/Cargo.toml | \

@@ -67,15 +67,29 @@ pub fn activation_socket(dir: &std::path::Path) -> std::path::PathBuf {
 /// Returns the connected socket, the child's pid and the scratch
 /// directory holding the socket (removed again on failure).
 pub fn spawn_activated(argv: &[CString], fdname: &str) -> CResult<(OwnedFd, libc::pid_t, std::path::PathBuf)> {
-    static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("libnbd-sa-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| CError::os(format_args!("mkdir: {}", dir.display()), &e))?;
+    let dir = private_dir()?;
     let r = start_activated(argv, &dir, fdname);
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     r.map(|(fd, pid)| (fd, pid, dir))
+}
+
+/// A new directory only we can enter, with a name no one can guess, as
+/// libnbd makes it: in /tmp rather than TMPDIR, so that the socket's path
+/// always fits in `sun_path`. A predictable name, or accepting a directory
+/// that already exists, would let another local user put their socket in
+/// its place.
+fn private_dir() -> CResult<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let mut template = *b"/tmp/libnbdXXXXXX\0";
+    // SAFETY: `template` is a writable, NUL-terminated buffer ending in
+    // six X's, which mkdtemp replaces in place.
+    if unsafe { libc::mkdtemp(template.as_mut_ptr().cast()) }.is_null() {
+        return Err(CError::os("mkdtemp", &std::io::Error::last_os_error()));
+    }
+    let name = template[..template.len() - 1].to_vec();
+    Ok(std::path::PathBuf::from(std::ffi::OsString::from_vec(name)))
 }
 
 fn start_activated(argv: &[CString], dir: &std::path::Path, fdname: &str) -> CResult<(OwnedFd, libc::pid_t)> {

@@ -209,6 +209,61 @@ test_opt_mode_without_fixed_newstyle (void)
   }
 }
 
+/* Socket activation's listening socket lives in a directory made by
+ * mkdtemp in /tmp, as libnbd makes it: a name no one can guess, mode
+ * 0700, a new one each time, gone after nbd_close. (Ours once used a
+ * predictable name, and took a directory that already existed.) The
+ * "server" writes where its inherited socket (fd 3) is bound, and the
+ * mode of the directory around it, then closes the socket (so the
+ * connection fails only once the report is written) and exits. */
+static void
+test_socket_activation_dir (void)
+{
+  char *report[2], *dirs[2] = { NULL, NULL };
+  for (int round = 0; round < 2; round++) {
+    report[round] = path_in_dir (round ? "activated-2" : "activated-1");
+    char *argv[] = {
+      "/usr/bin/python3", "-c",
+      "import os, socket, sys\n"
+      "listener = socket.socket(fileno=3)\n"
+      "path = listener.getsockname()\n"
+      "mode = os.stat(os.path.dirname(path)).st_mode & 0o777\n"
+      "with open(sys.argv[1], 'w') as f: f.write('%s %o' % (path, mode))\n"
+      "listener.close()\n",
+      report[round], NULL
+    };
+    struct nbd_handle *h = nbd_create ();
+    if (h == NULL) fatal ("nbd_create");
+    /* The "server" exits without a handshake: the connect must fail. */
+    CHECK (nbd_connect_systemd_socket_activation (h, argv) == -1, "socket activation of a non-server fails");
+    char line[512] = "", dir[512] = "";
+    unsigned mode = 0;
+    FILE *fp = fopen (report[round], "r");
+    if (fp) {
+      if (fgets (line, sizeof line, fp) == NULL) line[0] = '\0';
+      fclose (fp);
+    }
+    char *space = strrchr (line, ' ');
+    CHECK (space != NULL && sscanf (space + 1, "%o", &mode) == 1, "the activated program reported: %s", line);
+    if (space) {
+      *space = '\0';
+      snprintf (dir, sizeof dir, "%s", line);
+      char *slash = strrchr (dir, '/');
+      if (slash) *slash = '\0';
+    }
+    CHECK (strncmp (dir, "/tmp/libnbd", 11) == 0 && strlen (dir) == 17 && strcmp (line + strlen (dir), "/sock") == 0,
+           "the socket is /tmp/libnbdXXXXXX/sock: %s", line);
+    CHECK (mode == 0700, "the socket's directory has mode 0700, not %o", mode);
+    dirs[round] = strdup (dir);
+    nbd_close (h);
+    CHECK (access (dir, F_OK) == -1 && errno == ENOENT, "nbd_close removes %s", dir);
+    free (report[round]);
+  }
+  CHECK (dirs[0] && dirs[1] && strcmp (dirs[0], dirs[1]) != 0, "each activation has its own directory");
+  free (dirs[0]);
+  free (dirs[1]);
+}
+
 int
 main (void)
 {
@@ -224,6 +279,7 @@ main (void)
   test_misuse ();
   test_request_errnos ();
   test_opt_mode_without_fixed_newstyle ();
+  test_socket_activation_dir ();
   printf ("compat-test on %s: %d checks, %d failures\n", library, checks, failures);
   return failures != 0;
 }

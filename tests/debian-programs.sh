@@ -102,7 +102,7 @@ for uri in "nbd+unix:///a?socket=$dir/k.sock" "nbd+unix:///qe?socket=$dir/q.sock
   done
 done
 same "nbdinfo of a missing export" nbdinfo "nbd+unix:///nope?socket=$dir/q.sock"
-# Ours says what is wrong and where (issue 12); the status and the failing call are the same.
+# Ours says what is wrong and where; the status and the failing call are the same.
 same_failure "nbdinfo of a bad URI" nbdinfo "nbd://bad uri"
 
 # nbdcopy: server to file, and back into another server; checksums match.

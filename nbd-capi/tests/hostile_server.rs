@@ -1,4 +1,4 @@
-//! Hostile servers against the C API (issue 6): nothing crashes, hangs,
+//! Hostile servers against the C API: nothing crashes, hangs,
 //! leaks or is lost.
 //!
 //! A scripted server (nbd-proto's test server, on the core's wire

@@ -32,6 +32,7 @@ REFERENCE = os.path.join(ROOT, "target", "libnbd-1.22.2", "lib", ".libs")
 # Library name -> LD_LIBRARY_PATH (None: the system's, Debian's 1.14.2).
 LIBRARIES = {"1.14.2": None, "1.22.2": REFERENCE, "ours": OURS}
 AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
+THREADS = os.path.join(ROOT, "target", "bench", "threads-bench")
 
 
 def wait_for_socket(path, proc):
@@ -127,6 +128,22 @@ class Aio:
         return n / s, n
 
 
+class Threads:
+    """bench/threads-bench.c: threads making synchronous reads on one handle."""
+
+    def __init__(self, name, uri, threads, size):
+        self.name, self.uri, self.threads, self.size = name, uri, threads, size
+        self.unit = "IOPS"
+
+    def cmd(self, seconds):
+        return [THREADS, self.uri, str(self.threads), str(self.size), str(seconds)]
+
+    def parse(self, out, took):
+        m = re.search(r"requests (\d+) seconds ([\d.]+)", out)
+        n, s = int(m.group(1)), float(m.group(2))
+        return n / s, n
+
+
 def machine():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -151,7 +168,7 @@ def main():
     for prog in ["fio", "nbdcopy", "nbdkit", "qemu-nbd", "strace"]:
         if shutil.which(prog) is None:
             sys.exit(f"bench: {prog} is not installed (make deps)")
-    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO]:
+    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO, THREADS]:
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing (make bench builds it)")
 
@@ -173,6 +190,10 @@ def main():
         image = os.path.join(tmp, "disk.img")
         with open(image, "wb") as f:
             f.truncate(256 << 20)
+        # A server that serves each connection's requests one at a time,
+        # 1 ms each: what more connections per handle pay off against.
+        slow = serve("slow", ["nbdkit", "-f", "-U", "SOCK", "--threads=1", "--filter=delay", "memory", "64M",
+                              "rdelay=1ms", "wdelay=1ms"])
         qemu = serve("qemu", ["qemu-nbd", "-k", "SOCK", "-f", "raw", "-t", "-e", "0", image])
         # Reads must find data: fill both read servers once.
         for s in [mem, qemu]:
@@ -189,6 +210,7 @@ def main():
                  copy_size, 256 << 10),
             Aio("4k reads, 64 in flight, own poll loop (nbdkit)", f"nbd+unix:///?socket={mem}", 64, 4096),
             Aio("4k reads, 64 in flight, own poll loop (qemu-nbd)", f"nbd+unix:///?socket={qemu}", 64, 4096),
+            Threads("4k reads, 8 threads on one handle, 1 ms server", f"nbd+unix:///?socket={slow}", 8, 4096),
         ]
         if args.only:
             workloads = [w for w in workloads if args.only in w.name]

@@ -112,36 +112,35 @@ class Copy:
         return self.size / took / (1 << 20), self.size // self.request
 
 
-class Aio:
+class CountingProgram:
+    """One of bench/'s C programs: it prints "requests N seconds S"."""
+
+    unit = "IOPS"
+
+    def parse(self, out, took):
+        m = re.search(r"requests (\d+) seconds ([\d.]+)", out)
+        n, s = int(m.group(1)), float(m.group(2))
+        return n / s, n
+
+
+class Aio(CountingProgram):
     """bench/aio-bench.c: its own poll loop."""
 
     def __init__(self, name, uri, depth, size):
         self.name, self.uri, self.depth, self.size = name, uri, depth, size
-        self.unit = "IOPS"
 
     def cmd(self, seconds):
         return [AIO, self.uri, str(self.depth), str(self.size), str(seconds)]
 
-    def parse(self, out, took):
-        m = re.search(r"requests (\d+) seconds ([\d.]+)", out)
-        n, s = int(m.group(1)), float(m.group(2))
-        return n / s, n
 
-
-class Threads:
+class Threads(CountingProgram):
     """bench/threads-bench.c: threads making synchronous reads on one handle."""
 
     def __init__(self, name, uri, threads, size):
         self.name, self.uri, self.threads, self.size = name, uri, threads, size
-        self.unit = "IOPS"
 
     def cmd(self, seconds):
         return [THREADS, self.uri, str(self.threads), str(self.size), str(seconds)]
-
-    def parse(self, out, took):
-        m = re.search(r"requests (\d+) seconds ([\d.]+)", out)
-        n, s = int(m.group(1)), float(m.group(2))
-        return n / s, n
 
 
 def machine():

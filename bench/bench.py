@@ -8,7 +8,10 @@ round, for ROUNDS rounds. It prints the medians and the ratios ours/libnbd
 of: throughput, the client's CPU time per request (user + sys, from wait4),
 and its peak RSS. A separate shorter run of each under `strace -c -f`
 counts the client's syscalls per request. The servers listen on Unix
-sockets and are started here.
+sockets and are started here. Last, the memory a connected handle costs:
+bench/handle-mem.py opens 200 handles in python3-libnbd, the same rounds
+rotated, and reports the resident memory per handle, after connecting and
+after one 4 KiB pread each.
 
 Usage: bench/bench.py [--rounds N] [--seconds S] [--quick] [--markdown FILE]
 """
@@ -33,6 +36,9 @@ REFERENCE = os.path.join(ROOT, "target", "libnbd-1.22.2", "lib", ".libs")
 LIBRARIES = {"1.14.2": None, "1.22.2": REFERENCE, "ours": OURS}
 AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
 THREADS = os.path.join(ROOT, "target", "bench", "threads-bench")
+HANDLE_MEM = os.path.join(ROOT, "bench", "handle-mem.py")
+# Handles opened at once by the memory measurement.
+MEM_HANDLES = 200
 
 
 def wait_for_socket(path, proc):
@@ -143,6 +149,20 @@ class Threads(CountingProgram):
         return [THREADS, self.uri, str(self.threads), str(self.size), str(seconds)]
 
 
+def handle_memory(uri, rounds):
+    """KiB of RSS per connected handle on each library, through
+    python3-libnbd (bench/handle-mem.py): medians over `rounds` rotated
+    rounds of (after connect, after one 4 KiB pread)."""
+    libs = list(LIBRARIES)
+    res = {lib: [] for lib in libs}
+    for r in range(rounds):
+        for lib in libs[r % len(libs):] + libs[:r % len(libs)]:
+            out, _, _, _ = run(["/usr/bin/python3", HANDLE_MEM, uri, str(MEM_HANDLES)], lib)
+            m = re.search(r"connected ([\d.]+) pread ([\d.]+)", out)
+            res[lib].append((float(m.group(1)), float(m.group(2))))
+    return {lib: [statistics.median(x[i] for x in res[lib]) for i in range(2)] for lib in libs}
+
+
 def machine():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -211,6 +231,7 @@ def main():
             Aio("4k reads, 64 in flight, own poll loop (qemu-nbd)", f"nbd+unix:///?socket={qemu}", 64, 4096),
             Threads("4k reads, 8 threads on one handle, 1 ms server", f"nbd+unix:///?socket={slow}", 8, 4096),
         ]
+        mem_name = f"KiB of RSS per connected handle ({MEM_HANDLES} handles, python3-libnbd)"
         if args.only:
             workloads = [w for w in workloads if args.only in w.name]
         rows = []
@@ -233,6 +254,11 @@ def main():
             o = med["ours"]
             print(f"{w.name}: {w.unit} " + ", ".join(f"{lib} {med[lib][0]:.0f}" for lib in libs) + "; "
                   + ", ".join(f"ours/{lib} {o[0] / med[lib][0]:.2f}x" for lib in libs[:-1]), flush=True)
+        memory = None
+        if not args.only or args.only in mem_name:
+            memory = handle_memory(f"nbd+unix:///?socket={mem}", args.rounds)
+            print(f"{mem_name}, after connect / after a 4 KiB pread: "
+                  + ", ".join(f"{lib} {memory[lib][0]:.1f} / {memory[lib][1]:.1f}" for lib in libs), flush=True)
     finally:
         for p in servers:
             p.terminate()
@@ -248,12 +274,13 @@ def main():
         ratios = " / ".join(f"{values['ours'] / values[lib]:.2f}x" for lib in refs)
         return f"{chain} ({ratios})"
 
-    lines = [f"Machine: {machine()}. Medians of {args.rounds} rotated rounds of {args.seconds:g} s.", "",
-             "| workload | " + " | ".join(f"libnbd {lib}" for lib in refs) + " | ours | "
-             + " | ".join(f"ours/{lib}" for lib in refs)
-             + " | CPU µs/req " + " → ".join(LIBRARIES) + " | syscalls/req " + " → ".join(LIBRARIES)
-             + " | peak RSS MiB " + " → ".join(LIBRARIES) + " |",
-             "|---|" + "---|" * (2 * len(refs) + 4)]
+    lines = [f"Machine: {machine()}. Medians of {args.rounds} rotated rounds of {args.seconds:g} s."]
+    if rows:
+        lines += ["", "| workload | " + " | ".join(f"libnbd {lib}" for lib in refs) + " | ours | "
+                  + " | ".join(f"ours/{lib}" for lib in refs)
+                  + " | CPU µs/req " + " → ".join(LIBRARIES) + " | syscalls/req " + " → ".join(LIBRARIES)
+                  + " | peak RSS MiB " + " → ".join(LIBRARIES) + " |",
+                  "|---|" + "---|" * (2 * len(refs) + 4)]
     for name, unit, med, sc in rows:
         rate = {lib: med[lib][0] for lib in LIBRARIES}
         cpu = {lib: med[lib][1] for lib in LIBRARIES}
@@ -263,6 +290,14 @@ def main():
                      + " | ".join(f"**{rate['ours'] / rate[lib]:.2f}x**" for lib in refs)
                      + f" | {across(cpu, lambda v: f'{v:.1f}')} | {across(sc, lambda v: f'{v:.2f}')}"
                      + f" | {across(rss, lambda v: f'{v:.1f}')} |")
+    if memory:
+        lines += ["", f"| {mem_name} | " + " | ".join(f"libnbd {lib}" for lib in refs) + " | ours | "
+                  + " | ".join(f"ours/{lib}" for lib in refs) + " |",
+                  "|---|" + "---|" * (2 * len(refs) + 1)]
+        for i, when in enumerate(["connected", "connected, after one 4 KiB pread"]):
+            kib = {lib: memory[lib][i] for lib in LIBRARIES}
+            lines.append(f"| {when} | " + " | ".join(f"{kib[lib]:.1f}" for lib in refs) + f" | {kib['ours']:.1f} | "
+                         + " | ".join(f"**{kib['ours'] / kib[lib]:.2f}x**" for lib in refs) + " |")
     table = "\n".join(lines)
     print()
     print(table)

@@ -41,7 +41,10 @@
 //!      [`Connection::handle_eof`] and a failed receive or send with
 //!      [`Connection::handle_transport_error`]. `recv_buffer` may be the
 //!      caller's own READ buffer (large payloads land there directly), so
-//!      ask for it again before every receive.
+//!      ask for it again before every receive. The internal buffer is
+//!      sized to the replies in flight and given back when the connection
+//!      is idle ([`Connection::recv_capacity`]): a receive that filled it
+//!      may have left bytes behind, one that did not drained the transport.
 //!      ([`Connection::receive`] does both steps for bytes already in
 //!      memory.)
 //!    - *Events*: after any input, and after submitting commands, drain

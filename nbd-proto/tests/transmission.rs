@@ -418,7 +418,7 @@ fn block_status_gives_one_extents_event_per_context() {
 #[test]
 fn block_status_replies_larger_than_the_receive_buffer() {
     // 4096 alternating extents: an extended reply body of 8 + 4096 * 16
-    // bytes, more than the 64 KiB the receive buffer starts with.
+    // bytes, more than the 64 KiB the receive buffer grows to for batching.
     const DISK: usize = 16 << 20;
     for split in [Split::Whole, Split::Random(11)] {
         let mut p = ready_with(Preset::Qemu, Behaviour::qemu(), Preset::Qemu.config(), DISK, split);

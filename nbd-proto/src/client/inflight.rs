@@ -28,6 +28,8 @@ pub(crate) struct Command<B> {
     pub coverage: Coverage,
     /// Meta context ids already answered in this reply.
     pub contexts_seen: Vec<u32>,
+    /// Receive buffer bytes its reply is expected to take.
+    expect: usize,
 }
 
 impl<B> Command<B> {
@@ -47,6 +49,7 @@ impl<B> Command<B> {
             content_chunks: 0,
             coverage: Coverage::default(),
             contexts_seen: Vec::new(),
+            expect: 0,
         }
     }
 
@@ -120,17 +123,23 @@ impl Hasher for CookieHasher {
     }
 }
 
+/// Slots an idle connection keeps: more are given back.
+const IDLE_SLOTS: usize = 4;
+
 /// Slab of commands indexed by cookie.
 #[derive(Debug)]
 pub(crate) struct InFlight<B> {
     slots: Vec<Command<B>>,
     free: Vec<usize>,
     by_cookie: HashMap<u64, usize, BuildHasherDefault<CookieHasher>>,
+    /// Receive buffer bytes the replies of the live commands are
+    /// expected to take: the sum of what [`Self::insert`] was told.
+    expected: usize,
 }
 
 impl<B> Default for InFlight<B> {
     fn default() -> Self {
-        InFlight { slots: Vec::new(), free: Vec::new(), by_cookie: HashMap::default() }
+        InFlight { slots: Vec::new(), free: Vec::new(), by_cookie: HashMap::default(), expected: 0 }
     }
 }
 
@@ -143,8 +152,9 @@ impl<B> InFlight<B> {
         self.by_cookie.is_empty()
     }
 
-    /// A fresh slot for `cookie`, reset but with its old capacity.
-    pub fn insert(&mut self, cookie: u64) -> usize {
+    /// A fresh slot for `cookie`, reset but with its old capacity; its
+    /// reply is expected to take `expect` bytes of the receive buffer.
+    pub fn insert(&mut self, cookie: u64, expect: usize) -> usize {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -162,8 +172,15 @@ impl<B> InFlight<B> {
         c.content_chunks = 0;
         c.coverage.clear();
         c.contexts_seen.clear();
+        c.expect = expect;
+        self.expected = self.expected.saturating_add(expect);
         self.by_cookie.insert(cookie, slot);
         slot
+    }
+
+    /// What the replies of the live commands are expected to take.
+    pub fn expected(&self) -> usize {
+        self.expected
     }
 
     pub fn slot_of(&self, cookie: u64) -> Option<usize> {
@@ -182,8 +199,30 @@ impl<B> InFlight<B> {
     pub fn remove(&mut self, slot: usize) -> (u64, Option<Error>, Option<B>) {
         let c = &mut self.slots[slot];
         self.by_cookie.remove(&c.cookie);
+        self.expected = self.expected.saturating_sub(c.expect);
         self.free.push(slot);
         (c.cookie, c.error.take(), c.buf.take())
+    }
+
+    /// With no command live, gives back the slots (and what their
+    /// vectors hold) beyond the few that one command at a time reuses.
+    pub fn shrink_idle(&mut self) {
+        if !self.by_cookie.is_empty() || self.slots.len() <= IDLE_SLOTS {
+            return;
+        }
+        self.slots.truncate(IDLE_SLOTS);
+        self.slots.shrink_to(IDLE_SLOTS);
+        self.free.clear();
+        self.free.extend(0..IDLE_SLOTS);
+        self.free.shrink_to(IDLE_SLOTS);
+        self.by_cookie.shrink_to(IDLE_SLOTS);
+        self.expected = 0;
+    }
+
+    /// Slots allocated, live or free.
+    #[cfg(test)]
+    pub fn slot_count(&self) -> usize {
+        self.slots.len()
     }
 
     /// Every live slot, in no particular order.
@@ -196,7 +235,37 @@ impl<B> InFlight<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Coverage;
+    use super::{Coverage, InFlight, IDLE_SLOTS};
+
+    #[test]
+    fn an_idle_slab_gives_back_what_a_burst_grew() {
+        let mut f: InFlight<Vec<u8>> = InFlight::default();
+        let slots: Vec<usize> = (1..=64).map(|cookie| f.insert(cookie, 100 + cookie as usize)).collect();
+        assert_eq!(f.expected(), 64 * 100 + 64 * 65 / 2);
+        f.shrink_idle();
+        assert_eq!(f.slot_count(), 64, "nothing given back while commands are live");
+        for &s in &slots[..63] {
+            f.remove(s);
+        }
+        assert_eq!(f.expected(), 164);
+        f.shrink_idle();
+        assert_eq!(f.slot_count(), 64);
+        f.remove(slots[63]);
+        assert_eq!(f.expected(), 0);
+        f.shrink_idle();
+        assert_eq!(f.slot_count(), IDLE_SLOTS);
+        // The slots kept are reused, then new ones added.
+        let again: Vec<usize> = (100..110).map(|cookie| f.insert(cookie, 1)).collect();
+        assert_eq!(f.slot_count(), 10);
+        let mut sorted = again.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        for (i, &s) in again.iter().enumerate() {
+            assert_eq!(f.slot_of(100 + i as u64), Some(s));
+            assert_eq!(f.get(s).cookie, 100 + i as u64);
+        }
+        assert_eq!(f.expected(), 10);
+    }
 
     #[test]
     fn coverage_merges_and_rejects_overlap() {

@@ -19,6 +19,10 @@ use output::{Milestone, Output, Piece};
 use std::collections::VecDeque;
 use transmission::Rx;
 
+/// Entries an idle connection keeps room for in its queues (events,
+/// milestones passed).
+const IDLE_QUEUE: usize = 8;
+
 /// Identifies a command from submission to completion. Cookies start at 1
 /// and increase, as libnbd's do.
 pub type Cookie = u64;
@@ -587,6 +591,15 @@ impl<B: CommandBuffer> Connection<B> {
         self.cmds.len()
     }
 
+    /// The receive buffer's size in bytes now. It is allocated at the
+    /// first receive, sized to the replies in flight (1 KiB to 64 KiB),
+    /// doubles when a receive fills it, grows further only for a single
+    /// larger message, and is given back when the connection is idle (no
+    /// command in flight, nothing buffered) if it grew past 8 KiB.
+    pub fn recv_capacity(&self) -> usize {
+        self.input.capacity()
+    }
+
     // ---- transport inputs ---------------------------------------------------
 
     /// The caller has started connecting a transport.
@@ -623,6 +636,7 @@ impl<B: CommandBuffer> Connection<B> {
     /// the middle of a large READ payload, the caller's own buffer. Follow
     /// with [`Self::handle_received`].
     pub fn recv_buffer(&mut self) -> &mut [u8] {
+        let expected = self.cmds.expected();
         if let Some((slot, at, len)) = self.direct_target() {
             self.direct = true;
             let cmd = self.cmds.get_mut(slot);
@@ -633,7 +647,7 @@ impl<B: CommandBuffer> Connection<B> {
             }
         }
         self.direct = false;
-        self.input.spare()
+        self.input.spare(expected)
     }
 
     /// `n` bytes were written into the slice from [`Self::recv_buffer`].
@@ -656,6 +670,7 @@ impl<B: CommandBuffer> Connection<B> {
             self.input.filled(n);
         }
         self.process_input();
+        self.shrink_if_idle();
     }
 
     /// Convenience for in-memory use: copies `bytes` in through
@@ -762,7 +777,11 @@ impl<B: CommandBuffer> Connection<B> {
     /// ([`Self::abandon_unsent`], [`Self::opt_abort`], ...): drain them
     /// after each.
     pub fn poll_event(&mut self) -> Option<Event<B>> {
-        self.events.pop_front()
+        let event = self.events.pop_front();
+        if event.is_none() && self.events.capacity() > IDLE_QUEUE && self.cmds.is_empty() {
+            self.events.shrink_to(IDLE_QUEUE);
+        }
+        event
     }
 
     /// Whether to record [`Note`]s from now on (off by default, so that a
@@ -848,6 +867,17 @@ impl<B: CommandBuffer> Connection<B> {
         self.output.clear();
         self.input.clear();
         self.rx = Rx::Header;
+    }
+
+    /// An idle connection (no command in flight, no reply half parsed)
+    /// gives back what a burst of commands made its buffers grow to.
+    fn shrink_if_idle(&mut self) {
+        if self.cmds.is_empty() && matches!(self.rx, Rx::Header) {
+            self.input.shrink_idle();
+            self.output.shrink_idle();
+            self.cmds.shrink_idle();
+            self.milestones.shrink_to(IDLE_QUEUE);
+        }
     }
 
     fn maybe_closed(&mut self) {

@@ -3,6 +3,12 @@
 
 use std::collections::VecDeque;
 
+/// Encoded bytes an idle connection keeps room for: a few requests'
+/// headers. A burst grows the buffer; idle, it is given back.
+const IDLE_ENCODED: usize = 1024;
+/// Segments and milestones an idle connection keeps room for.
+const IDLE_SEGMENTS: usize = 8;
+
 /// One contiguous piece of the outgoing stream.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Segment {
@@ -166,13 +172,23 @@ impl Output {
         self.milestones.retain(|&(at, _)| at <= pos);
     }
 
-    /// Drops everything queued (the connection is gone).
+    /// With nothing queued, gives back what a burst of requests made
+    /// the queues grow to.
+    pub fn shrink_idle(&mut self) {
+        if self.segments.is_empty() {
+            self.encoded.shrink_to(IDLE_ENCODED);
+            self.segments.shrink_to(IDLE_SEGMENTS);
+            self.milestones.shrink_to(IDLE_SEGMENTS);
+        }
+    }
+
+    /// Drops everything queued, and the memory (the connection is gone).
     pub fn clear(&mut self) {
-        self.encoded.clear();
+        self.encoded = Vec::new();
         self.encoded_sent = 0;
-        self.segments.clear();
+        self.segments = VecDeque::new();
         self.front_sent = 0;
-        self.milestones.clear();
+        self.milestones = VecDeque::new();
         self.queued = self.sent;
     }
 }

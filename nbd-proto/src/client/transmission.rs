@@ -11,6 +11,20 @@ use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Put, Reader, ReplyHeader, 
 /// receive, many replies) and copied.
 const DIRECT_MIN: usize = 32 * 1024;
 
+/// What a reply takes in the receive buffer besides a small READ's data:
+/// room for an extended reply header, an offset and a final chunk, so
+/// that a receive that took one whole reply did not fill the buffer.
+const REPLY_ROOM: usize = 128;
+
+/// Receive buffer bytes a command's reply is expected to take: its
+/// headers, and the data of a READ small enough to be batched.
+fn reply_estimate(kind: u16, length: u64) -> usize {
+    match usize::try_from(length) {
+        Ok(len) if kind == cmd::READ && len < DIRECT_MIN => REPLY_ROOM + len,
+        _ => REPLY_ROOM,
+    }
+}
+
 /// Upper bound on a non-data chunk's payload (block status with many
 /// extents is the large case), checked before anything is buffered.
 const MAX_CHUNK_BODY: u64 = 64 * 1024 * 1024;
@@ -217,7 +231,7 @@ impl<B: CommandBuffer> Connection<B> {
         };
         let cookie = self.next_cookie;
         self.next_cookie += 1;
-        let slot = self.cmds.insert(cookie);
+        let slot = self.cmds.insert(cookie, reply_estimate(kind, length));
         let queued_at = self.output.queued();
         let c = self.cmds.get_mut(slot);
         c.queued_at = queued_at;

@@ -1,5 +1,6 @@
 //! Shared test support: a scripted server, an in-memory pair, a blocking
-//! driver, the fuzz harness, and encoders for hand-crafted server bytes.
+//! driver, the fuzz harness, encoders for hand-crafted server bytes, and
+//! the client role paired with the server role.
 pub mod craft;
 pub mod driver;
 pub mod fuzz_client;
@@ -10,3 +11,4 @@ pub mod pair;
 pub mod peers;
 pub mod rng;
 pub mod server;
+pub mod server_pair;

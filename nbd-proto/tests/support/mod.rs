@@ -6,6 +6,7 @@ pub mod driver;
 pub mod fuzz_client;
 pub mod fuzz_handshake;
 pub mod fuzz_record;
+pub mod fuzz_server;
 pub mod fuzz_transmission;
 pub mod pair;
 pub mod peers;

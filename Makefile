@@ -197,7 +197,7 @@ check: lint test check-doc check-man check-examples-rust check-header check-abi 
 # Seeds for the fuzzer: sessions recorded from the scripted servers, one
 # directory per target. The committed seeds in nbd-proto/fuzz/seeds-real
 # were recorded from real servers by `make fuzz-seeds-real`.
-FUZZ_TARGETS := client handshake transmission
+FUZZ_TARGETS := client handshake transmission server
 fuzz-seeds:
 	FUZZ_CORPUS_DIR=$(CURDIR)/nbd-proto/fuzz/seeds $(CARGO) test -q -p nbd-proto --test fuzz_corpus write_seed_corpus_when_asked
 

@@ -19,6 +19,10 @@ pub enum Error {
     /// The byte stream under the protocol failed or ended.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The client violated the protocol (server role); the connection
+    /// ends.
+    #[error("client protocol error: {0}")]
+    Client(#[from] ClientError),
 }
 
 impl Error {
@@ -29,6 +33,7 @@ impl Error {
             Error::Server(e) => e.errno(),
             Error::Local(e) => e.errno(),
             Error::Transport(e) => e.errno(),
+            Error::Client(_) => EPROTO,
         }
     }
 }
@@ -203,6 +208,46 @@ pub enum ProtocolError {
     /// although structured replies were negotiated.
     #[error("simple reply with data to a read under structured replies")]
     SimpleReadUnderStructured,
+}
+
+/// What a client did that ends the session, in the server role
+/// ([`server::Connection`](crate::server::Connection)): violations the
+/// protocol answers with a hard disconnect, because no error reply can
+/// express them or the stream can no longer be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// A message did not start with the magic number it must have.
+    #[error("bad magic in {what}: {got:#x}")]
+    BadMagic {
+        /// Which message: "option request", "request".
+        what: &'static str,
+        /// The value found instead.
+        got: u64,
+    },
+    /// Client flags the server does not know or did not offer.
+    #[error("unknown client flags {0:#x}")]
+    UnknownFlags(u32),
+    /// An option other than `NBD_OPT_EXPORT_NAME` from a client that did
+    /// not agree to fixed newstyle, which cannot be answered.
+    #[error("{} without fixed newstyle", opt::name(*.0))]
+    NotFixedNewstyle(u32),
+    /// `NBD_OPT_EXPORT_NAME` that cannot be honoured (no such export,
+    /// TLS required, extended headers negotiated, a name too long): the
+    /// option has no error reply, so the session ends.
+    #[error("NBD_OPT_EXPORT_NAME refused: {0}")]
+    ExportNameRefused(&'static str),
+    /// Bytes arrived between the STARTTLS acknowledgement and the TLS
+    /// handshake (they could be a plaintext injection).
+    #[error("the client sent bytes after STARTTLS was accepted, before TLS began")]
+    DataBeforeTls,
+    /// A WRITE payload too large to receive or to skip (a denial of
+    /// service the protocol permits refusing with a hard disconnect).
+    #[error("write payload of {0} bytes is too large")]
+    PayloadTooLarge(u64),
+    /// The client closed the connection in the middle of a message; the
+    /// value says which.
+    #[error("the client closed the connection in the middle of {0}")]
+    Truncated(&'static str),
 }
 
 /// The server reported an error. The connection stays usable: only the

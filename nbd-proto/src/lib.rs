@@ -19,6 +19,10 @@
 //!   [`errno`] names the errno values.
 //! - [`flags`]: the protocol's flag sets and the client's TLS and strict
 //!   mode settings.
+//! - [`server`]: the server role, the client's mirror
+//!   ([`ServerConnection`]): client bytes in, requests out as events,
+//!   replies in as calls, bytes out. Its module documentation has its
+//!   calling order.
 //!
 //! # Driving a connection
 //!
@@ -209,11 +213,13 @@ pub mod client;
 pub mod errno;
 pub mod error;
 pub mod flags;
+pub mod server;
 pub mod wire;
 
 pub use client::{
     BlockSize, ChunkStatus, CommandBuffer, Config, Connection, Cookie, Direction, Event, ExportInfo, Extent,
     MetaContext, Note, OptionOutcome, Protocol, PublicState, Stats,
 };
-pub use error::{Error, LocalError, ProtocolError, ServerError, TransportError};
+pub use error::{ClientError, Error, LocalError, ProtocolError, ServerError, TransportError};
 pub use flags::{CmdFlags, HandshakeFlags, StrictMode, TlsMode, TransmissionFlags};
+pub use server::Connection as ServerConnection;

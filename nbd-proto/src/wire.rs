@@ -1,9 +1,12 @@
 //! The NBD wire format, shared by the client and server roles.
 //!
 //! Everything here is a constant, a fixed-size header with `encode`/`decode`,
-//! or a small encoder for a variable-length payload. Nothing here keeps
-//! state: the client (and the scripted servers in the test suite) decide
-//! what a header means in context.
+//! or a small encoder for a variable-length payload ([`payload`] has those
+//! of option replies, `NBD_INFO_*` items and reply chunks). Nothing here
+//! keeps state: the client and server roles (and the scripted servers in
+//! the test suite) decide what a header means in context.
+
+pub mod payload;
 
 /// `NBDMAGIC`, the first 8 bytes every server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;

@@ -10,6 +10,7 @@ use nbd_proto::{CmdFlags, TlsMode};
 use support::fuzz_client::{scripted_server, Cmd, Summary, EVERY_COMMAND};
 use support::fuzz_handshake::{self, Step};
 use support::fuzz_record::{Target, TARGETS};
+use support::fuzz_server::{self as fs, Step as SStep, EVERY_STEP};
 use support::fuzz_transmission::{self as tx, Op, IN_STREAM, PRESETS, STRICT};
 use support::rng::Rng;
 use support::server::Behaviour;
@@ -107,6 +108,23 @@ fn seeds() -> Vec<(Target, String, Vec<u8>, Summary)> {
         let header = tx::encode_header(preset | IN_STREAM | STRICT, &op_lists()[0]);
         let (input, sum) = Target::Transmission.record(&header, &mut tx::preset_server(preset));
         v.push((Target::Transmission, format!("{}-stream", PRESETS[usize::from(preset)]), input, sum));
+    }
+    // The client role against the server role: every client variant, and
+    // server selectors for TLS, reply formats, read-only and block sizes.
+    let mixed = [
+        SStep::Write(0, 4096, CmdFlags::empty()),
+        SStep::Status(0, 8192, CmdFlags::REQ_ONE),
+        SStep::Read(0, 100_000, CmdFlags::empty()),
+    ];
+    for (name, client) in fs::seed_clients() {
+        for (selector, mode) in [(0u8, 1u8), (1, 0), (2, 2), (4, 5), (8, 9), (16, 1), (32, 3), (64, 0)] {
+            // TLS required: only the client that does TLS gets through.
+            let selector = if name != "tls" && selector & 3 == 2 { selector ^ 3 } else { selector };
+            let script: &[SStep] = if selector & 2 != 0 { &mixed } else { &EVERY_STEP };
+            let input = fs::record(selector, mode, client.clone(), script);
+            let sum = Target::Server.run(&input);
+            v.push((Target::Server, format!("{name}-{selector:02x}-{mode}"), input, sum));
+        }
     }
     v
 }

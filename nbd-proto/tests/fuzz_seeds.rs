@@ -146,7 +146,9 @@ fn manifest() -> BTreeMap<String, String> {
 fn committed_real_sessions_replay_as_recorded() {
     let manifest = manifest();
     let mut files = 0;
-    for t in TARGETS {
+    // Real sessions are recorded from real servers: the targets that play
+    // the server have them; the server role's target would need real clients.
+    for t in TARGETS.into_iter().filter(|&t| t != Target::Server) {
         let mut servers = [0; 3];
         for entry in std::fs::read_dir(corpus_dir().join(t.name())).unwrap() {
             let path = entry.unwrap().path();

@@ -5,6 +5,9 @@
 mod support {
     pub mod fuzz_client;
     pub mod fuzz_handshake;
+    pub mod fuzz_server;
     pub mod fuzz_transmission;
+    pub mod pair;
     pub mod server;
+    pub mod server_pair;
 }

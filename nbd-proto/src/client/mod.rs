@@ -4,7 +4,7 @@ mod checks;
 mod config;
 mod handshake;
 mod inflight;
-mod input;
+pub(crate) mod input;
 mod output;
 mod transmission;
 
@@ -47,6 +47,16 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// The direction for wanting to read and/or to write.
+    pub(crate) fn from_interest(read: bool, write: bool) -> Direction {
+        match (read, write) {
+            (true, true) => Direction::Both,
+            (true, false) => Direction::Read,
+            (false, true) => Direction::Write,
+            (false, false) => Direction::None,
+        }
+    }
+
     /// Whether to wait for the transport to become readable.
     pub fn wants_read(self) -> bool {
         matches!(self, Direction::Read | Direction::Both)
@@ -526,12 +536,7 @@ impl<B: CommandBuffer> Connection<B> {
             State::Negotiating => false,
             State::Transmission => true,
         };
-        match (read, write) {
-            (true, true) => Direction::Both,
-            (true, false) => Direction::Read,
-            (false, true) => Direction::Write,
-            (false, false) => Direction::None,
-        }
+        Direction::from_interest(read, write)
     }
 
     /// Why the connection died, or why the server closed it, if it did.

@@ -4,7 +4,7 @@ use super::output::Milestone;
 use super::{ChunkStatus, CommandBuffer, Connection, Cookie, Event, Extent, State};
 use crate::error::{Error, LocalError, ProtocolError, ServerError};
 use crate::flags::CmdFlags;
-use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Put, Reader, ReplyHeader, RequestHeader, MAX_STRING};
+use crate::wire::{chunk, cmd, nbd_error, ChunkHeader, Reader, ReplyHeader, RequestHeader, MAX_STRING};
 
 /// Receive READ payloads at least this large straight into the caller's
 /// buffer; smaller ones are batched through the internal buffer (one
@@ -160,8 +160,7 @@ impl<B: CommandBuffer> Connection<B> {
             return Err(LocalError::ContextNotNegotiated(id.to_string()).into());
         }
         let mut payload = Vec::with_capacity(8 + 4 * ids.len());
-        payload.put_u64(length);
-        ids.iter().for_each(|&id| payload.put_u32(id));
+        crate::wire::payload::encode_block_status_payload(length, ids, &mut payload);
         self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, &payload)
     }
 

@@ -1,6 +1,8 @@
 //! Hand-crafted server bytes, valid or not, for tests that play a hostile
 //! peer: greetings, option replies, and transmission replies and chunks.
-//! Everything is built on the core's own wire encoders.
+//! Valid pieces come from the library's encoders (`wire::payload`); the
+//! raw writers left here exist to lie (a declared length or count that
+//! disagrees with the bytes).
 
 #![allow(dead_code)]
 

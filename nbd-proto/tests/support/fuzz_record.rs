@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use super::fuzz_client::{self, drain, push_frames, ClientScript, Conn, Script, Summary, Tracker, FULL_FRAME};
-use super::{fuzz_handshake, fuzz_transmission, server::Server};
+use super::{fuzz_handshake, fuzz_server, fuzz_transmission, server::Server};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -17,9 +17,12 @@ pub enum Target {
     Client,
     Handshake,
     Transmission,
+    /// Plays the client against the server role; its seeds come from
+    /// `fuzz_server::record`, not from [`Target::record`].
+    Server,
 }
 
-pub const TARGETS: [Target; 3] = [Target::Client, Target::Handshake, Target::Transmission];
+pub const TARGETS: [Target; 4] = [Target::Client, Target::Handshake, Target::Transmission, Target::Server];
 
 impl Target {
     pub fn name(self) -> &'static str {
@@ -27,6 +30,7 @@ impl Target {
             Target::Client => "client",
             Target::Handshake => "handshake",
             Target::Transmission => "transmission",
+            Target::Server => "server",
         }
     }
 
@@ -35,6 +39,7 @@ impl Target {
             Target::Client => fuzz_client::run_client(data),
             Target::Handshake => fuzz_handshake::run_handshake(data),
             Target::Transmission => fuzz_transmission::run_transmission(data),
+            Target::Server => fuzz_server::run_server(data),
         }
     }
 
@@ -45,6 +50,7 @@ impl Target {
             Target::Client => record(fuzz_client::start(header).unwrap(), wire),
             Target::Handshake => record(fuzz_handshake::start(header).unwrap(), wire),
             Target::Transmission => record(fuzz_transmission::start(header).unwrap(), wire),
+            Target::Server => panic!("server seeds are recorded by fuzz_server::record"),
         };
         ([header, &stream].concat(), summary)
     }

@@ -1,12 +1,15 @@
 //! Shared test support: a scripted server, an in-memory pair, a blocking
-//! driver, the fuzz harness, and encoders for hand-crafted server bytes.
+//! driver, the fuzz harness, encoders for hand-crafted server bytes, and
+//! the client role paired with the server role.
 pub mod craft;
 pub mod driver;
 pub mod fuzz_client;
 pub mod fuzz_handshake;
 pub mod fuzz_record;
+pub mod fuzz_server;
 pub mod fuzz_transmission;
 pub mod pair;
 pub mod peers;
 pub mod rng;
 pub mod server;
+pub mod server_pair;

@@ -16,11 +16,57 @@ pub enum Split {
     Random(u64),
 }
 
+/// Cuts byte runs as a `Split` says.
+#[derive(Debug, Clone, Copy)]
+pub struct Cutter {
+    pub split: Split,
+    rng: u64,
+}
+
+impl Cutter {
+    pub fn new(split: Split) -> Self {
+        let rng = match split {
+            Split::Random(seed) => seed | 1,
+            _ => 1,
+        };
+        Cutter { split, rng }
+    }
+
+    /// How many of the next `max` bytes to move.
+    pub fn next(&mut self, max: usize) -> usize {
+        match self.split {
+            Split::Whole => max,
+            Split::Bytewise => 1.min(max),
+            Split::Random(_) => {
+                // xorshift64
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                1 + (self.rng as usize) % max.clamp(1, 97)
+            }
+        }
+    }
+}
+
+/// Takes the completion of `cookie` out of `events`, if it happened.
+pub fn take_completion(events: &mut Vec<Event<Vec<u8>>>, cookie: Cookie) -> Option<Result<Option<Vec<u8>>, Error>> {
+    let i = events.iter().position(|e| matches!(e, Event::Complete { cookie: c, .. } if *c == cookie))?;
+    let Event::Complete { result, buf, .. } = events.remove(i) else { unreachable!() };
+    Some(result.map(|()| buf))
+}
+
+/// Takes the first option completion out of `events`.
+pub fn take_option_result(events: &mut Vec<Event<Vec<u8>>>) -> Option<Result<(), Error>> {
+    let i = events.iter().position(|e| matches!(e, Event::OptionComplete { .. }))?;
+    let Event::OptionComplete { result } = events.remove(i) else { unreachable!() };
+    Some(result)
+}
+
 pub struct Pair {
     pub client: Connection<Vec<u8>>,
     pub server: Server,
     pub split: Split,
-    rng: u64,
+    cutter: Cutter,
     /// Events the client produced and no test has claimed yet.
     pub events: Vec<Event<Vec<u8>>>,
     /// Every event, rendered, in order: the transcript compared across splits.
@@ -35,25 +81,12 @@ impl Pair {
     pub fn with_split(config: Config, behaviour: Behaviour, size: usize, split: Split) -> Self {
         let mut client = Connection::new(config);
         client.handle_connected().unwrap();
-        let rng = match split {
-            Split::Random(seed) => seed | 1,
-            _ => 1,
-        };
-        Pair { client, server: Server::new(behaviour, size), split, rng, events: Vec::new(), transcript: Vec::new() }
+        let cutter = Cutter::new(split);
+        Pair { client, server: Server::new(behaviour, size), split, cutter, events: Vec::new(), transcript: Vec::new() }
     }
 
     fn next_cut(&mut self, max: usize) -> usize {
-        match self.split {
-            Split::Whole => max,
-            Split::Bytewise => 1.min(max),
-            Split::Random(_) => {
-                // xorshift64
-                self.rng ^= self.rng << 13;
-                self.rng ^= self.rng >> 7;
-                self.rng ^= self.rng << 17;
-                1 + (self.rng as usize) % max.clamp(1, 97)
-            }
-        }
+        self.cutter.next(max)
     }
 
     /// Moves what the client reported into `events`.
@@ -134,9 +167,7 @@ impl Pair {
 
     /// Takes the completion of `cookie`, if it happened.
     pub fn completion(&mut self, cookie: Cookie) -> Option<Result<Option<Vec<u8>>, Error>> {
-        let i = self.events.iter().position(|e| matches!(e, Event::Complete { cookie: c, .. } if *c == cookie))?;
-        let Event::Complete { result, buf, .. } = self.events.remove(i) else { unreachable!() };
-        Some(result.map(|()| buf))
+        take_completion(&mut self.events, cookie)
     }
 
     /// The completion of `cookie`, which must have happened.
@@ -145,9 +176,7 @@ impl Pair {
     }
 
     pub fn option_result(&mut self) -> Option<Result<(), Error>> {
-        let i = self.events.iter().position(|e| matches!(e, Event::OptionComplete { .. }))?;
-        let Event::OptionComplete { result } = self.events.remove(i) else { unreachable!() };
-        Some(result)
+        take_option_result(&mut self.events)
     }
 
     pub fn state(&self) -> PublicState {

@@ -8,10 +8,8 @@
 #![allow(dead_code)]
 
 use nbd_proto::flags::{CmdFlags, TransmissionFlags as TF};
-use nbd_proto::wire::{
-    self, chunk, cmd, info, opt, rep, ChunkHeader, OptionHeader, OptionReplyHeader, Put, Reader, ReplyHeader,
-    RequestHeader,
-};
+use nbd_proto::wire::payload::{self as enc, Info};
+use nbd_proto::wire::{chunk, cmd, info, opt, rep, ChunkHeader, OptionHeader, Reader, ReplyHeader, RequestHeader};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Style {
@@ -159,17 +157,12 @@ impl Server {
     }
 
     fn greet(&mut self) {
-        self.out.put_u64(wire::NBDMAGIC);
         match self.b.style {
             Style::Oldstyle => {
-                self.out.put_u64(wire::OLDSTYLE_MAGIC);
-                self.out.put_u64(self.disk.len() as u64);
-                self.out.put_u32(u32::from(self.b.flags.bits()));
-                self.out.extend_from_slice(&[0; wire::ZERO_PAD]);
+                enc::encode_oldstyle_greeting(self.disk.len() as u64, u32::from(self.b.flags.bits()), &mut self.out);
                 self.phase = Phase::Transmission;
             }
             Style::Newstyle | Style::Fixed => {
-                self.out.put_u64(wire::IHAVEOPT);
                 let mut f = 0u16;
                 if self.b.style == Style::Fixed {
                     f |= 1;
@@ -177,7 +170,7 @@ impl Server {
                 if self.b.no_zeroes {
                     f |= 2;
                 }
-                self.out.put_u16(f);
+                enc::encode_newstyle_greeting(f, &mut self.out);
             }
         }
     }
@@ -238,8 +231,7 @@ impl Server {
     }
 
     fn reply(&mut self, option: u32, reply: u32, data: &[u8]) {
-        OptionReplyHeader { option, reply, length: data.len() as u32 }.encode(&mut self.out);
-        self.out.extend_from_slice(data);
+        enc::encode_option_reply(option, reply, data, &mut self.out);
     }
 
     fn export_info(&mut self, option: u32, name: &str, infos: &[u16]) -> bool {
@@ -248,26 +240,20 @@ impl Server {
             return false;
         };
         let mut d = Vec::new();
-        d.put_u16(info::EXPORT);
-        d.put_u64(self.disk.len() as u64);
-        d.put_u16(self.b.flags.bits());
+        Info::Export { size: self.disk.len() as u64, flags: self.b.flags.bits() }.encode(&mut d);
         self.reply(option, rep::INFO, &d);
         for &i in infos {
-            let mut d = Vec::new();
-            d.put_u16(i);
-            match i {
-                info::NAME => d.extend_from_slice(name.as_bytes()),
-                info::DESCRIPTION => d.extend_from_slice(desc.as_bytes()),
+            let item = match i {
+                info::NAME => Info::Name(&name),
+                info::DESCRIPTION => Info::Description(&desc),
                 info::BLOCK_SIZE => match self.b.block_size {
-                    Some((a, b, c)) => {
-                        d.put_u32(a);
-                        d.put_u32(b);
-                        d.put_u32(c);
-                    }
+                    Some((minimum, preferred, maximum)) => Info::BlockSize { minimum, preferred, maximum },
                     None => continue,
                 },
                 _ => continue,
-            }
+            };
+            let mut d = Vec::new();
+            item.encode(&mut d);
             self.reply(option, rep::INFO, &d);
         }
         self.reply(option, rep::ACK, &[]);
@@ -276,7 +262,6 @@ impl Server {
 
     fn on_option(&mut self, option: u32, data: &[u8]) {
         let fixed = self.b.style == Style::Fixed;
-        let mut r = Reader::new(data);
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(data).into_owned();
@@ -284,11 +269,12 @@ impl Server {
                     self.closed = true;
                     return;
                 }
-                self.out.put_u64(self.disk.len() as u64);
-                self.out.put_u16(self.b.flags.bits());
-                if !self.no_zeroes {
-                    self.out.extend_from_slice(&[0; wire::ZERO_PAD]);
-                }
+                enc::encode_export_name_reply(
+                    self.disk.len() as u64,
+                    self.b.flags.bits(),
+                    !self.no_zeroes,
+                    &mut self.out,
+                );
                 self.phase = Phase::Transmission;
             }
             _ if !fixed => self.closed = true,
@@ -301,9 +287,7 @@ impl Server {
             opt::LIST => {
                 for (n, d) in self.b.exports.clone() {
                     let mut p = Vec::new();
-                    p.put_u32(n.len() as u32);
-                    p.extend_from_slice(n.as_bytes());
-                    p.extend_from_slice(d.as_bytes());
+                    enc::encode_server_entry(&n, &d, &mut p);
                     self.reply(option, rep::SERVER, &p);
                 }
                 self.reply(option, rep::ACK, &[]);
@@ -320,23 +304,17 @@ impl Server {
                 self.reply(option, rep::ACK, &[]);
             }
             opt::INFO | opt::GO if self.b.go => {
-                let len = r.u32().unwrap_or(0) as usize;
-                let name = String::from_utf8_lossy(r.take(len).unwrap_or_default()).into_owned();
-                let n = r.u16().unwrap_or(0);
-                let infos: Vec<u16> = (0..n).filter_map(|_| r.u16()).collect();
+                let request = enc::decode_info_request(data);
+                let name = request.as_ref().map(|q| String::from_utf8_lossy(q.export).into_owned()).unwrap_or_default();
+                let infos = request.map(|q| q.infos).unwrap_or_default();
                 if self.export_info(option, &name, &infos) && option == opt::GO {
                     self.phase = Phase::Transmission;
                 }
             }
             opt::SET_META_CONTEXT | opt::LIST_META_CONTEXT if self.structured => {
-                let len = r.u32().unwrap_or(0) as usize;
-                r.take(len);
-                let n = r.u32().unwrap_or(0);
-                let mut queries = Vec::new();
-                for _ in 0..n {
-                    let l = r.u32().unwrap_or(0) as usize;
-                    queries.push(String::from_utf8_lossy(r.take(l).unwrap_or_default()).into_owned());
-                }
+                let queries: Vec<String> = enc::decode_meta_context_request(data)
+                    .map(|m| m.queries.iter().map(|q| String::from_utf8_lossy(q).into_owned()).collect())
+                    .unwrap_or_default();
                 let set = option == opt::SET_META_CONTEXT;
                 if set {
                     self.active.clear();
@@ -350,8 +328,7 @@ impl Server {
                             self.active.push((id, c.clone()));
                         }
                         let mut p = Vec::new();
-                        p.put_u32(id);
-                        p.extend_from_slice(c.as_bytes());
+                        enc::encode_meta_context_entry(id, c, &mut p);
                         self.reply(option, rep::META_CONTEXT, &p);
                     }
                 }
@@ -390,10 +367,7 @@ impl Server {
 
     fn error_chunk(&mut self, cookie: u64, error: u32, done: bool) {
         let mut p = Vec::new();
-        p.put_u32(error);
-        let msg = b"injected failure";
-        p.put_u16(msg.len() as u16);
-        p.extend_from_slice(msg);
+        enc::encode_error_chunk(error, "injected failure", &mut p);
         self.chunk(cookie, chunk::ERROR, done, 0, &p);
     }
 
@@ -405,9 +379,9 @@ impl Server {
     fn on_request(&mut self, mut h: RequestHeader, data: &[u8]) {
         let mut only: Option<Vec<u32>> = None;
         if h.kind == cmd::BLOCK_STATUS && h.flags & CmdFlags::PAYLOAD_LEN.bits() != 0 {
-            let mut r = Reader::new(data);
-            h.length = r.u64().unwrap_or_default();
-            only = Some(std::iter::from_fn(|| r.u32()).collect());
+            let (length, ids) = enc::decode_block_status_payload(data).unwrap_or_default();
+            h.length = length;
+            only = Some(ids);
         }
         let (off, len) = (h.offset as usize, h.length as usize);
         let in_bounds = off.checked_add(len).is_some_and(|e| e <= self.disk.len());
@@ -470,11 +444,11 @@ impl Server {
         for (i, (start, l, hole)) in pieces.into_iter().enumerate() {
             let done = i + 1 == n && !self.b.none_terminator;
             let mut p = Vec::new();
-            p.put_u64(start as u64);
             if hole {
-                p.put_u32(l as u32);
+                enc::encode_offset_hole(start as u64, l as u32, &mut p);
                 self.chunk(h.cookie, chunk::OFFSET_HOLE, done, h.offset, &p);
             } else {
+                p.extend_from_slice(&(start as u64).to_be_bytes());
                 p.extend_from_slice(&self.disk[start..start + l]);
                 self.chunk(h.cookie, chunk::OFFSET_DATA, done, h.offset, &p);
             }
@@ -512,18 +486,12 @@ impl Server {
                 extents.truncate(1);
             }
             let mut p = Vec::new();
-            p.put_u32(*id);
             if self.extended {
-                p.put_u32(extents.len() as u32);
-                for (l, f) in &extents {
-                    p.put_u64(*l);
-                    p.put_u64(u64::from(*f));
-                }
+                let wide: Vec<(u64, u64)> = extents.iter().map(|&(l, f)| (l, u64::from(f))).collect();
+                enc::encode_block_status_ext(*id, &wide, &mut p);
             } else {
-                for (l, f) in &extents {
-                    p.put_u32(*l as u32);
-                    p.put_u32(*f);
-                }
+                let narrow: Vec<(u32, u32)> = extents.iter().map(|&(l, f)| (l as u32, f)).collect();
+                enc::encode_block_status(*id, &narrow, &mut p);
             }
             let kind = if self.extended { chunk::BLOCK_STATUS_EXT } else { chunk::BLOCK_STATUS };
             let done = i + 1 == active.len() && !self.b.none_terminator;

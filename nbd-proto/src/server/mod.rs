@@ -523,7 +523,11 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
                 }
             }
         }
-        self.input.spare()
+        // No size to predict from: requests arrive as the client pleases.
+        // The buffer starts small and doubles after each receive that
+        // fills it, so an idle connection stays cheap and a pipelining
+        // client soon gets room for many headers at once.
+        self.input.spare(0)
     }
 
     /// `n` bytes were written into the slice from [`Self::recv_buffer`].

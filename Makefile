@@ -195,7 +195,8 @@ check: lint test check-doc check-man check-examples-rust check-header check-abi 
 	@echo "make check: all passed"
 
 # Seeds for the fuzzer: sessions recorded from the scripted servers, one
-# directory per target. The committed seeds in nbd-proto/fuzz/seeds-real
+# directory per target. The committed seeds in nbd-proto/fuzz/seeds-real (none
+# yet for the server role, which no real client has recorded)
 # were recorded from real servers by `make fuzz-seeds-real`.
 FUZZ_TARGETS := client handshake transmission server
 fuzz-seeds:
@@ -218,7 +219,8 @@ fuzz: fuzz-seeds fuzz-build
 	set -e; for t in $(FUZZ_TARGETS); do \
 	  mkdir -p nbd-proto/fuzz/corpus/$$t; \
 	  mkdir -p nbd-proto/fuzz/regressions/$$t; \
-	  (cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t fuzz/seeds-real/$$t fuzz/regressions/$$t -- \
+	  real=fuzz/seeds-real/$$t; [ -d nbd-proto/$$real ] || real=; \
+	  (cd nbd-proto && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz run -O $$t fuzz/corpus/$$t fuzz/seeds/$$t $$real fuzz/regressions/$$t -- \
 	    -max_total_time=$(FUZZ_TIME) -max_len=200000 -print_final_stats=1); \
 	done
 	mkdir -p nbd-capi/fuzz/corpus/uri

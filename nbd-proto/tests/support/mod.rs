@@ -1,7 +1,6 @@
-//! Shared test support: a scripted server, an in-memory pair, a blocking
-//! driver, the fuzz harness, and encoders for hand-crafted server bytes.
+//! Shared test support: a scripted server, an in-memory pair, real
+//! servers, the fuzz harness, and encoders for hand-crafted server bytes.
 pub mod craft;
-pub mod driver;
 pub mod fuzz_client;
 pub mod fuzz_handshake;
 pub mod fuzz_record;

@@ -169,6 +169,7 @@ pub struct ConnectedVia {
     pub address: Option<CResult<crate::uri::Transport>>,
 }
 
+/// The handle behind `nbd_handle`'s lock.
 pub struct Handle {
     // Dropped first (see `Drop`): sockets close and servers are reaped
     // before any callback is freed.
@@ -427,12 +428,13 @@ impl Handle {
         self.write_announced = direction & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
     }
 
-    /// A write event came (see `write_announced`); returns whether it was
-    /// announced.
+    /// Whether `aio_get_direction` announced a write event that has not
+    /// come yet.
     pub fn write_was_announced(&self) -> bool {
         self.write_announced
     }
 
+    /// The caller reported a write event.
     pub fn write_event_came(&mut self) {
         self.write_announced = false;
     }

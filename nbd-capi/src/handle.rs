@@ -545,6 +545,8 @@ impl Handle {
         command: Command,
         issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, nbd_proto::Error>,
     ) -> CResult<Cookie> {
+        // The link that carries it: the only one. (With several, the one
+        // with the least outstanding work.)
         let link = &mut self.links[0];
         let idle = link.conn().in_flight() == 0;
         let core = issue(link.conn_mut())?;

@@ -164,9 +164,10 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# The main job in miniature: nbd-proto against an nbdkit this command starts.
+# The main job in miniature: nbd-proto, driven through nbd-io's I/O loop,
+# against an nbdkit this command starts.
 demo: deps
-	$(CARGO) build --release -p nbd-proto --example demo
+	$(CARGO) build --release -p nbd-io --example demo
 	nbdkit -U - memory 64M --run 'target/release/examples/demo "$$unixsocket"'
 
 # Every public item of nbd-proto documented, no broken intra-doc link, no
@@ -192,6 +193,7 @@ check: lint test check-doc check-man check-examples-rust check-header check-abi 
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! awk '/^\[/ { deps = ($$0 ~ /dependencies\]$$/ && $$0 !~ /dev-dependencies/) } deps' nbd-proto/Cargo.toml | \
 	  grep -E '^(libc|mio|tokio|socket2|nix)' || { echo "nbd-proto has an I/O dependency"; exit 1; }
+	@grep -qx '#!\[forbid(unsafe_code)\]' nbd-io/src/lib.rs || { echo "nbd-io must have no unsafe code"; exit 1; }
 	@echo "make check: all passed"
 
 # Seeds for the fuzzer: sessions recorded from the scripted servers, one

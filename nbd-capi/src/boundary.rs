@@ -3,7 +3,7 @@
 //! become the thread's last error with the function's name in front.
 
 use crate::error::{set_error, CError, CResult};
-use crate::handle::{nbd_handle, Inner};
+use crate::handle::{nbd_handle, Handle};
 use crate::table::{self, Export};
 pub use crate::trace::{DebugArg, DebugValue};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,7 +16,7 @@ pub fn enter<R: DebugValue>(
     row: Export,
     args: &[(&str, &dyn DebugArg)],
     fail: R,
-    f: impl FnOnce(&mut Inner) -> CResult<R>,
+    f: impl FnOnce(&mut Handle) -> CResult<R>,
 ) -> R {
     // SAFETY: a non-NULL `h` came from `nbd_create` and is not yet closed,
     // which is the caller's side of the libnbd contract.
@@ -26,7 +26,7 @@ pub fn enter<R: DebugValue>(
     };
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let mut inner = handle.lock();
-        inner.context = row.name;
+        inner.set_context(row.name);
         inner.debug(|| crate::trace::enter_line(args));
         let r = check_state(&inner, row).and_then(|()| f(&mut inner));
         // A state change the call made without driving the connection.
@@ -66,7 +66,7 @@ pub fn enter_global<R>(row: Export, fail: R, f: impl FnOnce() -> CResult<R>) -> 
     }
 }
 
-fn check_state(inner: &Inner, row: Export) -> CResult<()> {
+fn check_state(inner: &Handle, row: Export) -> CResult<()> {
     let state = inner.public_state();
     if row.states & state != 0 {
         return Ok(());

@@ -4,9 +4,10 @@
 //! the handle lock is taken, and the handle's state is checked against
 //! [`table`], the single source of truth for the exported surface.
 //!
-//! Connects are non-blocking ([`dial`]); the socket is serviced by the
-//! handle ([`handle`]), through a sans-IO TLS session ([`tls`]) after
-//! STARTTLS.
+//! A [`handle`] is what the caller sees; its connections to the export
+//! are [`link`]s, each a core and a transport (connected without blocking
+//! by [`dial`]; a socket, then TLS over it after STARTTLS, [`tls`]), whose
+//! bytes move through `nbd_io::pump`, the one I/O loop.
 
 // Exports take raw pointers from C by contract (NULL is checked, the rest
 // is the caller's promise, as in libnbd); each dereference carries its
@@ -21,8 +22,8 @@ pub mod dial;
 pub mod error;
 pub mod handle;
 pub mod identity;
+pub mod link;
 pub mod lock;
-pub mod send;
 pub mod subprocess;
 pub mod table;
 pub mod tls;

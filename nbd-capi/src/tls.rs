@@ -1,15 +1,18 @@
 //! TLS below the NBD stream, sans-IO: the session consumes and produces
-//! ciphertext in memory, and the handle's I/O loop moves it to and from
-//! the socket, so the TLS layer never blocks and never sees a descriptor.
+//! ciphertext in memory, and [`TlsTransport`] moves it to and from the
+//! socket below, so the session never blocks and never sees a descriptor;
+//! to the I/O loop (`nbd_io::pump`) TLS is one more transport.
 //! The backend is OpenSSL; X.509 (a certificates directory laid out as
 //! libnbd reads it: ca-cert.pem, client-cert.pem, client-key.pem,
 //! ca-crl.pem; or the system's trust) and PSK (a psktool file).
 
 use crate::error::{CError, CResult};
+use nbd_io::{Interest, Recv, Transport, TransportError};
 use openssl::ssl::{ErrorCode, Ssl, SslContextBuilder, SslFiletype, SslMethod, SslStream, SslVerifyMode, SslVersion};
 use openssl::x509::store::X509Lookup;
 use openssl::x509::verify::X509VerifyFlags;
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 /// What a TLS layer offers the I/O loop, in the core's own shape: bytes
@@ -391,6 +394,132 @@ impl TlsLayer for OpensslTls {
             field("Mac="),
             ssl.version_str()
         )
+    }
+}
+
+/// Plaintext taken per TLS write.
+const TLS_CHUNK: usize = 64 * 1024;
+/// A TLS record's largest plaintext: a piece this large fills records by itself.
+const TLS_RECORD: usize = 16 * 1024;
+
+/// TLS over a lower transport (the socket), as one more [`Transport`] for
+/// the I/O loop: plaintext in and out, ciphertext flushed to and filled
+/// from the lower transport. Failures below are reported with no errno,
+/// as libnbd reports them under TLS.
+pub struct TlsTransport<T> {
+    lower: T,
+    session: Box<dyn TlsLayer>,
+    established: bool,
+    /// Small pieces of plaintext coalesced into one TLS record.
+    coalesced: Vec<u8>,
+}
+
+impl<T: Transport> TlsTransport<T> {
+    /// `session` has sent its first flight (into its own buffer).
+    pub fn new(lower: T, session: Box<dyn TlsLayer>) -> Self {
+        TlsTransport { lower, session, established: false, coalesced: Vec::new() }
+    }
+}
+
+fn below(e: TransportError, what: &str) -> TransportError {
+    TransportError::new(0, format!("{what}: {}", crate::error::strerror(e.errno)))
+}
+
+impl<T: Transport> Transport for TlsTransport<T> {
+    fn fd(&self) -> RawFd {
+        self.lower.fd()
+    }
+
+    fn send(&mut self, bufs: &[&[u8]]) -> Result<usize, TransportError> {
+        let Some(first) = bufs.first() else { return Ok(0) };
+        // A large piece (a WRITE payload) is encrypted from the caller's
+        // buffer; small ones (headers) are coalesced into one record.
+        let plain = if first.len() >= TLS_RECORD {
+            &first[..first.len().min(TLS_CHUNK)]
+        } else {
+            self.coalesced.clear();
+            for s in bufs {
+                let room = TLS_CHUNK - self.coalesced.len();
+                self.coalesced.extend_from_slice(&s[..s.len().min(room)]);
+                if self.coalesced.len() == TLS_CHUNK {
+                    break;
+                }
+            }
+            &self.coalesced[..]
+        };
+        self.session.write_plain(plain).map_err(|e| TransportError::new(e.errno, e.msg))
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Recv, TransportError> {
+        match self.session.read_plain(buf) {
+            Ok(Plain::Data(0) | Plain::NeedMore) => Ok(Recv::WouldBlock),
+            Ok(Plain::Data(n)) => Ok(Recv::Data(n)),
+            Ok(Plain::Closed) => Ok(Recv::Eof),
+            Err(e) => Err(TransportError::new(e.errno, e.msg)),
+        }
+    }
+
+    /// Decrypted data comes a record at a time: a short piece says nothing
+    /// about what else the session holds.
+    fn short_read_drains(&self) -> bool {
+        false
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        while !self.session.pending_ciphertext().is_empty() {
+            match self.lower.send(&[self.session.pending_ciphertext()]) {
+                Ok(0) => break,
+                Ok(n) => self.session.consume_ciphertext(n),
+                Err(e) => return Err(below(e, "TLS send")),
+            }
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self) -> Result<bool, TransportError> {
+        loop {
+            let buf = self.session.recv_buffer();
+            let room = buf.len();
+            match self.lower.recv(buf) {
+                Ok(Recv::Eof) => return Ok(true),
+                Ok(Recv::Data(n)) => {
+                    self.session.handle_received(n);
+                    if n < room {
+                        return Ok(false);
+                    }
+                }
+                Ok(Recv::WouldBlock) => return Ok(false),
+                Err(e) => return Err(below(e, "TLS receive")),
+            }
+        }
+    }
+
+    fn is_established(&self) -> bool {
+        self.established
+    }
+
+    fn handshake(&mut self) -> Result<Option<String>, TransportError> {
+        match self.session.handshake() {
+            Ok(true) => {
+                self.established = true;
+                Ok(Some(self.session.describe()))
+            }
+            Ok(false) => Ok(None),
+            Err(e) => Err(TransportError::new(e.errno, e.msg)),
+        }
+    }
+
+    /// A server that rejects our credentials just hangs up.
+    fn eof_error(&self) -> Option<TransportError> {
+        (!self.established).then(|| TransportError::new(0, "TLS handshake: the server closed the connection"))
+    }
+
+    fn interest(&self) -> Interest {
+        Interest { read: !self.established, write: !self.session.pending_ciphertext().is_empty() }
+    }
+
+    fn has_buffered_input(&self) -> bool {
+        self.established && self.session.has_buffered_input()
     }
 }
 

@@ -4,75 +4,42 @@ use super::{arg_str_list, cmd_flags};
 use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
-use crate::handle::{nbd_handle, Inner, Pending, UserBuf};
+use crate::handle::{nbd_handle, Callbacks, Command, Handle, UserBuf};
 use crate::trace::{Fun, Hex, ReadBuf, WriteBuf};
 use nbd_proto::{Connection, Cookie, Error};
 use std::ffi::{c_char, c_int, c_uint, c_void};
 
-#[derive(Default)]
-/// A command's callbacks. Fields drop in order: as in libnbd, the data
-/// callbacks are freed before the completion, which stays last.
-struct Callbacks {
-    chunk: Option<Owned<nbd_chunk_callback>>,
-    extent: Option<Owned<nbd_extent_callback>>,
-    extent64: Option<Owned<nbd_extent64_callback>>,
-    completion: Option<Owned<nbd_completion_callback>>,
-}
-
-/// Submits one command and remembers its callbacks. It leaves at once
-/// if the connection is idle; behind commands still awaiting replies it
-/// waits for the next poll or notify call, so that a burst of submissions
-/// leaves in one send. Like Nagle's algorithm, this never delays a lone
-/// command, and a reply is always due to wake even a caller that ignores
-/// the write direction (notify_read sends too).
+/// Submits one command and returns its cookie (see `Handle::submit`).
 fn submit(
-    i: &mut Inner,
+    i: &mut Handle,
     what: &'static str,
     cbs: Callbacks,
     read_into: Option<(*mut u8, usize)>,
     offset: u64,
     issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, Error>,
 ) -> CResult<i64> {
-    let idle = i.conn.in_flight() == 0;
-    let cookie = issue(&mut i.conn)?;
-    let (buf, len) = read_into.unwrap_or((std::ptr::null_mut(), 0));
-    let pending = Pending {
-        completion: cbs.completion,
-        chunk: cbs.chunk,
-        extent: cbs.extent,
-        extent64: cbs.extent64,
-        callback_error: 0,
-        buf,
-        zero_on_error: if i.pread_initialize { len } else { 0 },
-        offset,
-        what,
-    };
-    i.pending.insert(cookie, pending);
-    if idle {
-        i.notify_write();
+    let mut command = Command::new(what, cbs, offset);
+    if let Some((buf, len)) = read_into {
+        command = command.reading_into(buf, len, i.settings().pread_initialize);
     }
-    Ok(cookie as i64)
+    Ok(i.submit(command, issue)? as i64)
 }
 
 /// Waits for `cookie` and retires it.
-fn wait(i: &mut Inner, cookie: i64) -> CResult<c_int> {
+fn wait(i: &mut Handle, cookie: i64) -> CResult<c_int> {
     let cookie = cookie as u64;
-    i.run_until(|i| i.done.iter().any(|d| d.cookie == cookie))?;
+    i.run_until(|i| i.is_completed(cookie))?;
     retire(i, cookie).map(|_| 0)
 }
 
 /// 1 and retired if `cookie` completed well; its error if it failed; 0 if
 /// still in flight, and (as libnbd 1.14 does) 0 for a cookie it does not
 /// know, such as one already retired.
-fn retire(i: &mut Inner, cookie: u64) -> CResult<c_int> {
-    if let Some(done) = i.done.iter().position(|d| d.cookie == cookie).and_then(|at| i.done.remove(at)) {
-        // Dropping `done` frees the command's callbacks, once.
-        if done.errno != 0 {
-            return Err(CError::new(done.errno, format!("{}: command failed", done.what())));
-        }
-        return Ok(1);
+fn retire(i: &mut Handle, cookie: u64) -> CResult<c_int> {
+    match i.retire(cookie) {
+        Some(outcome) => outcome.map(|()| 1),
+        None => Ok(0),
     }
-    Ok(0)
 }
 
 /// A read's buffer. `set_pread_initialize` is honoured when the read
@@ -97,7 +64,7 @@ fn initialize_refused<R: PartialEq + From<i8>>(h: *mut nbd_handle, buf: *mut c_v
     }
     // SAFETY: as in the export that failed: NULL or a live handle.
     let Some(handle) = (unsafe { h.as_ref() }) else { return r };
-    if handle.lock().pread_initialize {
+    if handle.lock().settings().pread_initialize {
         // SAFETY: the caller's buffer of `count` bytes, writable by the
         // read's contract; the call failed, so it is the caller's again.
         unsafe { std::ptr::write_bytes(buf.cast::<u8>(), 0, count) };
@@ -269,33 +236,33 @@ pub extern "C" fn nbd_aio_block_status(
 /// What `block_status_filter` sends: the flags (PAYLOAD_LEN added unless
 /// the caller turned `LIBNBD_STRICT_AUTO_FLAG` off) and the ids of the
 /// negotiated contexts named in `contexts`, checked in libnbd's order.
-fn status_filter(i: &Inner, contexts: &[String], flags: u32) -> CResult<(nbd_proto::CmdFlags, Vec<u32>)> {
+fn status_filter(i: &Handle, contexts: &[String], flags: u32) -> CResult<(nbd_proto::CmdFlags, Vec<u32>)> {
     use crate::constants::LIBNBD_CMD_FLAG_PAYLOAD_LEN as PAYLOAD_LEN;
     use nbd_proto::StrictMode;
     let mut f = cmd_flags(i, flags, crate::constants::LIBNBD_CMD_FLAG_REQ_ONE | PAYLOAD_LEN)?;
-    if i.conn.config().strict.contains(StrictMode::COMMANDS) {
-        if !i.conn.structured_replies_negotiated() {
+    if i.conn().config().strict.contains(StrictMode::COMMANDS) {
+        if !i.conn().structured_replies_negotiated() {
             return Err(CError::new(libc::ENOTSUP, "server does not support structured replies"));
         }
-        if i.conn.meta_contexts().is_none_or(|m| m.is_empty()) {
+        if i.conn().meta_contexts().is_none_or(|m| m.is_empty()) {
             return Err(nbd_proto::LocalError::NoMetaContexts.into());
         }
     }
-    if i.conn.config().strict.contains(StrictMode::AUTO_FLAG) {
-        if !i.conn.extended_headers_negotiated() {
+    if i.conn().config().strict.contains(StrictMode::AUTO_FLAG) {
+        if !i.conn().extended_headers_negotiated() {
             return Err(CError::new(libc::ENOTSUP, "server does not support extended headers"));
         }
         f |= nbd_proto::CmdFlags::PAYLOAD_LEN;
     }
-    if i.conn.config().strict.contains(StrictMode::COMMANDS) {
-        if !i.conn.export().flags.contains(nbd_proto::TransmissionFlags::BLOCK_STAT_PAYLOAD) {
+    if i.conn().config().strict.contains(StrictMode::COMMANDS) {
+        if !i.conn().export().flags.contains(nbd_proto::TransmissionFlags::BLOCK_STAT_PAYLOAD) {
             return Err(CError::new(libc::EINVAL, "server does not support the block status payload flag"));
         }
         if !f.contains(nbd_proto::CmdFlags::PAYLOAD_LEN) {
             return Err(CError::new(libc::EINVAL, "incorrect setting for PAYLOAD_LEN flag"));
         }
     }
-    let negotiated = i.conn.meta_contexts().unwrap_or_default();
+    let negotiated = i.conn().meta_contexts().unwrap_or_default();
     let ids = contexts
         .iter()
         .map(|name| {
@@ -498,7 +465,7 @@ pub extern "C" fn nbd_aio_disconnect(h: *mut nbd_handle, flags: u32) -> c_int {
         if flags != 0 {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
-        i.conn.disconnect()?;
+        i.disconnect()?;
         i.notify_write();
         Ok(0)
     })
@@ -511,20 +478,19 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
             return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
         }
         // Still negotiating (libnbd 1.22): end it as opt_abort does.
-        if i.conn.state() == nbd_proto::PublicState::Negotiating {
+        if i.state() == nbd_proto::PublicState::Negotiating {
             return super::opt::abort(i);
         }
         if flags & crate::constants::LIBNBD_SHUTDOWN_ABANDON_PENDING != 0 {
             // Requests not yet sent fail (ENOTCONN); those sent are answered.
-            i.conn.abandon_unsent();
-            i.dispatch();
+            i.abandon_unsent();
         }
-        match i.conn.disconnect() {
+        match i.disconnect() {
             Ok(()) => {}
             Err(nbd_proto::Error::Local(nbd_proto::LocalError::AfterDisconnect)) => {}
             Err(e) => return Err(e.into()),
         }
-        i.run_until(|i| matches!(i.conn.state(), nbd_proto::PublicState::Closed | nbd_proto::PublicState::Dead))
+        i.run_until(|i| matches!(i.state(), nbd_proto::PublicState::Closed | nbd_proto::PublicState::Dead))
             .or_else(|e| if e.errno == libc::ENOTCONN { Ok(()) } else { Err(e) })?;
         Ok(0)
     })
@@ -536,7 +502,7 @@ pub extern "C" fn nbd_shutdown(h: *mut nbd_handle, flags: u32) -> c_int {
 /// socket is being serviced: before connecting and once the connection is
 /// over. While connected they are accepted in any direction: with sends
 /// batched, a caller may see both directions ready and service both.
-fn no_socket_event(i: &Inner, event: u32) -> CResult<()> {
+fn no_socket_event(i: &Handle, event: u32) -> CResult<()> {
     use crate::table::{CLOSED, CREATED, DEAD};
     let state = i.public_state();
     // libnbd refuses a write event where nothing waits to be sent (READY,
@@ -544,7 +510,7 @@ fn no_socket_event(i: &Inner, event: u32) -> CResult<()> {
     // announced by aio_get_direction is still welcome after a read event
     // sent everything (a loop that serves POLLIN, then POLLOUT).
     let unwanted_write =
-        event == 1 && !i.write_announced && i.direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE == 0;
+        event == 1 && !i.write_was_announced() && i.direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE == 0;
     if state == DEAD || state == CLOSED || (state == CREATED && i.fd() < 0) || unwanted_write {
         let state = i.libnbd_state_name();
         return Err(CError::new(libc::EINVAL, format!("external event {event} is invalid in state {state}")));
@@ -567,7 +533,7 @@ pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
     export!("nbd_aio_get_direction", h, 0, [], |i| {
         let d = i.direction();
-        i.write_announced = d & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
+        i.announce(d);
         Ok(d)
     })
 }
@@ -586,7 +552,7 @@ pub extern "C" fn nbd_aio_notify_read(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_notify_write", h, -1, [], |i| {
         no_socket_event(i, 1)?;
-        i.write_announced = false;
+        i.write_event_came();
         i.notify_write();
         i.take_dial_error()?;
         Ok(0)
@@ -595,7 +561,7 @@ pub extern "C" fn nbd_aio_notify_write(h: *mut nbd_handle) -> c_int {
 
 /// One wait for the socket (and `extra_fd`, if not negative) and its
 /// servicing, as `nbd_poll` and `nbd_poll2` do.
-fn poll(i: &mut Inner, extra_fd: c_int, timeout: c_int) -> CResult<c_int> {
+fn poll(i: &mut Handle, extra_fd: c_int, timeout: c_int) -> CResult<c_int> {
     if i.direction() == 0 {
         let state = i.libnbd_state_name();
         return Err(CError::new(libc::EINVAL, format!("nothing to poll for in state {state}")));
@@ -626,10 +592,10 @@ pub extern "C" fn nbd_aio_command_completed(h: *mut nbd_handle, cookie: u64) -> 
 #[no_mangle]
 pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
     export!("nbd_aio_peek_command_completed", h, -1, [], |i| {
-        if let Some(c) = i.done.front().map(|d| d.cookie) {
+        if let Some(c) = i.first_completed() {
             return Ok(c as i64);
         }
-        if i.pending.is_empty() {
+        if i.commands_in_flight() == 0 {
             return Err(CError::new(libc::EINVAL, "no commands are in flight"));
         }
         Ok(0)
@@ -638,54 +604,40 @@ pub extern "C" fn nbd_aio_peek_command_completed(h: *mut nbd_handle) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_in_flight(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_in_flight", h, -1, [], |i| Ok(i.conn.in_flight() as c_int))
+    export!("nbd_aio_in_flight", h, -1, [], |i| Ok(i.in_flight() as c_int))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_created(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_created", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Created && !i.poisoned
-    )))
+    export!("nbd_aio_is_created", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Created))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_connecting(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_connecting", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Connecting && !i.poisoned
-    )))
+    export!("nbd_aio_is_connecting", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Connecting))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_negotiating(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_negotiating", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Negotiating && !i.poisoned
-    )))
+    export!("nbd_aio_is_negotiating", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Negotiating))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_ready(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_ready", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Ready && !i.poisoned
-    )))
+    export!("nbd_aio_is_ready", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Ready))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_processing(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_processing", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Processing && !i.poisoned
-    )))
+    export!("nbd_aio_is_processing", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Processing))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_closed(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_closed", h, -1, [], |i| Ok(c_int::from(
-        i.conn.state() == nbd_proto::PublicState::Closed && !i.poisoned
-    )))
+    export!("nbd_aio_is_closed", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Closed))))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_aio_is_dead(h: *mut nbd_handle) -> c_int {
-    export!("nbd_aio_is_dead", h, -1, [], |i| Ok(c_int::from(
-        i.poisoned || i.conn.state() == nbd_proto::PublicState::Dead
-    )))
+    export!("nbd_aio_is_dead", h, -1, [], |i| Ok(c_int::from(i.is_in(nbd_proto::PublicState::Dead))))
 }

@@ -4,7 +4,8 @@ use super::arg_str;
 use crate::boundary::export;
 use crate::dial::Address;
 use crate::error::{CError, CResult};
-use crate::handle::{nbd_handle, Inner};
+use crate::handle::{nbd_handle, Handle};
+use crate::link::Subprocess;
 use crate::trace::{Hex, SockAddr};
 use crate::uri::{self, Transport};
 use nbd_proto::PublicState;
@@ -14,10 +15,10 @@ use std::os::fd::{FromRawFd, OwnedFd};
 /// Waits for the handshake to finish, as every synchronous connect does.
 /// In opt mode that includes sending what is queued (the client's
 /// handshake flags), so the server is not left waiting for them.
-fn finish_connect(i: &mut Inner) -> CResult<c_int> {
-    i.run_until(|i| match i.conn.state() {
+fn finish_connect(i: &mut Handle) -> CResult<c_int> {
+    i.run_until(|i| match i.state() {
         PublicState::Connecting => false,
-        PublicState::Negotiating => !i.conn.direction().wants_write(),
+        PublicState::Negotiating => !i.conn().direction().wants_write(),
         _ => true,
     })?;
     i.ended().map_or(Ok(0), Err)
@@ -25,69 +26,69 @@ fn finish_connect(i: &mut Inner) -> CResult<c_int> {
 
 /// Starts connecting the transport, recording it for `nbd_get_uri`. A
 /// transport that fails leaves the handle dead, as in libnbd.
-fn connect_transport(i: &mut Inner, t: Transport) -> CResult<()> {
+fn connect_transport(i: &mut Handle, t: Transport) -> CResult<()> {
     let (addrs, tcp) = match &t {
         Transport::Unix { socket } => (vec![Address::unix(socket)?], None),
         Transport::Tcp { host, port } => (Address::resolve(host, port)?, Some(format!("{host}:{port}"))),
         Transport::Vsock { cid, port } => (vec![Address::vsock(*cid, *port)?], None),
     };
-    i.transport = Some(t);
-    i.dial(addrs, tcp)
+    i.connected_via_mut().transport = Some(t);
+    i.link_mut().dial(addrs, tcp)
 }
 
-fn connect_unix(i: &mut Inner, path: *const c_char) -> CResult<()> {
+fn connect_unix(i: &mut Handle, path: *const c_char) -> CResult<()> {
     let socket = arg_str(path, "unixsocket")?;
     connect_transport(i, Transport::Unix { socket })
 }
 
-fn connect_tcp(i: &mut Inner, host: *const c_char, port: *const c_char) -> CResult<()> {
+fn connect_tcp(i: &mut Handle, host: *const c_char, port: *const c_char) -> CResult<()> {
     let host = arg_str(host, "hostname")?;
     let port = arg_str(port, "port")?;
     connect_transport(i, Transport::Tcp { host, port })
 }
 
-fn connect_vsock(i: &mut Inner, cid: u32, port: u32) -> CResult<()> {
+fn connect_vsock(i: &mut Handle, cid: u32, port: u32) -> CResult<()> {
     connect_transport(i, Transport::Vsock { cid, port })
 }
 
-fn connect_uri(i: &mut Inner, uri: *const c_char) -> CResult<()> {
+fn connect_uri(i: &mut Handle, uri: *const c_char) -> CResult<()> {
     let text = arg_str(uri, "uri")?;
     let u = uri::parse(&text)?;
-    if u.transport.allow_bit() & i.uri_allow_transports == 0 {
+    if u.transport.allow_bit() & i.settings().uri_allow_transports == 0 {
         return Err(CError::new(libc::EPERM, "URI transport is not permitted"));
     }
-    match (u.tls, i.uri_allow_tls) {
+    match (u.tls, i.settings().uri_allow_tls) {
         (true, 0) => return Err(CError::new(libc::EPERM, "URI requests TLS, but TLS is not permitted")),
         (false, 2) => return Err(CError::new(libc::EPERM, "URI does not request TLS, but TLS is required")),
         _ => {}
     }
-    if (u.tls_psk_file.is_some() || u.tls_certificates.is_some()) && !i.uri_allow_local_file {
+    if (u.tls_psk_file.is_some() || u.tls_certificates.is_some()) && !i.settings().uri_allow_local_file {
         return Err(CError::new(libc::EPERM, "local file access (tls-certificates or tls-psk-file) is not allowed"));
     }
     if u.tls {
-        i.conn.config_mut()?.tls = nbd_proto::TlsMode::Require;
+        i.conn_mut().config_mut()?.tls = nbd_proto::TlsMode::Require;
     }
-    let t = &mut i.tls_settings;
+    let t = &mut i.settings_mut().tls;
     t.certificates = u.tls_certificates.map(Into::into).or(t.certificates.take());
     t.psk_file = u.tls_psk_file.map(Into::into).or(t.psk_file.take());
     t.username = u.username.or(t.username.take());
     t.verify_peer = u.tls_verify_peer.unwrap_or(t.verify_peer);
     if u.tls_hostname.is_some() {
-        i.tls_hostname = u.tls_hostname;
+        i.settings_mut().tls_hostname = u.tls_hostname;
     }
-    i.conn.config_mut()?.set_export_name(&u.export)?;
+    i.conn_mut().config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
 }
 
-fn connect_socket(i: &mut Inner, sock: c_int) -> CResult<()> {
+fn connect_socket(i: &mut Handle, sock: c_int) -> CResult<()> {
     if sock < 0 {
         return Err(CError::new(libc::EBADF, "invalid socket"));
     }
-    i.conn.start_connect()?;
+    i.conn_mut().start_connect()?;
     // SAFETY: the caller hands the connected socket over to the handle,
     // which owns it from now on (libnbd's contract).
     let fd = unsafe { OwnedFd::from_raw_fd(sock) };
-    i.attach(fd)
+    i.link_mut().attach(fd)
 }
 
 #[no_mangle]
@@ -176,7 +177,8 @@ pub extern "C" fn nbd_is_uri(h: *mut nbd_handle, uri: *const c_char) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
     export!("nbd_get_uri", h, std::ptr::null_mut(), [], |i| {
-        let t = match (&i.transport, &i.address_uri) {
+        let via = i.connected_via();
+        let t = match (&via.transport, &via.address) {
             (Some(t), _) => t,
             (None, Some(from_address)) => from_address.as_ref().map_err(Clone::clone)?,
             (None, None) => {
@@ -186,8 +188,8 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
                 ))
             }
         };
-        let tls = i.conn.tls_negotiated() || i.conn.config().tls == nbd_proto::TlsMode::Require;
-        let s = &i.tls_settings;
+        let tls = i.conn().tls_negotiated() || i.conn().config().tls == nbd_proto::TlsMode::Require;
+        let s = &i.settings().tls;
         let mut files = Vec::new();
         if let Some(d) = &s.certificates {
             files.push(("tls-certificates", d.to_string_lossy()));
@@ -195,7 +197,7 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
         if let Some(f) = &s.psk_file {
             files.push(("tls-psk-file", f.to_string_lossy()));
         }
-        if let Some(h) = &i.tls_hostname {
+        if let Some(h) = &i.settings().tls_hostname {
             files.push(("tls-hostname", h.into()));
         }
         // As libnbd 1.22 writes it, whether TLS is used or not.
@@ -203,7 +205,7 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
             files.push(("tls-verify-peer", "false".into()));
         }
         let files: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_ref())).collect();
-        super::c_string(&uri::format(tls, t, i.conn.config().export_name(), s.username.as_deref(), &files))
+        super::c_string(&uri::format(tls, t, i.conn().config().export_name(), s.username.as_deref(), &files))
     })
 }
 
@@ -213,7 +215,7 @@ pub extern "C" fn nbd_set_uri_allow_transports(h: *mut nbd_handle, mask: u32) ->
         if mask & !crate::constants::LIBNBD_ALLOW_TRANSPORT_MASK != 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid value for mask: {mask:#x}")));
         }
-        i.uri_allow_transports = mask;
+        i.settings_mut().uri_allow_transports = mask;
         Ok(0)
     })
 }
@@ -224,7 +226,7 @@ pub extern "C" fn nbd_set_uri_allow_tls(h: *mut nbd_handle, tls: c_int) -> c_int
         if !(0..=2).contains(&tls) {
             return Err(CError::new(libc::EINVAL, format!("invalid value for tls: {tls}")));
         }
-        i.uri_allow_tls = tls;
+        i.settings_mut().uri_allow_tls = tls;
         Ok(0)
     })
 }
@@ -232,43 +234,42 @@ pub extern "C" fn nbd_set_uri_allow_tls(h: *mut nbd_handle, tls: c_int) -> c_int
 #[no_mangle]
 pub extern "C" fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) -> c_int {
     export!("nbd_set_uri_allow_local_file", h, -1, [allow], |i| {
-        i.uri_allow_local_file = allow;
+        i.settings_mut().uri_allow_local_file = allow;
         Ok(0)
     })
 }
 
-fn connect_command(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
+fn connect_command(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: argv is NULL or a NULL-terminated array of C strings (the C contract).
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
-    i.conn.start_connect()?;
+    i.conn_mut().start_connect()?;
     let (fd, pid) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
-        i.conn.handle_transport_error(e.errno, "connect_command");
+        i.conn_mut().handle_transport_error(e.errno, "connect_command");
     })?;
-    i.subprocess = Some((pid, None));
-    i.attach(fd)
+    i.link_mut().attach_subprocess(fd, Subprocess { pid, scratch: None })
 }
 
-fn connect_activated(i: &mut Inner, argv: *mut *mut c_char) -> CResult<()> {
+fn connect_activated(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: as for connect_command.
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
-    i.conn.start_connect()?;
-    let (fd, pid, dir) = crate::subprocess::spawn_activated(&argv, &i.socket_activation_name).inspect_err(|e| {
-        i.conn.handle_transport_error(e.errno, "connect_systemd_socket_activation");
-    })?;
+    i.conn_mut().start_connect()?;
+    let (fd, pid, dir) =
+        crate::subprocess::spawn_activated(&argv, &i.settings().socket_activation_name).inspect_err(|e| {
+            i.conn_mut().handle_transport_error(e.errno, "connect_systemd_socket_activation");
+        })?;
     let socket = crate::subprocess::activation_socket(&dir).to_string_lossy().into_owned();
-    i.address_uri = Some(Ok(Transport::Unix { socket }));
-    i.subprocess = Some((pid, Some(dir)));
-    i.attach(fd)
+    i.connected_via_mut().address = Some(Ok(Transport::Unix { socket }));
+    i.link_mut().attach_subprocess(fd, Subprocess { pid, scratch: Some(dir) })
 }
 
-fn connect_sockaddr(i: &mut Inner, addr: *const libc::sockaddr, len: libc::socklen_t) -> CResult<()> {
+fn connect_sockaddr(i: &mut Handle, addr: *const libc::sockaddr, len: libc::socklen_t) -> CResult<()> {
     if addr.is_null() {
         return Err(CError::new(libc::EFAULT, "addr cannot be NULL"));
     }
     // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
     let a = unsafe { Address::from_raw(addr, len) }?;
-    i.address_uri = Some(a.transport());
-    i.dial(vec![a], None)
+    i.connected_via_mut().address = Some(a.transport());
+    i.link_mut().dial(vec![a], None)
 }
 
 #[no_mangle]
@@ -308,14 +309,14 @@ pub extern "C" fn nbd_kill_subprocess(h: *mut nbd_handle, signum: c_int) -> c_in
         if signum < 0 {
             return Err(CError::new(libc::EINVAL, format!("invalid signal number: {signum}")));
         }
-        let Some((pid, _)) = i.subprocess.as_ref() else {
+        let Some(pid) = i.subprocess_pid() else {
             return Err(CError::new(libc::ESRCH, "no subprocess"));
         };
         let sig = if signum == 0 { libc::SIGTERM } else { signum };
         // Like libnbd, only signal: the child is reaped at nbd_close, after
         // the socket is closed, so a server that drains first cannot hang us.
         // SAFETY: signalling our own child, not yet reaped.
-        if unsafe { libc::kill(*pid, sig) } < 0 {
+        if unsafe { libc::kill(pid, sig) } < 0 {
             return Err(CError::last_os("kill"));
         }
         Ok(0)

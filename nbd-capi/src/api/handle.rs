@@ -39,38 +39,11 @@ pub unsafe extern "C" fn nbd_close(h: *mut nbd_handle) {
     let handle = unsafe { Box::from_raw(h) };
     {
         let mut i = handle.lock();
-        i.context = "nbd_close";
+        i.set_context("nbd_close");
         i.debug(|| "closing handle".into());
-        abandon_in_flight(&mut i);
+        i.abandon_in_flight();
     }
     drop(handle);
-}
-
-/// Commands still in flight when the handle closes are told they failed,
-/// as libnbd 1.22 does: the completion callback runs with the command's
-/// error, ENOTCONN if it has none; then the chunk or extent callback's
-/// `free` runs, and the completion's last.
-fn abandon_in_flight(i: &mut crate::handle::Inner) {
-    let mut cookies: Vec<u64> = i.pending.keys().copied().collect();
-    cookies.sort_unstable();
-    for cookie in cookies {
-        let Some(mut p) = i.pending.remove(&cookie) else { continue };
-        if p.zero_on_error > 0 {
-            // SAFETY: the read's buffer, `zero_on_error` bytes the caller
-            // lent until completion, which is now.
-            unsafe { std::ptr::write_bytes(p.buf, 0, p.zero_on_error) };
-        }
-        let mut err = if p.callback_error != 0 { p.callback_error } else { libc::ENOTCONN };
-        if let Some(c) = p.completion.as_ref().map(|c| *c.get()) {
-            if let Some(f) = c.callback {
-                // SAFETY: the caller's completion callback with its user data.
-                unsafe { f(c.user_data, &mut err) };
-            }
-        }
-        drop(p.chunk.take());
-        drop(p.extent.take());
-        drop(p.completion.take());
-    }
 }
 
 #[no_mangle]
@@ -93,7 +66,7 @@ pub extern "C" fn nbd_set_debug(h: *mut nbd_handle, debug: bool) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_debug(h: *mut nbd_handle) -> c_int {
-    export!("nbd_get_debug", h, -1, [], |i| Ok(c_int::from(i.debug)))
+    export!("nbd_get_debug", h, -1, [], |i| Ok(c_int::from(i.debugging())))
 }
 
 #[no_mangle]
@@ -102,7 +75,7 @@ pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callb
     // callback is replaced, cleared or the handle closes.
     let cb = Owned::new(cb);
     export!("nbd_set_debug_callback", h, -1, [debug = Fun], |i| {
-        i.debug_cb = Some(cb);
+        i.set_debug_callback(Some(cb));
         Ok(0)
     })
 }
@@ -110,7 +83,7 @@ pub extern "C" fn nbd_set_debug_callback(h: *mut nbd_handle, cb: nbd_debug_callb
 #[no_mangle]
 pub extern "C" fn nbd_clear_debug_callback(h: *mut nbd_handle) -> c_int {
     export!("nbd_clear_debug_callback", h, -1, [], |i| {
-        i.debug_cb = None;
+        i.set_debug_callback(None);
         Ok(0)
     })
 }
@@ -119,14 +92,16 @@ pub extern "C" fn nbd_clear_debug_callback(h: *mut nbd_handle) -> c_int {
 pub extern "C" fn nbd_set_handle_name(h: *mut nbd_handle, name: *const c_char) -> c_int {
     export!("nbd_set_handle_name", h, -1, [handle_name = name], |i| {
         let name = arg_str(name, "handle_name")?;
-        i.handle_name = CString::new(name).unwrap_or_default();
+        i.settings_mut().handle_name = CString::new(name).unwrap_or_default();
         Ok(0)
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_get_handle_name(h: *mut nbd_handle) -> *mut c_char {
-    export!("nbd_get_handle_name", h, std::ptr::null_mut(), [], |i| c_string(&i.handle_name.to_string_lossy()))
+    export!("nbd_get_handle_name", h, std::ptr::null_mut(), [], |i| c_string(
+        &i.settings().handle_name.to_string_lossy()
+    ))
 }
 
 #[no_mangle]
@@ -173,28 +148,28 @@ pub extern "C" fn nbd_supports_vsock(h: *mut nbd_handle) -> c_int {
 
 #[no_mangle]
 pub extern "C" fn nbd_get_subprocess_pid(h: *mut nbd_handle) -> i64 {
-    export!("nbd_get_subprocess_pid", h, -1, [], |i| match &i.subprocess {
-        Some((pid, _)) => Ok(i64::from(*pid)),
+    export!("nbd_get_subprocess_pid", h, -1, [], |i| match i.subprocess_pid() {
+        Some(pid) => Ok(i64::from(pid)),
         None => Err(crate::error::CError::new(libc::ESRCH, "no subprocess exists")),
     })
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_sent", h, 0, [], |i| Ok(i.conn.stats().bytes_sent))
+    export!("nbd_stats_bytes_sent", h, 0, [], |i| Ok(i.conn().stats().bytes_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_received", h, 0, [], |i| Ok(i.conn.stats().bytes_received))
+    export!("nbd_stats_bytes_received", h, 0, [], |i| Ok(i.conn().stats().bytes_received))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_sent", h, 0, [], |i| Ok(i.conn.stats().chunks_sent))
+    export!("nbd_stats_chunks_sent", h, 0, [], |i| Ok(i.conn().stats().chunks_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_received", h, 0, [], |i| Ok(i.conn.stats().chunks_received))
+    export!("nbd_stats_chunks_received", h, 0, [], |i| Ok(i.conn().stats().chunks_received))
 }

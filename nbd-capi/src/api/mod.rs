@@ -54,8 +54,8 @@ pub(crate) fn c_string(s: &str) -> CResult<*mut c_char> {
 /// A command's flags, checked as libnbd checks them: bits outside the
 /// function's own `mask` are refused in strict-flags mode, and bits above
 /// 16 can never be sent.
-pub(crate) fn cmd_flags(i: &crate::handle::Inner, flags: u32, mask: u32) -> CResult<nbd_proto::CmdFlags> {
-    let strict = i.conn.config().strict.contains(nbd_proto::StrictMode::FLAGS);
+pub(crate) fn cmd_flags(i: &crate::handle::Handle, flags: u32, mask: u32) -> CResult<nbd_proto::CmdFlags> {
+    let strict = i.conn().config().strict.contains(nbd_proto::StrictMode::FLAGS);
     if flags & !mask != 0 && (strict || flags > u32::from(u16::MAX)) {
         return Err(CError::new(libc::EINVAL, format!("flags: invalid value for flag: {flags:#x}")));
     }

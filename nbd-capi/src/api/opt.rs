@@ -4,19 +4,18 @@ use super::arg_str_list;
 use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
-use crate::handle::{nbd_handle, Inner, OptPending, UserBuf};
+use crate::handle::{nbd_handle, Handle, OptPending, UserBuf};
 use crate::trace::Fun;
 use nbd_proto::{Connection, Error, PublicState};
 use std::ffi::{c_char, c_int};
 
 fn start(
-    i: &mut Inner,
+    i: &mut Handle,
     pending: OptPending,
     issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<(), Error>,
 ) -> CResult<()> {
-    issue(&mut i.conn)?;
-    i.opt = Some(pending);
-    i.last_option_error = None;
+    issue(i.conn_mut())?;
+    i.start_option(pending);
     i.notify_write();
     i.dispatch();
     Ok(())
@@ -24,13 +23,13 @@ fn start(
 
 /// Waits for the option to finish; returns what it reported. A refusal
 /// is reported in libnbd's words; the server's own goes to the debug log.
-fn finish(i: &mut Inner, what: &str) -> CResult<c_int> {
-    i.run_until(|i| i.opt.as_ref().is_none_or(|o| o.done.is_some()))?;
-    let opt = i.opt.take().unwrap_or_default();
+fn finish(i: &mut Handle, what: &str) -> CResult<c_int> {
+    i.run_until(Handle::option_done)?;
+    let opt = i.take_option().unwrap_or_default();
     match opt.done {
         Some(0) | None => Ok(opt.count),
         Some(err) => {
-            let detail = i.last_option_error.take().unwrap_or_default();
+            let detail = i.take_option_error().unwrap_or_default();
             i.debug(|| format!("{what}: {detail}"));
             Err(CError::new(err, format!("server replied with error to {what} request")))
         }
@@ -44,12 +43,12 @@ fn with_completion(cb: nbd_completion_callback) -> OptPending {
 /// Waits for an option the server may refuse without harm: 1 if it
 /// accepted, 0 if it refused (still negotiating), an error only if the
 /// connection did not survive to say.
-fn finish_bool(i: &mut Inner, what: &str) -> CResult<c_int> {
-    i.run_until(|i| i.opt.as_ref().is_none_or(|o| o.done.is_some()))?;
-    let err = i.opt.take().and_then(|o| o.done).unwrap_or(0);
-    if i.conn.state() == PublicState::Negotiating {
+fn finish_bool(i: &mut Handle, what: &str) -> CResult<c_int> {
+    i.run_until(Handle::option_done)?;
+    let err = i.take_option().and_then(|o| o.done).unwrap_or(0);
+    if i.state() == PublicState::Negotiating {
         if err != 0 {
-            let detail = i.last_option_error.take().unwrap_or_default();
+            let detail = i.take_option_error().unwrap_or_default();
             i.debug(|| format!("{what}: {detail}"));
         }
         return Ok(c_int::from(err == 0));
@@ -82,7 +81,7 @@ fn issue_meta(c: &mut Connection<UserBuf>, which: MetaOption, queries: Option<Ve
 
 /// The synchronous meta context options: the contexts reported, counted.
 fn meta_sync(
-    i: &mut Inner,
+    i: &mut Handle,
     which: MetaOption,
     q: Queries,
     context: Option<Owned<nbd_context_callback>>,
@@ -95,7 +94,7 @@ fn meta_sync(
 }
 
 /// The asynchronous meta context options.
-fn meta_aio(i: &mut Inner, which: MetaOption, q: Queries, mut p: OptPending) -> CResult<c_int> {
+fn meta_aio(i: &mut Handle, which: MetaOption, q: Queries, mut p: OptPending) -> CResult<c_int> {
     let q = queries(q)?;
     p.context = Some(required(p.context.take(), "context")?);
     start(i, p, |c| issue_meta(c, which, q)).map(|()| 0)
@@ -118,12 +117,12 @@ pub extern "C" fn nbd_opt_info(h: *mut nbd_handle) -> c_int {
 }
 
 /// Ends negotiation with NBD_OPT_ABORT and waits for the close.
-pub(crate) fn abort(i: &mut Inner) -> CResult<c_int> {
+pub(crate) fn abort(i: &mut Handle) -> CResult<c_int> {
     start(i, OptPending::default(), |c| c.opt_abort())?;
     // A server without fixed newstyle cannot be told: libnbd drops the
     // connection (dead) and still reports success.
-    i.run_until(|i| matches!(i.conn.state(), PublicState::Closed | PublicState::Dead))?;
-    i.opt = None;
+    i.run_until(|i| matches!(i.state(), PublicState::Closed | PublicState::Dead))?;
+    i.take_option();
     Ok(0)
 }
 

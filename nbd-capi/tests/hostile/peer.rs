@@ -233,7 +233,7 @@ impl Drop for Peer {
 /// a client that hung up is an error here, not the end of the tests.
 fn send_all(sock: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
     while !bytes.is_empty() {
-        match nbd::send::send(sock, bytes) {
+        match nbd_io::send(sock, &[bytes]) {
             Ok(n) => bytes = &bytes[n..],
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

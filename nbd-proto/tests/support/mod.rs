@@ -1,8 +1,7 @@
-//! Shared test support: a scripted server, an in-memory pair, a blocking
-//! driver, the fuzz harness, encoders for hand-crafted server bytes, and
+//! Shared test support: a scripted server, an in-memory pair, real
+//! servers, the fuzz harness, encoders for hand-crafted server bytes, and
 //! the client role paired with the server role.
 pub mod craft;
-pub mod driver;
 pub mod fuzz_client;
 pub mod fuzz_handshake;
 pub mod fuzz_record;

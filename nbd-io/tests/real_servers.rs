@@ -1,14 +1,16 @@
 //! The core against real servers: nbdkit, qemu-nbd and nbd-server, each
-//! started on a Unix socket by the test, driven by a blocking loop.
+//! started on a Unix socket by the test, driven through the I/O loop the
+//! C library uses (`nbd_io::Driver` over `nbd_io::pump`).
 
-mod support;
+// The servers are started as nbd-proto's fuzz seed recorder starts them.
+#[path = "../../nbd-proto/tests/support/peers.rs"]
+mod peers;
 
+use nbd_io::Driver;
 use nbd_proto::errno::{EIO, ENOENT};
 use nbd_proto::*;
-use std::os::unix::net::UnixStream;
+use peers::Peer;
 use std::process::Command;
-use support::driver::Driver;
-use support::peers::Peer;
 
 fn config(f: impl FnOnce(&mut Config)) -> Config {
     let mut c = Config::default();
@@ -16,13 +18,13 @@ fn config(f: impl FnOnce(&mut Config)) -> Config {
     c
 }
 
-fn connect(peer: &Peer, cfg: Config) -> Driver<UnixStream> {
-    let mut d = Driver::new(Connection::new(cfg), peer.connect());
+fn connect(peer: &Peer, cfg: Config) -> Driver {
+    let mut d = Driver::new(Connection::new(cfg), peer.connect()).expect("socket");
     d.handshake().expect("handshake I/O");
     d
 }
 
-fn ready(peer: &Peer, cfg: Config) -> Driver<UnixStream> {
+fn ready(peer: &Peer, cfg: Config) -> Driver {
     let d = connect(peer, cfg);
     assert_eq!(d.conn.state(), PublicState::Ready, "handshake failed: {:?}", d.conn.error());
     d
@@ -32,7 +34,7 @@ fn with_base_allocation() -> Config {
     config(|c| c.add_meta_context("base:allocation").unwrap())
 }
 
-fn extents_of(d: &mut Driver<UnixStream>, cookie: Cookie) -> Vec<(u32, Vec<Extent>)> {
+fn extents_of(d: &mut Driver, cookie: Cookie) -> Vec<(u32, Vec<Extent>)> {
     let mut out = Vec::new();
     d.events.retain(|e| match e {
         Event::Extents { cookie: c, context_id, extents, .. } if *c == cookie => {
@@ -44,7 +46,7 @@ fn extents_of(d: &mut Driver<UnixStream>, cookie: Cookie) -> Vec<(u32, Vec<Exten
     out
 }
 
-fn disconnect(d: &mut Driver<UnixStream>) {
+fn disconnect(d: &mut Driver) {
     d.conn.disconnect().unwrap();
     d.run_until(|c| c.state() == PublicState::Closed).unwrap();
     assert_eq!(d.conn.state(), PublicState::Closed);

@@ -1,13 +1,11 @@
 //! The main job in miniature: connect to an NBD server on a Unix socket,
 //! negotiate, write, read back, map allocation and disconnect, with
-//! nbd-proto driven by a few lines of blocking I/O.
+//! nbd-proto driven by nbd-io's blocking driver: the I/O loop the C
+//! library uses, waiting in poll(2).
 //!
-//! `nbdkit -U - memory 64M --run 'cargo run -p nbd-proto --example demo -- "$unixsocket"'`
+//! `nbdkit -U - memory 64M --run 'cargo run -p nbd-io --example demo -- "$unixsocket"'`
 
-#[path = "../tests/support/driver.rs"]
-mod driver;
-
-use driver::Driver;
+use nbd_io::Driver;
 use nbd_proto::{CmdFlags, Config, Connection, Event};
 use std::os::unix::net::UnixStream;
 
@@ -16,7 +14,7 @@ fn main() {
     let stream = UnixStream::connect(&path).expect("connect");
     let mut config = Config::default();
     config.add_meta_context("base:allocation").expect("context name");
-    let mut d = Driver::new(Connection::new(config), stream);
+    let mut d = Driver::new(Connection::new(config), stream).expect("socket");
     d.handshake().expect("handshake I/O");
     if let Some(e) = d.conn.error() {
         eprintln!("handshake failed: {e}");
@@ -53,5 +51,6 @@ fn main() {
     d.conn.disconnect().expect("disconnect");
     d.run_until(|c| c.state().name() == "closed").expect("disconnect I/O");
     println!("state:              {}", d.conn.state().name());
-    println!("sends {} receives {}", d.sends, d.recvs);
+    let (sends, receives) = d.syscalls();
+    println!("sends {sends} receives {receives}");
 }

@@ -1,0 +1,307 @@
+//! A link: one connection to the export under a handle. It owns the
+//! core (`Connection`), the transport (a socket, TLS over it after
+//! STARTTLS), the dial state and the server process the handle started,
+//! if any; bytes move through `nbd_io::pump`, the one I/O loop. What the
+//! caller sees (settings, callbacks, cookies, completions) is the
+//! handle's.
+
+use crate::dial::{Address, Dialing};
+use crate::error::{CError, CResult};
+use crate::handle::UserBuf;
+use crate::tls::{OpensslTls, TlsLayer, TlsSettings, TlsTransport};
+use nbd_io::{pump, Socket, Transport};
+use nbd_proto::{Connection, Cookie, PublicState};
+use std::collections::HashMap;
+use std::ffi::{c_int, c_uint};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+/// A connection's byte stream: the socket, then TLS over it.
+enum Stream {
+    Plain(Socket),
+    Tls(TlsTransport<Socket>),
+}
+
+impl Stream {
+    fn transport(&mut self) -> &mut dyn Transport {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => t,
+        }
+    }
+
+    fn transport_ref(&self) -> &dyn Transport {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(t) => t,
+        }
+    }
+}
+
+/// A server the handle started for this link, and the scratch directory
+/// of a socket-activated one.
+pub struct Subprocess {
+    pub pid: libc::pid_t,
+    pub scratch: Option<PathBuf>,
+}
+
+/// Cookies are small sequential integers: they are their own hash.
+#[derive(Default)]
+pub struct CookieHasher(u64);
+
+impl Hasher for CookieHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// A map keyed by cookie.
+pub type CookieMap<V> = HashMap<Cookie, V, BuildHasherDefault<CookieHasher>>;
+
+pub struct Link {
+    conn: Connection<UserBuf>,
+    stream: Option<Stream>,
+    /// A non-blocking connect under way on the stream's socket.
+    dialing: Option<Dialing>,
+    /// How the last non-blocking connect failed, until reported.
+    dial_error: Option<CError>,
+    subprocess: Option<Subprocess>,
+    /// The handle's cookie of each command this link carries, by the
+    /// core's cookie.
+    routes: CookieMap<Cookie>,
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Closing our end lets the server see EOF; then reap it.
+        self.stream = None;
+        if let Some(Subprocess { pid, scratch }) = self.subprocess.take() {
+            let mut status = 0;
+            // A socket-activated server keeps listening after its client
+            // leaves, so it is asked to stop; a connect_command server
+            // exits at EOF on its stdin.
+            // SAFETY: signalling and waiting for our own child.
+            unsafe {
+                if scratch.is_some() {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+                libc::waitpid(pid, &mut status, 0);
+            }
+            if let Some(d) = scratch {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}
+
+impl Link {
+    pub fn new(conn: Connection<UserBuf>) -> Self {
+        Link { conn, stream: None, dialing: None, dial_error: None, subprocess: None, routes: CookieMap::default() }
+    }
+
+    pub fn conn(&self) -> &Connection<UserBuf> {
+        &self.conn
+    }
+
+    pub fn conn_mut(&mut self) -> &mut Connection<UserBuf> {
+        &mut self.conn
+    }
+
+    /// The descriptor to poll, -1 without one.
+    pub fn fd(&self) -> c_int {
+        self.stream.as_ref().map_or(-1, |s| s.transport_ref().fd())
+    }
+
+    pub fn is_dialing(&self) -> bool {
+        self.dialing.is_some()
+    }
+
+    /// `LIBNBD_AIO_DIRECTION_*` bits: what the core waits for, and what
+    /// the transport needs on its own account (a TLS handshake, ciphertext
+    /// to flush).
+    pub fn direction(&self) -> c_uint {
+        let Some(stream) = &self.stream else { return 0 };
+        let d = self.conn.direction();
+        let own = stream.transport_ref().interest();
+        let (read, write) = (d.wants_read() || own.read, d.wants_write() || own.write);
+        c_uint::from(read) | (c_uint::from(write) << 1)
+    }
+
+    // ---- connecting ----------------------------------------------------------
+
+    /// Starts a non-blocking connect to the first of `addrs` that does not
+    /// refuse at once (`tcp` names a TCP destination, "host:port"). Even a
+    /// connect that succeeds at once is finished by the next write event,
+    /// as in libnbd: until then the link waits to write.
+    pub fn dial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
+        self.conn.start_connect()?;
+        self.dialing = Some(Dialing::new(addrs, tcp));
+        self.dial_next()
+    }
+
+    fn dial_next(&mut self) -> CResult<()> {
+        let Some(d) = self.dialing.as_mut() else { return Ok(()) };
+        match d.start_next() {
+            Ok(fd) => {
+                self.stream = Some(Stream::Plain(Socket::from(fd)));
+                Ok(())
+            }
+            Err(e) => {
+                let fatal = d.failure_is_fatal();
+                self.dialing = None;
+                self.stream = None;
+                if fatal {
+                    self.conn.handle_transport_error(e.errno, "connect");
+                } else {
+                    self.conn.handle_connect_failed();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The connecting socket may have become writable: finish the
+    /// connect, or move on to the next address. A failure is kept in
+    /// `dial_error` for the call that drives the connection to report.
+    fn continue_dial(&mut self) {
+        while let (Some(d), Some(Stream::Plain(sock))) = (self.dialing.as_mut(), self.stream.as_ref()) {
+            match d.check(sock) {
+                None => return,
+                Some(Ok(())) => {
+                    self.dialing = None;
+                    if let Some(Stream::Plain(sock)) = self.stream.take() {
+                        let _ = self.attach(OwnedFd::from(sock));
+                    }
+                }
+                Some(Err(_)) => {
+                    self.stream = None;
+                    if let Err(e) = self.dial_next() {
+                        self.dial_error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the error a non-blocking connect ended with, if any.
+    pub fn take_dial_error(&mut self) -> CResult<()> {
+        self.dial_error.take().map_or(Ok(()), Err)
+    }
+
+    /// Adopts a connected socket and starts the handshake.
+    pub fn attach(&mut self, fd: OwnedFd) -> CResult<()> {
+        crate::dial::tune(&fd);
+        let sock = Socket::from(fd);
+        sock.set_nonblocking(true).map_err(|e| CError::os("fcntl: set O_NONBLOCK", &e))?;
+        self.stream = Some(Stream::Plain(sock));
+        self.conn.handle_connected().map_err(CError::from)?;
+        Ok(())
+    }
+
+    /// Adopts the socket of a server the handle started, which is reaped
+    /// when the link goes.
+    pub fn attach_subprocess(&mut self, fd: OwnedFd, subprocess: Subprocess) -> CResult<()> {
+        self.subprocess = Some(subprocess);
+        self.attach(fd)
+    }
+
+    pub fn subprocess(&self) -> Option<&Subprocess> {
+        self.subprocess.as_ref()
+    }
+
+    /// STARTTLS was accepted: the session starts with its first flight,
+    /// over the socket.
+    pub fn start_tls(&mut self, settings: &TlsSettings, hostname: Option<&str>) {
+        let started = OpensslTls::new(settings, hostname).and_then(|mut tls| tls.handshake().map(|_| tls));
+        match started {
+            Ok(tls) => {
+                if let Some(Stream::Plain(sock)) = self.stream.take() {
+                    let session: Box<dyn TlsLayer> = Box::new(tls);
+                    self.stream = Some(Stream::Tls(TlsTransport::new(sock, session)));
+                }
+            }
+            Err(e) => self.conn.handle_transport_error(e.errno, &e.msg),
+        }
+    }
+
+    // ---- moving bytes ------------------------------------------------------
+
+    /// Sends what can be sent without blocking (finishing a connect
+    /// first); `false` if the link has no stream to service.
+    pub fn send(&mut self) -> bool {
+        if self.dialing.is_some() {
+            self.continue_dial();
+        }
+        let Some(stream) = self.stream.as_mut() else { return false };
+        pump::send(&mut self.conn, stream.transport());
+        true
+    }
+
+    /// Receives what has arrived, without blocking: `None` if the link
+    /// has no stream to service, else what the transport's handshake said
+    /// if it completed.
+    pub fn receive(&mut self) -> Option<Option<String>> {
+        let stream = self.stream.as_mut()?;
+        Some(pump::receive(&mut self.conn, stream.transport()))
+    }
+
+    /// Whether the transport holds input the core wants, which no socket
+    /// event will announce: then [`Self::progress`] without waiting.
+    pub fn has_input_for_core(&self) -> bool {
+        self.stream.as_ref().is_some_and(|s| pump::has_input_for_core(&self.conn, s.transport_ref()))
+    }
+
+    /// Moves the transport on with what it holds; returns what its
+    /// handshake said if it completed.
+    pub fn progress(&mut self) -> Option<String> {
+        let stream = self.stream.as_mut()?;
+        pump::progress(&mut self.conn, stream.transport())
+    }
+
+    /// As in libnbd, the socket closes when the connection ends.
+    pub fn close_if_over(&mut self) {
+        if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) {
+            self.stream = None;
+        }
+    }
+
+    // ---- the commands it carries ---------------------------------------------
+
+    /// The core's command `core` is the handle's `cookie`.
+    pub fn route(&mut self, core: Cookie, cookie: Cookie) {
+        self.routes.insert(core, cookie);
+    }
+
+    /// The handle's cookie of the core's command `core`.
+    pub fn routed(&self, core: Cookie) -> Option<Cookie> {
+        self.routes.get(&core).copied()
+    }
+
+    /// The core's command `core` completed: its handle cookie.
+    pub fn unroute(&mut self, core: Cookie) -> Option<Cookie> {
+        self.routes.remove(&core)
+    }
+
+    /// Why the connection is over, if it is dead or closed.
+    pub fn ended(&self) -> Option<CError> {
+        match self.conn.state() {
+            PublicState::Dead => Some(
+                self.conn
+                    .error()
+                    .cloned()
+                    .map_or_else(|| CError::new(libc::ENOTCONN, "connection is dead"), CError::from),
+            ),
+            PublicState::Closed => Some(CError::new(libc::ENOTCONN, "connection is closed")),
+            _ => None,
+        }
+    }
+}

@@ -350,6 +350,10 @@ int nbd_kill_subprocess(struct nbd_handle *h, int signum);
 
 const char *nbd_rs_get_version(void);
 
+int nbd_rs_set_multi_conn(struct nbd_handle *h, uint32_t n);
+
+int64_t nbd_rs_get_multi_conn(struct nbd_handle *h);
+
 struct nbd_handle *nbd_create(void);
 
 void nbd_close(struct nbd_handle *h);
@@ -746,6 +750,8 @@ int nbd_get_errno(void);
 #define LIBNBD_HAVE_NBD_SUPPORTS_VSOCK 1
 #define LIBNBD_HAVE_NBD_TRIM 1
 #define LIBNBD_HAVE_NBD_ZERO 1
+#define LIBNBD_HAVE_NBD_RS_GET_MULTI_CONN 1
 #define LIBNBD_HAVE_NBD_RS_GET_VERSION 1
+#define LIBNBD_HAVE_NBD_RS_SET_MULTI_CONN 1
 
 #endif  /* LIBNBD_H */

@@ -5,7 +5,8 @@
 # reference, `make reference`) and on ours (LD_LIBRARY_PATH). Outputs
 # must match. Then the C tests in tests/c, which start their own servers,
 # must pass on all three, told which by NBD_TEST_LIBRARY; tests of
-# functions 1.14 lacks (TESTS_1_22) run on the reference and ours only.
+# functions 1.14 lacks (TESTS_1_22) run on the reference and ours only,
+# tests of nbd-rs's own extensions (TESTS_OURS) on ours only.
 # Everything is built once, against include/libnbd.h.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ fail=0
 # Tests that use libnbd 1.16-1.22 functions: they cannot load on 1.14.
 TESTS_1_22="api122-test"
 is_1_22_test() { [[ " $TESTS_1_22 " == *" $1 "* ]]; }
+# Tests of nbd-rs's extensions (nbd_rs_*): they cannot load on libnbd.
+TESTS_OURS="multiconn-test"
+is_ours_test() { [[ " $TESTS_OURS " == *" $1 "* ]]; }
 libpath_of() {
   case $1 in
     debian) echo "" ;;
@@ -47,7 +51,10 @@ for src in examples-c/*.c; do
 done
 for src in tests/c/*.c; do
   name=$(basename "$src" .c)
-  if is_1_22_test "$name"; then
+  if is_ours_test "$name"; then
+    ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -L"$PWD/target/lib" -l:libnbd.so.0
+    libs="ours"
+  elif is_1_22_test "$name"; then
     ${CC:-cc} -std=gnu99 -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -L"$reference" -l:libnbd.so.0
     libs="reference ours"
   else

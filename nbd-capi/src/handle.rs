@@ -155,6 +155,9 @@ pub struct Settings {
     pub uri_allow_tls: c_int,
     pub uri_allow_local_file: bool,
     pub tls: TlsSettings,
+    /// The number of connections wanted (`nbd_rs_set_multi_conn`, the
+    /// URI's `multi-conn=N`); 1 by default.
+    pub multi_conn: u32,
 }
 
 /// How the handle connected, for `nbd_get_uri`.
@@ -197,6 +200,24 @@ pub struct Handle {
     /// a read event has since sent everything (libnbd refuses only an
     /// event it never asked for).
     write_announced: bool,
+    /// Where the further links of a multi-conn handle are dialed, kept
+    /// from the lead link's connect until they are.
+    plan: Option<Plan>,
+    /// The number of links the handle settled on once the lead link's
+    /// handshake ended (1 after a downgrade); `None` before.
+    multi_conn_actual: Option<u32>,
+    /// Why a multi-conn handle died (a link died, or a link saw another
+    /// export), reported for every link.
+    failure: Option<CError>,
+    /// The one descriptor the caller polls when the handle has (or will
+    /// have) several links: an epoll instance over their sockets.
+    epoll: Option<crate::epoll::Epoll>,
+}
+
+/// How the lead link was dialed, to dial the others the same way.
+struct Plan {
+    addrs: Vec<crate::dial::Address>,
+    tcp: Option<String>,
 }
 
 impl Drop for Handle {
@@ -245,6 +266,7 @@ impl nbd_handle {
                     uri_allow_tls: 1,
                     uri_allow_local_file: false,
                     tls: TlsSettings::default(),
+                    multi_conn: 1,
                 },
                 commands: CookieMap::default(),
                 completed: VecDeque::new(),
@@ -256,6 +278,10 @@ impl nbd_handle {
                 debug_state: PublicState::Created,
                 poisoned: false,
                 write_announced: false,
+                plan: None,
+                multi_conn_actual: None,
+                failure: None,
+                epoll: None,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -318,9 +344,177 @@ impl Handle {
         self.links[0].conn_mut()
     }
 
-    /// The link that connects (today the only one).
+    /// The lead link: the one that connects first, and negotiates in opt
+    /// mode.
     pub fn link_mut(&mut self) -> &mut Link {
         &mut self.links[0]
+    }
+
+    // ---- multi-conn ------------------------------------------------------------
+
+    /// `nbd_rs_get_multi_conn`: the number wanted until the lead link's
+    /// handshake ends, then the number of links the handle has (1 after
+    /// a downgrade).
+    pub fn multi_conn(&self) -> u32 {
+        self.multi_conn_actual.unwrap_or(self.settings.multi_conn)
+    }
+
+    /// Dials the lead link to `addrs`, as every link of the handle will
+    /// be: with several links wanted, the others are dialed the same way
+    /// once the lead link's handshake ends.
+    pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
+        if self.settings.multi_conn > 1 {
+            if self.epoll.is_none() {
+                self.epoll = Some(crate::epoll::Epoll::new()?);
+            }
+            self.plan = Some(Plan { addrs: addrs.clone(), tcp: tcp.clone() });
+        }
+        let r = self.links[0].dial(addrs, tcp);
+        self.sync_interest();
+        r
+    }
+
+    /// A transport that carries one channel (`what`: a socket, a command)
+    /// cannot have several links.
+    pub fn refuse_one_channel(&self, what: &str) -> CResult<()> {
+        match self.settings.multi_conn {
+            1 => Ok(()),
+            n => Err(CError::new(
+                libc::EINVAL,
+                format!(
+                    "multi-conn is set to {n}, but {what} carries only one connection; \
+                     set multi-conn to 1 or connect to an address (Unix socket, TCP or vsock)"
+                ),
+            )),
+        }
+    }
+
+    /// The lead link finished its handshake: the handle settles on one
+    /// link if the export does not allow several (CAN_MULTI_CONN), else
+    /// dials the others with what the lead link negotiated.
+    fn lead_connected(&mut self) {
+        let Some(plan) = self.plan.take() else { return };
+        let wanted = self.settings.multi_conn;
+        let lead = self.links[0].conn();
+        if !lead.export().flags.contains(nbd_proto::TransmissionFlags::CAN_MULTI_CONN) {
+            self.multi_conn_actual = Some(1);
+            self.debug(|| format!("multi-conn: the server does not allow {wanted} connections; using one"));
+            return;
+        }
+        let mut config = lead.config().clone();
+        config.opt_mode = false;
+        config.request_structured_replies = lead.structured_replies_negotiated();
+        config.request_extended_headers = lead.extended_headers_negotiated();
+        if lead.tls_negotiated() {
+            config.tls = nbd_proto::TlsMode::Require;
+        }
+        let names: Vec<String> = lead.meta_contexts().unwrap_or_default().iter().map(|m| m.name.clone()).collect();
+        config.clear_meta_contexts();
+        for name in &names {
+            // Names the server accepted fit.
+            let _ = config.add_meta_context(name);
+        }
+        config.request_meta_context = !names.is_empty();
+        self.multi_conn_actual = Some(wanted);
+        self.debug(|| format!("multi-conn: dialing {} more connections", wanted - 1));
+        for _ in 1..wanted {
+            let mut conn = Connection::new(config.clone());
+            conn.set_trace(self.debug);
+            let mut link = Link::new(conn);
+            let r = link.dial(plan.addrs.clone(), plan.tcp.clone());
+            self.links.push(link);
+            if let Err(e) = r {
+                self.fail_all(e);
+                return;
+            }
+        }
+    }
+
+    /// Link `at` (not the lead) finished its handshake: it must see the
+    /// export the lead link sees, else the handle dies (EPROTO) naming
+    /// what differs.
+    fn verify_link(&mut self, at: usize) {
+        let (lead, other) = (self.links[0].conn(), self.links[at].conn());
+        let (a, b) = (lead.export(), other.export());
+        let names = |c: &Connection<UserBuf>| {
+            let mut n: Vec<String> = c.meta_contexts().unwrap_or_default().iter().map(|m| m.name.clone()).collect();
+            n.sort();
+            n
+        };
+        let differs = if a.size != b.size {
+            Some(format!("size {} (the first connection's is {})", b.size.unwrap_or(0), a.size.unwrap_or(0)))
+        } else if a.flags != b.flags {
+            Some(format!("transmission flags {:#x} (the first connection's are {:#x})", b.flags.bits(), a.flags.bits()))
+        } else if a.block_size != b.block_size {
+            Some(format!("block sizes {:?} (the first connection's are {:?})", b.block_size, a.block_size))
+        } else if names(lead) != names(other) {
+            Some(format!(
+                "meta contexts [{}] (the first connection's are [{}])",
+                names(other).join(", "),
+                names(lead).join(", ")
+            ))
+        } else if lead.structured_replies_negotiated() != other.structured_replies_negotiated()
+            || lead.extended_headers_negotiated() != other.extended_headers_negotiated()
+        {
+            Some("reply format (structured replies or extended headers)".to_owned())
+        } else {
+            None
+        };
+        if let Some(what) = differs {
+            let n = self.links.len();
+            self.fail_all(CError::new(
+                libc::EPROTO,
+                format!("multi-conn: connection {} of {n} sees a different export: {what}", at + 1),
+            ));
+        }
+    }
+
+    /// The handle dies with `why`: every link still alive fails, with
+    /// every command it carries.
+    fn fail_all(&mut self, why: CError) {
+        let errno = if why.errno != 0 { why.errno } else { libc::EIO };
+        let msg = why.msg.clone();
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+        for link in &mut self.links {
+            if !matches!(link.conn().state(), PublicState::Dead | PublicState::Closed) {
+                link.conn_mut().handle_transport_error(errno, &msg);
+            }
+        }
+    }
+
+    /// Any link that died kills the handle: the others fail with its error.
+    fn propagate_death(&mut self) {
+        if self.links.len() < 2 {
+            return;
+        }
+        let alive = |l: &Link| !matches!(l.conn().state(), PublicState::Dead | PublicState::Closed);
+        // A link the server hung up on (closed with an error, as a lone
+        // connection would be) kills the handle as a dead one does.
+        let died = |l: &Link| match l.conn().state() {
+            PublicState::Dead => true,
+            PublicState::Closed => l.conn().error().is_some(),
+            _ => false,
+        };
+        let Some(dead) = self.links.iter().position(died) else { return };
+        if !self.links.iter().any(alive) {
+            if self.failure.is_none() {
+                self.failure = self.links[dead].ended();
+            }
+            return;
+        }
+        let why = self.links[dead].ended().unwrap_or_else(|| CError::new(libc::EIO, "connection is dead"));
+        self.fail_all(why);
+    }
+
+    /// Brings the epoll instance (if the handle has one) in line with
+    /// what each link waits for.
+    pub fn sync_interest(&mut self) {
+        let Some(ep) = self.epoll.as_mut() else { return };
+        for (at, link) in self.links.iter().enumerate() {
+            ep.update(at, link.fd(), link.direction());
+        }
     }
 
     pub fn connected_via(&self) -> &ConnectedVia {
@@ -338,10 +532,35 @@ impl Handle {
 
     // ---- the handle's state -------------------------------------------------
 
-    /// The handle's state, in libnbd's terms: its links' (with one link,
-    /// that link's).
+    /// The handle's state, in libnbd's terms. With one link, that link's.
+    /// With several, the one rule nbd-rs(3) states: dead if any link
+    /// died; closed when all are closed; the lead link's state until its
+    /// handshake ends; connecting until every link finished its
+    /// handshake; processing if any link has work (or is closing); else
+    /// ready.
     pub fn state(&self) -> PublicState {
-        self.conn().state()
+        let lead = self.links[0].conn().state();
+        if self.links.len() == 1 && self.plan.is_none() {
+            return lead;
+        }
+        let states = || self.links.iter().map(|l| l.conn().state());
+        if states().any(|s| s == PublicState::Dead) || self.failure.is_some() {
+            return PublicState::Dead;
+        }
+        if states().all(|s| s == PublicState::Closed) {
+            return PublicState::Closed;
+        }
+        match lead {
+            PublicState::Created | PublicState::Connecting | PublicState::Negotiating => return lead,
+            _ => {}
+        }
+        if self.plan.is_some() || states().any(|s| matches!(s, PublicState::Created | PublicState::Connecting)) {
+            return PublicState::Connecting;
+        }
+        if states().any(|s| matches!(s, PublicState::Processing | PublicState::Closed)) {
+            return PublicState::Processing;
+        }
+        PublicState::Ready
     }
 
     /// Whether the handle is in `state` (`nbd_aio_is_*`); a handle a panic
@@ -400,22 +619,63 @@ impl Handle {
 
     /// Why the handle's connection is over, if it is dead or closed.
     pub fn ended(&self) -> Option<CError> {
-        self.links[0].ended()
+        if self.links.len() == 1 {
+            return self.links[0].ended();
+        }
+        if let Some(f) = &self.failure {
+            return Some(f.clone());
+        }
+        if let Some(dead) = self.links.iter().find(|l| l.conn().state() == PublicState::Dead) {
+            return dead.ended();
+        }
+        match self.state() {
+            PublicState::Closed => self.links[0].ended(),
+            _ => None,
+        }
     }
 
     /// The descriptor the caller polls, -1 without one: with one link,
-    /// its socket. (Several links need one descriptor that stands for
-    /// all of them, an epoll instance; not built yet.)
+    /// its socket; on a multi-conn handle, the epoll instance over every
+    /// link's socket, the same for the handle's life.
     pub fn fd(&self) -> c_int {
+        if let Some(ep) = &self.epoll {
+            return match self.links.iter().any(|l| l.fd() >= 0) {
+                true => ep.fd(),
+                false => -1,
+            };
+        }
         match self.links.as_slice() {
             [link] => link.fd(),
             _ => -1,
         }
     }
 
-    /// `LIBNBD_AIO_DIRECTION_*` as libnbd reports it: what any link waits for.
+    /// `LIBNBD_AIO_DIRECTION_*` as libnbd reports it: what any link waits
+    /// for; on a multi-conn handle, READ (the epoll instance becomes
+    /// readable) whenever any link waits for anything.
     pub fn direction(&self) -> c_uint {
-        self.links.iter().fold(0, |d, l| d | l.direction())
+        let d = self.links.iter().fold(0, |d, l| d | l.direction());
+        match (&self.epoll, d) {
+            (Some(_), 0) => 0,
+            (Some(_), _) => crate::constants::LIBNBD_AIO_DIRECTION_READ,
+            (None, d) => d,
+        }
+    }
+
+    /// Whether the handle's descriptor is an epoll instance over several
+    /// links.
+    pub fn has_epoll(&self) -> bool {
+        self.epoll.is_some()
+    }
+
+    /// Traffic counters (`nbd_stats_*`), summed over every link.
+    pub fn stats(&self) -> nbd_proto::Stats {
+        self.links.iter().map(|l| l.conn().stats()).fold(nbd_proto::Stats::default(), |a, b| nbd_proto::Stats {
+            bytes_sent: a.bytes_sent + b.bytes_sent,
+            bytes_received: a.bytes_received + b.bytes_received,
+            chunks_sent: a.chunks_sent + b.chunks_sent,
+            chunks_received: a.chunks_received + b.chunks_received,
+        })
     }
 
     /// Commands submitted and not yet answered, on every link.
@@ -425,6 +685,7 @@ impl Handle {
 
     /// `aio_get_direction` said `direction`: a write event is now expected.
     pub fn announce(&mut self, direction: c_uint) {
+        self.sync_interest();
         self.write_announced = direction & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
     }
 
@@ -545,9 +806,16 @@ impl Handle {
         command: Command,
         issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, nbd_proto::Error>,
     ) -> CResult<Cookie> {
-        // The link that carries it: the only one. (With several, the one
-        // with the least outstanding work.)
-        let link = &mut self.links[0];
+        // The link that carries it: the one with the fewest commands in
+        // flight, among those in transmission.
+        let at = match self.links.len() {
+            1 => 0,
+            _ => (0..self.links.len())
+                .filter(|&at| matches!(self.links[at].conn().state(), PublicState::Ready | PublicState::Processing))
+                .min_by_key(|&at| self.links[at].conn().in_flight())
+                .unwrap_or(0),
+        };
+        let link = &mut self.links[at];
         let idle = link.conn().in_flight() == 0;
         let core = issue(link.conn_mut())?;
         self.last_cookie += 1;
@@ -555,8 +823,9 @@ impl Handle {
         link.route(core, cookie);
         self.commands.insert(cookie, command);
         if idle {
-            self.notify_write();
+            self.link_writable(at);
         }
+        self.sync_interest();
         Ok(cookie)
     }
 
@@ -642,10 +911,27 @@ impl Handle {
         for at in 0..self.links.len() {
             self.link_writable(at);
         }
+        self.sync_interest();
     }
 
-    /// Receives what has arrived, without blocking, on every link.
+    /// Receives what has arrived, without blocking, on every link: on a
+    /// multi-conn handle, on every link the epoll instance says is ready.
     pub fn notify_read(&mut self) {
+        if let Some(ep) = &self.epoll {
+            for r in ep.ready() {
+                if r.link >= self.links.len() {
+                    continue;
+                }
+                if r.read {
+                    self.link_readable(r.link);
+                }
+                if r.write {
+                    self.link_writable(r.link);
+                }
+            }
+            self.sync_interest();
+            return;
+        }
         for at in 0..self.links.len() {
             self.link_readable(at);
         }
@@ -668,7 +954,15 @@ impl Handle {
 
     /// Takes the error a non-blocking connect ended with, if any.
     pub fn take_dial_error(&mut self) -> CResult<()> {
-        self.links.iter_mut().try_for_each(Link::take_dial_error)
+        let r = self.links.iter_mut().try_for_each(Link::take_dial_error);
+        if let Err(e) = &r {
+            if self.links.len() > 1 || self.plan.is_some() {
+                // A link that cannot connect fails the multi-conn handle.
+                self.fail_all(e.clone());
+                self.dispatch();
+            }
+        }
+        r
     }
 
     /// Waits once for the links to be ready in the direction each wants,
@@ -738,6 +1032,7 @@ impl Handle {
             }
         }
         self.take_dial_error()?;
+        self.sync_interest();
         Ok(true)
     }
 
@@ -789,16 +1084,24 @@ impl Handle {
 
     /// Turns the links' events into callbacks and completion records.
     pub fn dispatch(&mut self) {
-        for link in &mut self.links {
-            link.close_if_over();
-        }
-        if self.debug {
-            self.debug_notes();
-            self.debug_transition();
-        }
-        for at in 0..self.links.len() {
-            while let Some(ev) = self.links[at].conn_mut().poll_event() {
-                self.on_event(at, ev);
+        loop {
+            self.propagate_death();
+            for link in &mut self.links {
+                link.close_if_over();
+            }
+            if self.debug {
+                self.debug_notes();
+                self.debug_transition();
+            }
+            let mut any = false;
+            for at in 0..self.links.len() {
+                while let Some(ev) = self.links[at].conn_mut().poll_event() {
+                    any = true;
+                    self.on_event(at, ev);
+                }
+            }
+            if !any || self.links.len() == 1 {
+                break;
             }
         }
     }
@@ -924,7 +1227,8 @@ impl Handle {
                 }
             }
             Event::StartTls => self.start_tls(link),
-            Event::Connected => {}
+            Event::Connected if link == 0 => self.lead_connected(),
+            Event::Connected => self.verify_link(link),
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod boundary;
 pub mod callbacks;
 pub mod constants;
 pub mod dial;
+pub mod epoll;
 pub mod error;
 pub mod handle;
 pub mod identity;

@@ -210,8 +210,10 @@ pub const EXPORTS: &[Export] = &[
     row("nbd_supports_vsock", "LIBNBD_1.16", ANY, false),
     row("nbd_trim", "LIBNBD_1.0", CONNECTED, true),
     row("nbd_zero", "LIBNBD_1.0", CONNECTED, true),
-    // This library's extensions, in EXTENSION_NODES; they take no handle.
+    // This library's extensions, in EXTENSION_NODES.
+    row("nbd_rs_get_multi_conn", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_version", "NBD_RS_0.1", ANY, false),
+    row("nbd_rs_set_multi_conn", "NBD_RS_0.1", CREATED, true),
 ];
 
 /// The row for `name`, at compile time; a name missing from the table

@@ -37,7 +37,13 @@ pub struct Uri {
     /// The name the server's certificate must carry (libnbd 1.22).
     pub tls_hostname: Option<String>,
     pub tls_verify_peer: Option<bool>,
+    /// `multi-conn=N`: the number of connections (nbd-rs's own; libnbd
+    /// ignores it).
+    pub multi_conn: Option<u32>,
 }
+
+/// The most connections a handle makes (`nbd_rs_set_multi_conn`).
+pub(crate) const MAX_MULTI_CONN: u32 = 16;
 
 fn invalid(msg: impl Into<String>) -> CError {
     CError::new(libc::EINVAL, msg)
@@ -208,6 +214,7 @@ pub fn parse(uri: &str) -> CResult<Uri> {
         tls_psk_file: None,
         tls_hostname: None,
         tls_verify_peer: None,
+        multi_conn: None,
     };
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -224,6 +231,13 @@ pub fn parse(uri: &str) -> CResult<Uri> {
                 u.tls_verify_peer = Some(parse_bool(&v).ok_or_else(|| {
                     invalid(format!(
                         "could not parse tls-verify-peer parameter \"{v}\", expecting tls-verify-peer=true|false"
+                    ))
+                })?)
+            }
+            "multi-conn" => {
+                u.multi_conn = Some(v.parse().ok().filter(|n| (1..=MAX_MULTI_CONN).contains(n)).ok_or_else(|| {
+                    invalid(format!(
+                        "could not parse multi-conn parameter \"{v}\", expecting a number of connections from 1 to {MAX_MULTI_CONN}"
                     ))
                 })?)
             }
@@ -452,6 +466,16 @@ mod tests {
         for (v, want) in [("T", false), ("Y", false), ("on", false), ("F", true), ("n", true), ("OFF", true)] {
             let u = parse(&std::format!("nbd://h/?tls-verify-peer={v}")).unwrap();
             assert_eq!(u.tls_verify_peer, Some(!want), "{v}");
+        }
+    }
+
+    #[test]
+    fn multi_conn_takes_a_count_from_1_to_16() {
+        assert_eq!(parse("nbd+unix:///?socket=/s&multi-conn=4").unwrap().multi_conn, Some(4));
+        assert_eq!(parse("nbd://h/?Multi-Conn=16").unwrap().multi_conn, Some(16));
+        assert_eq!(parse("nbd://h/").unwrap().multi_conn, None);
+        for bad in ["0", "17", "x", "", "-1"] {
+            says(&std::format!("nbd://h/?multi-conn={bad}"), &["multi-conn parameter", "from 1 to 16"]);
         }
     }
 

@@ -233,6 +233,14 @@ pub extern "C" fn nbd_aio_block_status(
     })
 }
 
+/// The ids the contexts `names` have on the link that carries the
+/// command: ids are each connection's own, and every link of a handle
+/// negotiated the same names. `lead` are the lead link's ids.
+fn link_ids(c: &Connection<UserBuf>, names: &[String], lead: &[u32]) -> Vec<u32> {
+    let Some(negotiated) = c.meta_contexts() else { return lead.to_vec() };
+    names.iter().zip(lead).map(|(name, &id)| negotiated.iter().find(|m| &m.name == name).map_or(id, |m| m.id)).collect()
+}
+
 /// What `block_status_filter` sends: the flags (PAYLOAD_LEN added unless
 /// the caller turned `LIBNBD_STRICT_AUTO_FLAG` off) and the ids of the
 /// negotiated contexts named in `contexts`, checked in libnbd's order.
@@ -319,7 +327,9 @@ pub extern "C" fn nbd_aio_block_status_filter(
             let names = arg_str_list(contexts, "contexts")?;
             required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
             let (f, ids) = status_filter(i, &names, flags)?;
-            submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))
+            submit(i, "block-status", cbs, None, offset, |c| {
+                c.block_status_filter(offset, count, &link_ids(c, &names, &ids), f)
+            })
         }
     )
 }
@@ -452,7 +462,9 @@ pub extern "C" fn nbd_block_status_filter(
         let names = arg_str_list(contexts, "contexts")?;
         required(cbs.extent64.take(), "extent64").map(|c| cbs.extent64 = Some(c))?;
         let (f, ids) = status_filter(i, &names, flags)?;
-        let c = submit(i, "block-status", cbs, None, offset, |c| c.block_status_filter(offset, count, &ids, f))?;
+        let c = submit(i, "block-status", cbs, None, offset, |c| {
+            c.block_status_filter(offset, count, &link_ids(c, &names, &ids), f)
+        })?;
         wait(i, c)
     })
 }
@@ -509,8 +521,12 @@ fn no_socket_event(i: &Handle, event: u32) -> CResult<()> {
     // say): its state machine takes it only in the states that send. One
     // announced by aio_get_direction is still welcome after a read event
     // sent everything (a loop that serves POLLIN, then POLLOUT).
-    let unwanted_write =
-        event == 1 && !i.write_was_announced() && i.direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE == 0;
+    // A multi-conn handle's epoll instance takes either event: each
+    // services whichever links are ready.
+    let unwanted_write = event == 1
+        && !i.has_epoll()
+        && !i.write_was_announced()
+        && i.direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE == 0;
     if state == DEAD || state == CLOSED || (state == CREATED && i.fd() < 0) || unwanted_write {
         let state = i.libnbd_state_name();
         return Err(CError::new(libc::EINVAL, format!("external event {event} is invalid in state {state}")));
@@ -521,6 +537,7 @@ fn no_socket_event(i: &Handle, event: u32) -> CResult<()> {
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
     export!("nbd_aio_get_fd", h, -1, [], |i| {
+        i.sync_interest();
         let fd = i.fd();
         if fd < 0 {
             return Err(CError::new(libc::EINVAL, "connection is not in a connected state"));

@@ -33,7 +33,7 @@ fn connect_transport(i: &mut Handle, t: Transport) -> CResult<()> {
         Transport::Vsock { cid, port } => (vec![Address::vsock(*cid, *port)?], None),
     };
     i.connected_via_mut().transport = Some(t);
-    i.link_mut().dial(addrs, tcp)
+    i.dial(addrs, tcp)
 }
 
 fn connect_unix(i: &mut Handle, path: *const c_char) -> CResult<()> {
@@ -76,6 +76,9 @@ fn connect_uri(i: &mut Handle, uri: *const c_char) -> CResult<()> {
     if u.tls_hostname.is_some() {
         i.settings_mut().tls_hostname = u.tls_hostname;
     }
+    if let Some(n) = u.multi_conn {
+        i.settings_mut().multi_conn = n;
+    }
     i.conn_mut().config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
 }
@@ -84,6 +87,7 @@ fn connect_socket(i: &mut Handle, sock: c_int) -> CResult<()> {
     if sock < 0 {
         return Err(CError::new(libc::EBADF, "invalid socket"));
     }
+    i.refuse_one_channel("a socket the handle is given")?;
     i.conn_mut().start_connect()?;
     // SAFETY: the caller hands the connected socket over to the handle,
     // which owns it from now on (libnbd's contract).
@@ -204,6 +208,10 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
         if !s.verify_peer {
             files.push(("tls-verify-peer", "false".into()));
         }
+        let n = i.settings().multi_conn;
+        if n > 1 {
+            files.push(("multi-conn", n.to_string().into()));
+        }
         let files: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_ref())).collect();
         super::c_string(&uri::format(tls, t, i.conn().config().export_name(), s.username.as_deref(), &files))
     })
@@ -242,6 +250,7 @@ pub extern "C" fn nbd_set_uri_allow_local_file(h: *mut nbd_handle, allow: bool) 
 fn connect_command(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: argv is NULL or a NULL-terminated array of C strings (the C contract).
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
+    i.refuse_one_channel("a command's stdin and stdout")?;
     i.conn_mut().start_connect()?;
     let (fd, pid) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
         i.conn_mut().handle_transport_error(e.errno, "connect_command");
@@ -252,6 +261,7 @@ fn connect_command(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
 fn connect_activated(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: as for connect_command.
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
+    i.refuse_one_channel("a socket-activated server")?;
     i.conn_mut().start_connect()?;
     let (fd, pid, dir) =
         crate::subprocess::spawn_activated(&argv, &i.settings().socket_activation_name).inspect_err(|e| {
@@ -269,7 +279,7 @@ fn connect_sockaddr(i: &mut Handle, addr: *const libc::sockaddr, len: libc::sock
     // SAFETY: `addr` points at a sockaddr of `len` bytes (C contract).
     let a = unsafe { Address::from_raw(addr, len) }?;
     i.connected_via_mut().address = Some(a.transport());
-    i.link_mut().dial(vec![a], None)
+    i.dial(vec![a], None)
 }
 
 #[no_mangle]

@@ -11,3 +11,22 @@ use std::ffi::c_char;
 pub extern "C" fn nbd_rs_get_version() -> *const c_char {
     export!("nbd_rs_get_version", std::ptr::null(), || Ok(identity::VERSION.as_ptr()))
 }
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_set_multi_conn(h: *mut crate::handle::nbd_handle, n: u32) -> std::ffi::c_int {
+    export!("nbd_rs_set_multi_conn", h, -1, [n], |i| {
+        if !(1..=crate::uri::MAX_MULTI_CONN).contains(&n) {
+            return Err(crate::error::CError::new(
+                libc::EINVAL,
+                format!("invalid number of connections: {n} (from 1 to {})", crate::uri::MAX_MULTI_CONN),
+            ));
+        }
+        i.settings_mut().multi_conn = n;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_get_multi_conn(h: *mut crate::handle::nbd_handle) -> i64 {
+    export!("nbd_rs_get_multi_conn", h, -1, [], |i| Ok(i64::from(i.multi_conn())))
+}

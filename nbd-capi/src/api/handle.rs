@@ -156,20 +156,20 @@ pub extern "C" fn nbd_get_subprocess_pid(h: *mut nbd_handle) -> i64 {
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_sent", h, 0, [], |i| Ok(i.conn().stats().bytes_sent))
+    export!("nbd_stats_bytes_sent", h, 0, [], |i| Ok(i.stats().bytes_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_bytes_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_bytes_received", h, 0, [], |i| Ok(i.conn().stats().bytes_received))
+    export!("nbd_stats_bytes_received", h, 0, [], |i| Ok(i.stats().bytes_received))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_sent(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_sent", h, 0, [], |i| Ok(i.conn().stats().chunks_sent))
+    export!("nbd_stats_chunks_sent", h, 0, [], |i| Ok(i.stats().chunks_sent))
 }
 
 #[no_mangle]
 pub extern "C" fn nbd_stats_chunks_received(h: *mut nbd_handle) -> u64 {
-    export!("nbd_stats_chunks_received", h, 0, [], |i| Ok(i.conn().stats().chunks_received))
+    export!("nbd_stats_chunks_received", h, 0, [], |i| Ok(i.stats().chunks_received))
 }

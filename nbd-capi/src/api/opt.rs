@@ -104,7 +104,10 @@ fn meta_aio(i: &mut Handle, which: MetaOption, q: Queries, mut p: OptPending) ->
 pub extern "C" fn nbd_opt_go(h: *mut nbd_handle) -> c_int {
     export!("nbd_opt_go", h, -1, [], |i| {
         start(i, OptPending::default(), |c| c.opt_go())?;
-        finish(i, "opt_go").map(|_| 0)
+        finish(i, "opt_go")?;
+        // A multi-conn handle's other links connect now: wait for them.
+        i.run_until(|i| i.state() != PublicState::Connecting)?;
+        i.ended().map_or(Ok(0), Err)
     })
 }
 

@@ -87,12 +87,12 @@ def syscalls(path):
 class Fio:
     """fio's nbd engine; one thread, so wait4 sees all of its CPU."""
 
-    def __init__(self, name, rw, bs, depth, sock):
-        self.name, self.rw, self.bs, self.depth, self.sock = name, rw, bs, depth, sock
+    def __init__(self, name, rw, bs, depth, sock, query=""):
+        self.name, self.rw, self.bs, self.depth, self.sock, self.query = name, rw, bs, depth, sock, query
         self.unit = "IOPS"
 
     def cmd(self, seconds):
-        return ["fio", "--name=" + self.name, "--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}",
+        return ["fio", "--name=" + self.name, "--ioengine=nbd", f"--uri=nbd+unix:///?socket={self.sock}{self.query}",
                 f"--rw={self.rw}", f"--bs={self.bs}", f"--iodepth={self.depth}", "--size=256m",
                 "--time_based", f"--runtime={seconds}", "--thread", "--output-format=json",
                 "--randrepeat=0", "--norandommap"]
@@ -147,6 +147,16 @@ class Threads(CountingProgram):
 
     def cmd(self, seconds):
         return [THREADS, self.uri, str(self.threads), str(self.size), str(seconds)]
+
+
+# (one connection, multi-conn=4, target ratio) by workload name.
+MULTI_CONN_PAIRS = [
+    ("4k randread, 64 in flight, 1 ms server (fio)",
+     "4k randread, 64 in flight, 1 ms server, multi-conn=4 (fio)", 3.5),
+    ("4k reads, 8 threads on one handle, 1 ms server",
+     "4k reads, 8 threads on one handle, 1 ms server, multi-conn=4", 3),
+    ("4k randread, 64 in flight (fio)", "4k randread, 64 in flight, multi-conn=4 (fio)", 0.95),
+]
 
 
 def handle_memory(uri, rounds):
@@ -230,6 +240,14 @@ def main():
             Aio("4k reads, 64 in flight, own poll loop (nbdkit)", f"nbd+unix:///?socket={mem}", 64, 4096),
             Aio("4k reads, 64 in flight, own poll loop (qemu-nbd)", f"nbd+unix:///?socket={qemu}", 64, 4096),
             Threads("4k reads, 8 threads on one handle, 1 ms server", f"nbd+unix:///?socket={slow}", 8, 4096),
+            # Multi-conn: the same URIs with multi-conn=4, which libnbd
+            # ignores (one connection there); MULTI_CONN_PAIRS compares.
+            Threads("4k reads, 8 threads on one handle, 1 ms server, multi-conn=4",
+                    f"nbd+unix:///?socket={slow}&multi-conn=4", 8, 4096),
+            Fio("4k randread, 64 in flight, 1 ms server (fio)", "randread", "4k", 64, slow),
+            Fio("4k randread, 64 in flight, 1 ms server, multi-conn=4 (fio)", "randread", "4k", 64, slow,
+                "&multi-conn=4"),
+            Fio("4k randread, 64 in flight, multi-conn=4 (fio)", "randread", "4k", 64, mem, "&multi-conn=4"),
         ]
         mem_name = f"KiB of RSS per connected handle ({MEM_HANDLES} handles, python3-libnbd)"
         if args.only:
@@ -298,6 +316,15 @@ def main():
             kib = {lib: memory[lib][i] for lib in LIBRARIES}
             lines.append(f"| {when} | " + " | ".join(f"{kib[lib]:.1f}" for lib in refs) + f" | {kib['ours']:.1f} | "
                          + " | ".join(f"**{kib['ours'] / kib[lib]:.2f}x**" for lib in refs) + " |")
+    # Multi-conn against one connection, on ours, in the same run.
+    by_name = {name: med["ours"][0] for name, _, med, _ in rows}
+    pairs = [(a, b, t) for a, b, t in MULTI_CONN_PAIRS if a in by_name and b in by_name]
+    if pairs:
+        lines += ["", "| ours: multi-conn=4 against one connection | one | multi-conn=4 | ratio | target |",
+                  "|---|---|---|---|---|"]
+        for one, four, target in pairs:
+            lines.append(f"| {four} | {by_name[one]:,.0f} | {by_name[four]:,.0f} | "
+                         f"**{by_name[four] / by_name[one]:.2f}x** | ≥{target}x |")
     table = "\n".join(lines)
     print()
     print(table)

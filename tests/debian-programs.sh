@@ -201,6 +201,35 @@ for lib in debian ours; do
   ok_if "nbdcopy on $lib fails on an injected write error (status $?)" grep -q 'Input/output error' "$dir/wr.out"
 done
 
+# Multi-conn (nbd-rs only; libnbd ignores the URI parameter): the same
+# programs with multi-conn=4 in the URI, against nbdkit logging every
+# connection. nbdinfo's handle makes 4 connections; its output is the one
+# it prints over one connection; nbdcopy round trips and fio verifies.
+nbdkit -f --exit-with-parent -U "$dir/mc.sock" --filter=log memory 64M logfile="$dir/mc.log" & pids+=($!)
+wait_for "$dir/mc.sock"
+mc="nbd+unix:///?socket=$dir/mc.sock"
+connects() { grep -c ' Connect ' "$dir/mc.log"; }
+before=$(connects)
+one=$(LD_LIBRARY_PATH=$ours nbdinfo "$mc" 2>&1)
+between=$(connects)
+four=$(LD_LIBRARY_PATH=$ours nbdinfo "$mc&multi-conn=4" 2>&1 | sed 's/&multi-conn=4//')
+after=$(connects)
+# nbdinfo makes a connection of its own first (a probe it ends in opt
+# mode, so it stays one connection), then its handle: 4 with
+# multi-conn=4, so 3 more than without.
+ok_if "nbdinfo's handle made 4 connections with multi-conn=4 (server logged $((after - between)) against $((between - before)) without)" \
+  test $((after - between)) = $((between - before + 3))
+ok_if "nbdinfo with multi-conn=4 prints what it prints over one connection ($(echo "$one" | wc -l) lines)" \
+  test "$one" = "$four"
+for mode in --map --json "--can multi-conn"; do
+  one=$(LD_LIBRARY_PATH=$ours nbdinfo $mode "$mc" 2>&1; echo "rc=$?")
+  four=$(LD_LIBRARY_PATH=$ours nbdinfo $mode "$mc&multi-conn=4" 2>&1 | sed 's/&multi-conn=4//'; echo "rc=${PIPESTATUS[0]}")
+  ok_if "nbdinfo $mode with multi-conn=4 as over one connection" test "$one" = "$four"
+done
+round_trip " with multi-conn=4" "$mc&multi-conn=4"
+(cd "$dir" && check "fio randrw verify=crc32c with multi-conn=4" fio --name=mcv --ioengine=nbd --uri="$mc&multi-conn=4" \
+  --rw=randrw --bs=4k --size=32m --iodepth=32 --verify=crc32c --do_verify=1 --output="$dir/fio-mc.out")
+
 # nbdkit's nbd plugin proxying through our library, read by Debian's libnbd.
 LD_LIBRARY_PATH=$ours nbdkit -f --exit-with-parent -U "$dir/x.sock" nbd socket="$dir/p.sock" & pids+=($!)
 wait_for "$dir/x.sock"

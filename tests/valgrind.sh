@@ -4,7 +4,8 @@
 # a longer time limit (about 2 minutes under valgrind), and "possibly
 # lost" is not an error there: the openssl crate keeps a static hash map
 # whose only pointer is into the middle of its block. Then stress-test's
-# threads under helgrind: any race or lock misuse fails.
+# threads, and multiconn-test's 8 threads on one handle of 4 connections,
+# under helgrind: any race or lock misuse fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind > /dev/null || { echo "valgrind is not installed (make deps)" >&2; exit 1; }
@@ -32,15 +33,16 @@ for src in examples-c/*.c; do
   report "$name" "$out/$name.log" $status
 done
 # api122-test uses libnbd 1.16-1.22 functions: it links against ours.
-for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test; do
+for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test multiconn-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -L"$ours" -l:libnbd.so.0
   leaks=() limit=
   # OpenSSL (and the openssl crate's index cache) keep process-wide state.
   [ "$name" = tls-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=1200
   [ "$name" = api122-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
   [ "$name" = messages-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
+  [ "$name" = multiconn-test ] && limit=600
   status=0
-  TEST_TIME_LIMIT=$limit STRESS_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "${leaks[@]}" "$out/$name" \
+  TEST_TIME_LIMIT=$limit STRESS_OPS=40 MULTICONN_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "${leaks[@]}" "$out/$name" \
     > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status
 done
@@ -49,4 +51,9 @@ STRESS_OPS=${HELGRIND_OPS:-100} STRESS_THREADS_ONLY=1 LD_LIBRARY_PATH=$ours \
   valgrind --tool=helgrind --error-exitcode=99 "$out/stress-test" > "$out/stress-test.helgrind.log" 2>&1 || status=$?
 report "stress-test (helgrind)" "$out/stress-test.helgrind.log" $status
 grep -E "threads on one handle|handles in 8 threads|injected, " "$out/stress-test.helgrind.log" || fail=1
+status=0
+MULTICONN_ONLY=threads MULTICONN_OPS=${HELGRIND_OPS:-100} TEST_TIME_LIMIT=600 LD_LIBRARY_PATH=$ours \
+  valgrind --tool=helgrind --error-exitcode=99 "$out/multiconn-test" > "$out/multiconn-test.helgrind.log" 2>&1 || status=$?
+report "multiconn-test threads (helgrind)" "$out/multiconn-test.helgrind.log" $status
+grep -E "threads on one handle of 4 connections" "$out/multiconn-test.helgrind.log" || fail=1
 exit $fail

@@ -3,7 +3,7 @@
 //! become the thread's last error with the function's name in front.
 
 use crate::error::{set_error, CError, CResult};
-use crate::handle::{nbd_handle, Handle};
+use crate::handle::{nbd_handle, Handle, Locked};
 use crate::table::{self, Export};
 pub use crate::trace::{DebugArg, DebugValue};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -16,7 +16,7 @@ pub fn enter<R: DebugValue>(
     row: Export,
     args: &[(&str, &dyn DebugArg)],
     fail: R,
-    f: impl FnOnce(&mut Handle) -> CResult<R>,
+    f: impl FnOnce(&mut Locked<'_>) -> CResult<R>,
 ) -> R {
     // SAFETY: a non-NULL `h` came from `nbd_create` and is not yet closed,
     // which is the caller's side of the libnbd contract.

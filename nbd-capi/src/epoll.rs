@@ -51,15 +51,15 @@ impl Epoll {
 
     /// Link `link` has socket `fd` (-1 without one) and waits for
     /// `direction` (`LIBNBD_AIO_DIRECTION_*` bits): registers, changes or
-    /// removes it, with a system call only when something changed.
+    /// removes it, with a system call only when something changed. Every
+    /// socket is watched for reading (the read bit changes with every
+    /// command; watching it always saves a system call each time);
+    /// writing only when asked.
     pub fn update(&mut self, link: usize, fd: c_int, direction: u32) {
         if self.registered.len() <= link {
             self.registered.resize(link + 1, None);
         }
-        let mut events = 0;
-        if direction & 1 != 0 {
-            events |= libc::EPOLLIN as u32;
-        }
+        let mut events = libc::EPOLLIN as u32;
         if direction & 2 != 0 {
             events |= libc::EPOLLOUT as u32;
         }

@@ -17,6 +17,7 @@ use crate::tls::TlsSettings;
 use nbd_proto::{ChunkStatus, Config, Connection, Cookie, Event, PublicState};
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_uint, CStr, CString};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 /// A caller's buffer lent to one command. READ buffers are writable;
@@ -85,6 +86,8 @@ pub struct Command {
     offset: u64,
     /// The command's name in messages ("read", "write", ...).
     what: &'static str,
+    /// The link that carries it.
+    link: usize,
     /// `None` in flight; once completed, its errno (0 for success).
     outcome: Option<i32>,
 }
@@ -98,6 +101,7 @@ impl Command {
             zero_on_error: 0,
             offset,
             what,
+            link: 0,
             outcome: None,
         }
     }
@@ -212,6 +216,9 @@ pub struct Handle {
     /// The one descriptor the caller polls when the handle has (or will
     /// have) several links: an epoll instance over their sockets.
     epoll: Option<crate::epoll::Epoll>,
+    /// Commands whose synchronous caller waits with the lock released,
+    /// and the eventfd that wakes it when another thread completes them.
+    waiters: CookieMap<c_int>,
 }
 
 /// How the lead link was dialed, to dial the others the same way.
@@ -233,11 +240,34 @@ impl Drop for Handle {
     }
 }
 
+/// The handle, locked: what every export works on. A synchronous command
+/// on a multi-conn handle lets go of the lock while it waits in poll(2)
+/// (see `wait_unlocked`).
+pub type Locked<'a> = PthreadGuard<'a, Handle>;
+
 /// `struct nbd_handle`, opaque to C.
 pub struct nbd_handle {
     inner: PthreadMutex<Handle>,
     pub private_data: AtomicUsize,
     poisoned: AtomicBool,
+}
+
+thread_local! {
+    /// This thread's eventfd, written to wake it from a synchronous
+    /// wait on a multi-conn handle; `None` if it could not be made.
+    static WAKE: Option<std::os::fd::OwnedFd> = {
+        // SAFETY: eventfd(2), checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        // SAFETY: a fresh descriptor this thread owns until it exits.
+        (fd >= 0).then(|| unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    };
+}
+
+/// Wakes the thread waiting on the eventfd `fd`.
+fn wake(fd: c_int) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing an 8-byte count to an eventfd.
+    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
 }
 
 /// The longest extent a 32-bit extent callback can carry: just below
@@ -282,6 +312,7 @@ impl nbd_handle {
                 multi_conn_actual: None,
                 failure: None,
                 epoll: None,
+                waiters: CookieMap::default(),
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -509,7 +540,10 @@ impl Handle {
     }
 
     /// Brings the epoll instance (if the handle has one) in line with
-    /// what each link waits for.
+    /// what each link waits for: always reading (a reply, or the server
+    /// hanging up), writing while output waits. Called after the links
+    /// sent what they could, so writing means a full socket or a connect
+    /// under way.
     pub fn sync_interest(&mut self) {
         let Some(ep) = self.epoll.as_mut() else { return };
         for (at, link) in self.links.iter().enumerate() {
@@ -685,7 +719,18 @@ impl Handle {
 
     /// `aio_get_direction` said `direction`: a write event is now expected.
     pub fn announce(&mut self, direction: c_uint) {
-        self.sync_interest();
+        if self.epoll.is_some() {
+            // Before the caller sleeps on the epoll instance, what waits
+            // to be sent goes (a burst of submissions in one send per
+            // link); a link waits for writability only if its socket
+            // would not take it all.
+            for at in 0..self.links.len() {
+                if self.links[at].direction() & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0 {
+                    self.link_writable(at);
+                }
+            }
+            self.sync_interest();
+        }
         self.write_announced = direction & crate::constants::LIBNBD_AIO_DIRECTION_WRITE != 0;
     }
 
@@ -821,11 +866,10 @@ impl Handle {
         self.last_cookie += 1;
         let cookie = self.last_cookie;
         link.route(core, cookie);
-        self.commands.insert(cookie, command);
+        self.commands.insert(cookie, Command { link: at, ..command });
         if idle {
             self.link_writable(at);
         }
-        self.sync_interest();
         Ok(cookie)
     }
 
@@ -1036,6 +1080,84 @@ impl Handle {
         Ok(true)
     }
 
+    /// Waits for the command `cookie` to complete. On a multi-conn handle
+    /// the lock is released while waiting in poll(2), so that threads
+    /// making synchronous calls run at once, each on its command's link:
+    /// each waits for its link's socket and for its own eventfd, which a
+    /// thread that completes the command on its behalf writes to.
+    pub fn wait_for(g: &mut Locked<'_>, cookie: Cookie) -> CResult<()> {
+        if g.links.len() < 2 {
+            return g.run_until(|i| i.is_completed(cookie));
+        }
+        let wake_fd = WAKE.with(|w| w.as_ref().map(|fd| fd.as_raw_fd())).ok_or_else(|| CError::last_os("eventfd"))?;
+        loop {
+            if g.is_completed(cookie) {
+                return Ok(());
+            }
+            if let Some(e) = g.ended() {
+                return Err(e);
+            }
+            let Some(at) = g.commands.get(&cookie).map(|c| c.link) else {
+                return Err(CError::new(libc::EINVAL, "the command is not in flight"));
+            };
+            g.link_writable(at);
+            if g.links[at].has_input_for_core() {
+                let established = g.links[at].progress();
+                g.debug_established(established);
+                g.dispatch();
+                continue;
+            }
+            let (fd, dir) = (g.links[at].fd(), g.links[at].direction());
+            if fd < 0 || dir == 0 {
+                // The link is over: its end is reported above.
+                g.dispatch();
+                if g.ended().is_none() && !g.is_completed(cookie) {
+                    return Err(CError::new(libc::ENOTCONN, "the connection cannot make progress"));
+                }
+                continue;
+            }
+            let mut events = 0;
+            if dir & 1 != 0 {
+                events |= libc::POLLIN;
+            }
+            if dir & 2 != 0 {
+                events |= libc::POLLOUT;
+            }
+            let mut fds = [
+                libc::pollfd { fd, events, revents: 0 },
+                libc::pollfd { fd: wake_fd, events: libc::POLLIN, revents: 0 },
+            ];
+            g.waiters.insert(cookie, wake_fd);
+            // SAFETY: two valid pollfds in an array we own; the handle's
+            // lock is released meanwhile, and nothing of it is touched.
+            let r = g.unlocked(|| unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) });
+            g.waiters.remove(&cookie);
+            if fds[1].revents != 0 {
+                let mut n = [0u8; 8];
+                // SAFETY: reading an eventfd's 8-byte counter into a buffer we own.
+                unsafe { libc::read(wake_fd, n.as_mut_ptr().cast(), 8) };
+            }
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(CError::os("poll", &e));
+            }
+            // Another thread may have closed or replaced the socket.
+            if g.links[at].fd() != fd {
+                continue;
+            }
+            if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                g.link_readable(at);
+            }
+            if fds[0].revents & libc::POLLOUT != 0 {
+                g.link_writable(at);
+            }
+            g.sync_interest();
+        }
+    }
+
     /// Drives the links until `done` holds, failing if the handle can no
     /// longer make progress.
     pub fn run_until(&mut self, done: impl Fn(&Handle) -> bool) -> CResult<()> {
@@ -1110,6 +1232,9 @@ impl Handle {
         match ev {
             Event::Complete { cookie: core, result, .. } => {
                 let Some(cookie) = self.links[link].unroute(core) else { return };
+                if let Some(&fd) = self.waiters.get(&cookie) {
+                    wake(fd);
+                }
                 let Some(c) = self.commands.get_mut(&cookie) else { return };
                 let mut err = match result {
                     Ok(()) => c.callback_error,

@@ -52,6 +52,22 @@ pub struct PthreadGuard<'a, T> {
     mutex: &'a PthreadMutex<T>,
 }
 
+impl<T> PthreadGuard<'_, T> {
+    /// Runs `f` with the mutex released, and takes it again: for a wait
+    /// that must not hold up other threads. `f` cannot reach the data
+    /// (the guard is borrowed for the call).
+    pub fn unlocked<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        // SAFETY: this thread holds the mutex (the guard), and no
+        // reference into the data outlives this borrow of the guard.
+        unsafe { libc::pthread_mutex_unlock(self.mutex.raw.get()) };
+        let r = f();
+        // SAFETY: as in `lock`; taken again before the guard is usable.
+        let r2 = unsafe { libc::pthread_mutex_lock(self.mutex.raw.get()) };
+        assert_eq!(r2, 0, "pthread_mutex_lock");
+        r
+    }
+}
+
 impl<T> Deref for PthreadGuard<'_, T> {
     type Target = T;
     fn deref(&self) -> &T {

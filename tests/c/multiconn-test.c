@@ -355,7 +355,7 @@ test_killed (void)
 }
 
 enum { THREADS = 8, TBLOCK = 4096, TBLOCKS = 64 };
-struct worker { struct nbd_handle *h; int id; int bad; int errors; };
+struct worker { struct nbd_handle *h; int id; int ops; int bad; int errors; };
 
 static void *
 worker (void *p)
@@ -363,7 +363,7 @@ worker (void *p)
   struct worker *w = p;
   char wb[TBLOCK], rb[TBLOCK];
   unsigned seed = w->id;
-  for (int iter = 0; iter < 200; iter++) {
+  for (int iter = 0; iter < w->ops; iter++) {
     int blk = rand_r (&seed) % TBLOCKS;
     uint64_t off = ((uint64_t) w->id * TBLOCKS + blk) * TBLOCK;
     memset (wb, (w->id * 31 + iter) & 0xff, TBLOCK);
@@ -384,16 +384,20 @@ test_threads (void)
   char *uri = uri_of (sock, 4);
   struct nbd_handle *h = nbd_create ();
   CHECK (nbd_connect_uri (h, uri) == 0, "connect for threads");
+  const char *o = getenv ("MULTICONN_OPS");
+  int ops = o && atoi (o) > 0 ? atoi (o) : 200;
   pthread_t t[THREADS];
   struct worker w[THREADS];
   for (int i = 0; i < THREADS; i++) {
-    w[i] = (struct worker) { .h = h, .id = i };
+    w[i] = (struct worker) { .h = h, .id = i, .ops = ops };
     pthread_create (&t[i], NULL, worker, &w[i]);
   }
   for (int i = 0; i < THREADS; i++) {
     pthread_join (t[i], NULL);
     CHECK (w[i].bad == 0 && w[i].errors == 0, "thread %d: %d bad, %d errors", i, w[i].bad, w[i].errors);
   }
+  CHECK (nbd_rs_get_multi_conn (h) == 4, "the threads shared 4 connections");
+  printf ("8 threads on one handle of 4 connections: %d verified writes and reads each\n", ops);
   CHECK (nbd_shutdown (h, 0) == 0, "shutdown after threads");
   nbd_close (h);
   stop_pid (pid, 1); forget_child (pid);

@@ -4,7 +4,7 @@ use super::{arg_str_list, cmd_flags};
 use crate::boundary::export;
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
-use crate::handle::{nbd_handle, Callbacks, Command, Handle, UserBuf};
+use crate::handle::{nbd_handle, Callbacks, Command, Handle, Locked, UserBuf};
 use crate::trace::{Fun, Hex, ReadBuf, WriteBuf};
 use nbd_proto::{Connection, Cookie, Error};
 use std::ffi::{c_char, c_int, c_uint, c_void};
@@ -26,9 +26,9 @@ fn submit(
 }
 
 /// Waits for `cookie` and retires it.
-fn wait(i: &mut Handle, cookie: i64) -> CResult<c_int> {
+fn wait(i: &mut Locked<'_>, cookie: i64) -> CResult<c_int> {
     let cookie = cookie as u64;
-    i.run_until(|i| i.is_completed(cookie))?;
+    Handle::wait_for(i, cookie)?;
     retire(i, cookie).map(|_| 0)
 }
 

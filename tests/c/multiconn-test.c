@@ -14,6 +14,8 @@
  *  - a connection refused mid-connect (nbdkit's limit filter);
  *  - 64 commands in flight over 4 connections when the server is killed:
  *    every one completes with an error, nothing hangs;
+ *  - opt mode (NBD_OPT_GO brings the others), TLS with PSK on every
+ *    connection, shutdown with ABANDON_PENDING;
  *  - 8 threads on one handle, every byte read checked.
  */
 #define _GNU_SOURCE
@@ -354,6 +356,112 @@ test_killed (void)
   free (uri); free (sock);
 }
 
+/* Opt mode: the first connection negotiates; NBD_OPT_GO brings the others. */
+static void
+test_opt_mode (void)
+{
+  char *sock = path_in_dir ("opt.sock"), *log = path_in_dir ("opt.log"), *logarg;
+  if (asprintf (&logarg, "logfile=%s", log) == -1) fatal ("asprintf");
+  char *args[] = { "--filter=log", "memory", "1M", logarg, NULL };
+  pid_t pid = start_nbdkit_unix ("opt.sock", args);
+  char *uri = uri_of (sock, 4);
+  struct nbd_handle *h = nbd_create ();
+  nbd_set_opt_mode (h, true);
+  nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  CHECK (nbd_connect_uri (h, uri) == 0 && nbd_aio_is_negotiating (h) == 1, "opt mode: negotiating");
+  CHECK (nbd_rs_get_multi_conn (h) == 4, "opt mode: 4 wanted while negotiating");
+  CHECK (nbd_opt_info (h) == 0, "opt mode: opt_info on the first connection");
+  CHECK (nbd_opt_go (h) == 0 && nbd_aio_is_ready (h) == 1, "opt_go: ready when all are");
+  CHECK (nbd_rs_get_multi_conn (h) == 4, "opt mode: 4 connections after opt_go");
+  CHECK (count_lines (log, " Connect ", NULL) >= 4, "opt mode: the server saw the connections (%d)",
+         count_lines (log, " Connect ", NULL));
+  CHECK (nbd_can_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION) == 1, "the meta context carried over");
+  CHECK (nbd_shutdown (h, 0) == 0 && nbd_aio_is_closed (h) == 1, "opt mode: shutdown");
+  nbd_close (h);
+  stop_pid (pid, 1); forget_child (pid);
+  free (uri); free (sock); free (log); free (logarg);
+}
+
+static int
+count_extents (void *p, const char *ctx, uint64_t off, nbd_extent *e, size_t n, int *error)
+{
+  (void) ctx; (void) off; (void) e; (void) error;
+  atomic_fetch_add ((atomic_int *) p, (int) n > 0);
+  return 0;
+}
+
+/* TLS (PSK) on every connection; block status over every link (the
+ * context ids are each connection's own). */
+static void
+test_tls (void)
+{
+  char *sock = path_in_dir ("tls.sock"), *psk = path_in_dir ("keys.psk"), *pskarg, *uri;
+  FILE *fp = fopen (psk, "w");
+  if (fp == NULL) fatal ("%s: %m", psk);
+  fprintf (fp, "alice:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\n");
+  fclose (fp);
+  if (asprintf (&pskarg, "--tls-psk=%s", psk) == -1 ||
+      asprintf (&uri, "nbds+unix://alice@/?socket=%s&tls-psk-file=%s&multi-conn=4", sock, psk) == -1)
+    fatal ("asprintf");
+  char *args[] = { "--tls=require", pskarg, "memory", "1M", NULL };
+  pid_t pid = start_nbdkit_unix ("tls.sock", args);
+  struct nbd_handle *h = nbd_create ();
+  nbd_set_uri_allow_local_file (h, true);
+  nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+  CHECK (nbd_connect_uri (h, uri) == 0, "TLS: connect");
+  CHECK (nbd_rs_get_multi_conn (h) == 4 && nbd_get_tls_negotiated (h) == 1, "TLS: 4 connections");
+  char buf[4096];
+  memset (buf, 9, sizeof buf);
+  CHECK (nbd_pwrite (h, buf, sizeof buf, 4096, 0) == 0, "TLS: write");
+  atomic_int seen = 0;
+  int64_t c[8];
+  for (int i = 0; i < 8; i++)
+    c[i] = nbd_aio_block_status_64 (h, 65536, 0,
+                                    (nbd_extent64_callback) { .callback = count_extents, .user_data = &seen },
+                                    NBD_NULL_COMPLETION, 0);
+  for (int i = 0; i < 8; i++)
+    while (c[i] > 0 && nbd_aio_command_completed (h, c[i]) == 0)
+      if (nbd_poll (h, -1) == -1) break;
+  CHECK (atomic_load (&seen) == 8, "TLS: block status on every link (%d)", atomic_load (&seen));
+  memset (buf, 0, sizeof buf);
+  CHECK (nbd_pread (h, buf, sizeof buf, 4096, 0) == 0 && buf[100] == 9, "TLS: read back");
+  CHECK (nbd_shutdown (h, 0) == 0, "TLS: shutdown");
+  nbd_close (h);
+  stop_pid (pid, 1); forget_child (pid);
+  free (uri); free (sock); free (psk); free (pskarg);
+}
+
+/* shutdown with ABANDON_PENDING: every command completes once. */
+static void
+test_abandon (void)
+{
+  char *sock = path_in_dir ("ab.sock");
+  char *args[] = { "--filter=delay", "memory", "4M", "rdelay=20ms", NULL };
+  pid_t pid = start_nbdkit_unix ("ab.sock", args);
+  char *uri = uri_of (sock, 4);
+  struct nbd_handle *h = nbd_create ();
+  CHECK (nbd_connect_uri (h, uri) == 0, "abandon: connect");
+  enum { N = 64 };
+  static char bufs[N][4096];
+  int errs[N];
+  atomic_store (&completions, 0);
+  for (int i = 0; i < N; i++) {
+    errs[i] = -1;
+    nbd_aio_pread (h, bufs[i], 4096, (uint64_t) i * 4096,
+                   (nbd_completion_callback) { .callback = count_done, .user_data = &errs[i] }, 0);
+  }
+  CHECK (nbd_shutdown (h, LIBNBD_SHUTDOWN_ABANDON_PENDING) == 0, "shutdown with ABANDON_PENDING");
+  CHECK (atomic_load (&completions) == N, "every command completed (%d)", atomic_load (&completions));
+  int abandoned = 0;
+  for (int i = 0; i < N; i++) abandoned += errs[i] == ENOTCONN;
+  CHECK (nbd_aio_is_closed (h) == 1, "abandon: closed");
+  CHECK (nbd_aio_in_flight (h) == 0, "abandon: nothing in flight");
+  printf ("shutdown with ABANDON_PENDING: %d of %d abandoned unsent\n", abandoned, N);
+  nbd_close (h);
+  stop_pid (pid, 1); forget_child (pid);
+  free (uri); free (sock);
+}
+
 enum { THREADS = 8, TBLOCK = 4096, TBLOCKS = 64 };
 struct worker { struct nbd_handle *h; int id; int ops; int bad; int errors; };
 
@@ -417,6 +525,9 @@ main (void)
   if (!only || strstr (only, "one_channel")) test_one_channel ();
   if (!only || strstr (only, "refused")) test_refused ();
   if (!only || strstr (only, "killed")) test_killed ();
+  if (!only || strstr (only, "opt_mode")) test_opt_mode ();
+  if (!only || strstr (only, "tls")) test_tls ();
+  if (!only || strstr (only, "abandon")) test_abandon ();
   if (!only || strstr (only, "threads")) test_threads ();
   printf ("multiconn-test: %d checks, %d failures\n", checks, failures);
   return failures != 0;

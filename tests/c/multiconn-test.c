@@ -74,6 +74,24 @@ connections_with (const char *file, const char *word)
   return n;
 }
 
+/* A memory disk of SIZE on NAME.sock behind nbdkit's log filter, which
+ * writes every connection and command to NAME.log: *sock, *log and the
+ * multi-conn=4 *uri are allocated. */
+static pid_t
+serve_logged (const char *name, const char *size, char **sock, char **log, char **uri)
+{
+  char *logarg, *sockname;
+  if (asprintf (&sockname, "%s.sock", name) == -1 || asprintf (&logarg, "logfile=%s/%s.log", dir, name) == -1)
+    fatal ("asprintf");
+  char *args[] = { "--filter=log", "memory", (char *) size, logarg, NULL };
+  pid_t pid = start_nbdkit_unix (sockname, args);
+  *sock = path_in_dir (sockname);
+  *log = strdup (logarg + strlen ("logfile="));
+  *uri = uri_of (*sock, 4);
+  free (sockname); free (logarg);
+  return pid;
+}
+
 static void
 test_api (void)
 {
@@ -94,11 +112,8 @@ test_api (void)
 static void
 test_memory (void)
 {
-  char *sock = path_in_dir ("mem.sock"), *log = path_in_dir ("mem.log"), *logarg;
-  if (asprintf (&logarg, "logfile=%s", log) == -1) fatal ("asprintf");
-  char *args[] = { "--filter=log", "memory", "4M", logarg, NULL };
-  pid_t pid = start_nbdkit_unix ("mem.sock", args);
-  char *uri = uri_of (sock, 4);
+  char *sock, *log, *uri;
+  pid_t pid = serve_logged ("mem", "4M", &sock, &log, &uri);
   struct nbd_handle *h = nbd_create ();
   CHECK (nbd_connect_uri (h, uri) == 0, "connect with multi-conn=4");
   CHECK (nbd_rs_get_multi_conn (h) == 4, "4 connections (got %" PRIi64 ")", nbd_rs_get_multi_conn (h));
@@ -182,7 +197,7 @@ test_memory (void)
   }
   CHECK (nbd_aio_is_ready (h) == 1 && nbd_rs_get_multi_conn (h) == 4, "aio connect made 4");
   nbd_close (h);
-  free (uri); free (sock); free (log); free (logarg);
+  free (uri); free (sock); free (log);
   (void) pid;
 }
 
@@ -360,11 +375,8 @@ test_killed (void)
 static void
 test_opt_mode (void)
 {
-  char *sock = path_in_dir ("opt.sock"), *log = path_in_dir ("opt.log"), *logarg;
-  if (asprintf (&logarg, "logfile=%s", log) == -1) fatal ("asprintf");
-  char *args[] = { "--filter=log", "memory", "1M", logarg, NULL };
-  pid_t pid = start_nbdkit_unix ("opt.sock", args);
-  char *uri = uri_of (sock, 4);
+  char *sock, *log, *uri;
+  pid_t pid = serve_logged ("opt", "1M", &sock, &log, &uri);
   struct nbd_handle *h = nbd_create ();
   nbd_set_opt_mode (h, true);
   nbd_add_meta_context (h, LIBNBD_CONTEXT_BASE_ALLOCATION);
@@ -379,7 +391,7 @@ test_opt_mode (void)
   CHECK (nbd_shutdown (h, 0) == 0 && nbd_aio_is_closed (h) == 1, "opt mode: shutdown");
   nbd_close (h);
   stop_pid (pid, 1); forget_child (pid);
-  free (uri); free (sock); free (log); free (logarg);
+  free (uri); free (sock); free (log);
 }
 
 static int

@@ -998,15 +998,17 @@ impl Handle {
 
     /// Takes the error a non-blocking connect ended with, if any.
     pub fn take_dial_error(&mut self) -> CResult<()> {
-        let r = self.links.iter_mut().try_for_each(Link::take_dial_error);
-        if let Err(e) = &r {
-            if self.links.len() > 1 || self.plan.is_some() {
-                // A link that cannot connect fails the multi-conn handle.
+        self.links[0].take_dial_error()?;
+        for at in 1..self.links.len() {
+            if let Err(e) = self.links[at].take_dial_error() {
+                // A further link that cannot connect fails the handle; the
+                // lead link's failure is handled as on a lone connection.
                 self.fail_all(e.clone());
                 self.dispatch();
+                return Err(e);
             }
         }
-        r
+        Ok(())
     }
 
     /// Waits once for the links to be ready in the direction each wants,

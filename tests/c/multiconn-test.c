@@ -371,6 +371,26 @@ test_killed (void)
   free (uri); free (sock);
 }
 
+/* nbd_connect_tcp with the count set by the function. */
+static void
+test_tcp (void)
+{
+  int port = free_port (AF_INET);
+  char portstr[16];
+  char *args[] = { "memory", "1M", NULL };
+  pid_t pid = start_nbdkit_port (port, args);
+  snprintf (portstr, sizeof portstr, "%d", port);
+  struct nbd_handle *h = nbd_create ();
+  CHECK (nbd_rs_set_multi_conn (h, 3) == 0, "set 3");
+  CHECK (nbd_connect_tcp (h, "127.0.0.1", portstr) == 0, "TCP: connect");
+  CHECK (nbd_rs_get_multi_conn (h) == 3, "TCP: 3 connections");
+  char buf[512] = "tcp";
+  CHECK (nbd_pwrite (h, buf, sizeof buf, 0, LIBNBD_CMD_FLAG_FUA) == 0, "TCP: write with FUA");
+  CHECK (nbd_pread (h, buf, sizeof buf, 0, 0) == 0 && strcmp (buf, "tcp") == 0, "TCP: read back");
+  nbd_close (h);
+  stop_pid (pid, 1); forget_child (pid);
+}
+
 /* Opt mode: the first connection negotiates; NBD_OPT_GO brings the others. */
 static void
 test_opt_mode (void)
@@ -538,6 +558,7 @@ main (void)
   if (!only || strstr (only, "refused")) test_refused ();
   if (!only || strstr (only, "killed")) test_killed ();
   if (!only || strstr (only, "opt_mode")) test_opt_mode ();
+  if (!only || strstr (only, "tcp")) test_tcp ();
   if (!only || strstr (only, "tls")) test_tls ();
   if (!only || strstr (only, "abandon")) test_abandon ();
   if (!only || strstr (only, "threads")) test_threads ();

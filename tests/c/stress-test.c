@@ -26,13 +26,31 @@ struct cmd {
   int retire;                   /* the callback's return value */
 };
 
+/* The callback may run in another thread (whichever one services the
+ * handle). A mutex, which helgrind understands, orders its writes before
+ * the submitter's reads; C11 atomics alone would be a race in its eyes. */
+static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
+
 static int
 cmd_done (void *p, int *error)
 {
   struct cmd *c = p;
+  pthread_mutex_lock (&cmd_lock);
   c->err = *error;
   atomic_fetch_add (&c->calls, 1);
+  pthread_mutex_unlock (&cmd_lock);
   return c->retire;
+}
+
+/* Whether C's completion callback has run, and then its error in *ERR. */
+static bool
+cmd_called (struct cmd *c, int *err)
+{
+  pthread_mutex_lock (&cmd_lock);
+  bool called = atomic_load (&c->calls) > 0;
+  *err = c->err;
+  pthread_mutex_unlock (&cmd_lock);
+  return called;
 }
 
 static void
@@ -315,7 +333,8 @@ aio_batch (struct worker *w)
     left = 0;
     for (int i = 0; i < n; i++) {
       if (cookies[i] == -1 || done[i]) continue;
-      done[i] = cmds[i].retire ? atomic_load (&cmds[i].calls) > 0
+      int err;
+      done[i] = cmds[i].retire ? cmd_called (&cmds[i], &err)
         : nbd_aio_command_completed (w->h, cookies[i]) != 0;
       left += !done[i];
     }
@@ -323,8 +342,10 @@ aio_batch (struct worker *w)
   }
   for (int i = 0; i < n; i++) {
     if (cookies[i] == -1) continue;
+    int err;
+    cmd_called (&cmds[i], &err);
     w->lost += atomic_load (&cmds[i].calls) != 1 || atomic_load (&cmds[i].frees) != 1;
-    if (cmds[i].err != 0) { failed (w, cmds[i].err); continue; }
+    if (err != 0) { failed (w, err); continue; }
     if (writes[i]) memcpy (model + offs[i], bufs[i], lens[i]);
     else check_read (w, bufs[i], offs[i], lens[i]);
   }

@@ -432,20 +432,7 @@ impl Handle {
             self.debug(|| format!("multi-conn: the server does not allow {wanted} connections; using one"));
             return;
         }
-        let mut config = lead.config().clone();
-        config.opt_mode = false;
-        config.request_structured_replies = lead.structured_replies_negotiated();
-        config.request_extended_headers = lead.extended_headers_negotiated();
-        if lead.tls_negotiated() {
-            config.tls = nbd_proto::TlsMode::Require;
-        }
-        let names: Vec<String> = lead.meta_contexts().unwrap_or_default().iter().map(|m| m.name.clone()).collect();
-        config.clear_meta_contexts();
-        for name in &names {
-            // Names the server accepted fit.
-            let _ = config.add_meta_context(name);
-        }
-        config.request_meta_context = !names.is_empty();
+        let config = lead.follower_config();
         self.multi_conn_actual = Some(wanted);
         self.debug(|| format!("multi-conn: dialing {} more connections", wanted - 1));
         for _ in 1..wanted {
@@ -465,37 +452,11 @@ impl Handle {
     /// export the lead link sees, else the handle dies (EPROTO) naming
     /// what differs.
     fn verify_link(&mut self, at: usize) {
-        let (lead, other) = (self.links[0].conn(), self.links[at].conn());
-        let (a, b) = (lead.export(), other.export());
-        let names = |c: &Connection<UserBuf>| {
-            let mut n: Vec<String> = c.meta_contexts().unwrap_or_default().iter().map(|m| m.name.clone()).collect();
-            n.sort();
-            n
-        };
-        let differs = if a.size != b.size {
-            Some(format!("size {} (the first connection's is {})", b.size.unwrap_or(0), a.size.unwrap_or(0)))
-        } else if a.flags != b.flags {
-            Some(format!("transmission flags {:#x} (the first connection's are {:#x})", b.flags.bits(), a.flags.bits()))
-        } else if a.block_size != b.block_size {
-            Some(format!("block sizes {:?} (the first connection's are {:?})", b.block_size, a.block_size))
-        } else if names(lead) != names(other) {
-            Some(format!(
-                "meta contexts [{}] (the first connection's are [{}])",
-                names(other).join(", "),
-                names(lead).join(", ")
-            ))
-        } else if lead.structured_replies_negotiated() != other.structured_replies_negotiated()
-            || lead.extended_headers_negotiated() != other.extended_headers_negotiated()
-        {
-            Some("reply format (structured replies or extended headers)".to_owned())
-        } else {
-            None
-        };
-        if let Some(what) = differs {
+        if let Some(what) = self.links[0].conn().export_difference(self.links[at].conn()) {
             let n = self.links.len();
             self.fail_all(CError::new(
                 libc::EPROTO,
-                format!("multi-conn: connection {} of {n} sees a different export: {what}", at + 1),
+                format!("multi-conn: connection {} of {n} sees a different export than the first: {what}", at + 1),
             ));
         }
     }
@@ -1356,6 +1317,8 @@ impl Handle {
             Event::StartTls => self.start_tls(link),
             Event::Connected if link == 0 => self.lead_connected(),
             Event::Connected => self.verify_link(link),
+            Event::TransportLost { error } => self.debug(|| format!("connection {}: lost: {error}", link + 1)),
+            Event::Reconnected => self.debug(|| format!("connection {}: reconnected", link + 1)),
         }
     }
 }

@@ -42,3 +42,6 @@ pub const ENOTCONN: i32 = 107;
 /// Cannot send after transport endpoint shutdown: the server is shutting
 /// down (`NBD_ESHUTDOWN`, `NBD_REP_ERR_SHUTDOWN`).
 pub const ESHUTDOWN: i32 = 108;
+/// Stale file handle: after a reconnect the server offered a different
+/// export ([`ServerError::ExportChanged`](crate::ServerError::ExportChanged)).
+pub const ESTALE: i32 = 116;

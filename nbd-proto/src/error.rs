@@ -281,6 +281,11 @@ pub enum ServerError {
     /// TLS was required but the server cannot or will not do it.
     #[error("TLS is required but the server {0}")]
     TlsUnavailable(&'static str),
+    /// After a reconnect the server offered a different export than the
+    /// connection had (the value names the first difference), so the
+    /// commands kept for it fail rather than reach the wrong disk.
+    #[error("the export changed across the reconnect: {0}")]
+    ExportChanged(String),
 }
 
 impl ServerError {
@@ -301,6 +306,7 @@ impl ServerError {
             },
             ServerError::Command { errno, .. } => *errno,
             ServerError::TlsUnavailable(_) => ENOTSUP,
+            ServerError::ExportChanged(_) => ESTALE,
         }
     }
 }

@@ -35,7 +35,7 @@ impl<B: CommandBuffer> Connection<B> {
     /// The largest WRITE payload strict mode lets through: what the server
     /// advertised (at least 1 MiB, at most 64 MiB), else 32 MiB.
     pub fn payload_maximum(&self) -> u64 {
-        match self.neg.export.block_size {
+        match self.negotiated().export.block_size {
             Some(b) => u64::from(b.maximum).clamp(MIN_PAYLOAD_MAXIMUM, MAX_REQUEST_SIZE),
             None => DEFAULT_PAYLOAD_MAXIMUM,
         }
@@ -51,7 +51,7 @@ impl<B: CommandBuffer> Connection<B> {
         length: u64,
     ) -> Result<CmdFlags, LocalError> {
         let strict = self.config.strict;
-        let extended = self.neg.extended_headers;
+        let extended = self.negotiated().extended_headers;
         if strict.contains(StrictMode::FLAGS) && !allowed_flags(kind).contains(flags) {
             return Err(LocalError::InvalidFlags(u32::from(flags.bits())));
         }
@@ -66,12 +66,12 @@ impl<B: CommandBuffer> Connection<B> {
             if strict.contains(StrictMode::ZERO_SIZE) && length == 0 {
                 return Err(LocalError::ZeroSize);
             }
-            let size = self.neg.export.size.unwrap_or(0);
+            let size = self.negotiated().export.size.unwrap_or(0);
             if strict.contains(StrictMode::BOUNDS) && offset.checked_add(length).is_none_or(|end| end > size) {
                 return Err(LocalError::OutOfBounds { stores_data: stores_data(kind) });
             }
             if strict.contains(StrictMode::ALIGN) {
-                if let Some(b) = self.neg.export.block_size {
+                if let Some(b) = self.negotiated().export.block_size {
                     let min = u64::from(b.minimum);
                     if offset % min != 0 || length % min != 0 {
                         return Err(LocalError::Unaligned);
@@ -98,7 +98,7 @@ impl<B: CommandBuffer> Connection<B> {
     /// Strict mode's `COMMANDS` check: the server offers the command and
     /// every flag, and takes writes.
     fn check_supported(&self, kind: u16, flags: CmdFlags) -> Result<(), LocalError> {
-        let ef = self.neg.export.flags;
+        let ef = self.negotiated().export.flags;
         // libnbd asks whether the server offers the command before
         // whether it takes writes: TRIM on a read-only export that
         // offers no TRIM is EINVAL, not EPERM.
@@ -126,10 +126,10 @@ impl<B: CommandBuffer> Connection<B> {
                 return Err(LocalError::Unsupported(what));
             }
         }
-        if kind == cmd::WRITE && flags.contains(CmdFlags::PAYLOAD_LEN) != self.neg.extended_headers {
+        if kind == cmd::WRITE && flags.contains(CmdFlags::PAYLOAD_LEN) != self.negotiated().extended_headers {
             return Err(LocalError::Invalid("incorrect setting for PAYLOAD_LEN flag"));
         }
-        if kind == cmd::BLOCK_STATUS && (!self.neg.meta_valid || self.neg.meta_contexts.is_empty()) {
+        if kind == cmd::BLOCK_STATUS && (!self.negotiated().meta_valid || self.negotiated().meta_contexts.is_empty()) {
             return Err(LocalError::NoMetaContexts);
         }
         Ok(())

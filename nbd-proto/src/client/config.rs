@@ -37,6 +37,11 @@ pub struct Config {
     pub opt_mode: bool,
     /// Which local checks commands go through before they are sent.
     pub strict: StrictMode,
+    /// Keep the commands in flight when the transport fails in
+    /// transmission, to send them again once the connection is
+    /// restarted (see [`Connection::restart`](crate::Connection::restart)),
+    /// rather than fail them. Off by default.
+    pub keep_commands_on_loss: bool,
 }
 
 impl Default for Config {
@@ -53,6 +58,7 @@ impl Default for Config {
             full_info: false,
             opt_mode: false,
             strict: StrictMode::default(),
+            keep_commands_on_loss: false,
         }
     }
 }

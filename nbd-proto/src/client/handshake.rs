@@ -637,6 +637,10 @@ impl<B: super::CommandBuffer> Connection<B> {
 
     fn finish_handshake(&mut self) {
         self.complete_goal(Ok(()));
+        if self.resume.as_ref().is_some_and(|r| r.restarting) {
+            self.finish_restart();
+            return;
+        }
         self.state = State::Transmission;
         self.events.push_back(Event::Connected);
     }

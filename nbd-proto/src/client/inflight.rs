@@ -28,6 +28,9 @@ pub(crate) struct Command<B> {
     pub coverage: Coverage,
     /// Meta context ids already answered in this reply.
     pub contexts_seen: Vec<u32>,
+    /// The request's payload other than WRITE data (a block status
+    /// filter), kept to send again after a reconnect.
+    pub payload: Vec<u8>,
     /// Receive buffer bytes its reply is expected to take.
     expect: usize,
 }
@@ -49,8 +52,20 @@ impl<B> Command<B> {
             content_chunks: 0,
             coverage: Coverage::default(),
             contexts_seen: Vec::new(),
+            payload: Vec::new(),
             expect: 0,
         }
+    }
+
+    /// Forgets what arrived of its reply and that it was sent: it will
+    /// be sent again, on a new transport.
+    pub fn forget_reply(&mut self) {
+        self.sent = false;
+        self.error = None;
+        self.chunked = false;
+        self.content_chunks = 0;
+        self.coverage.clear();
+        self.contexts_seen.clear();
     }
 
     /// Keeps the first error: it is the one the command reports.

@@ -6,6 +6,7 @@ mod handshake;
 mod inflight;
 pub(crate) mod input;
 mod output;
+mod reconnect;
 mod transmission;
 
 pub use config::Config;
@@ -16,6 +17,7 @@ use handshake::{Handshake, OptionPlan};
 use inflight::InFlight;
 use input::Input;
 use output::{Milestone, Output, Piece};
+use reconnect::Resume;
 use std::collections::VecDeque;
 use transmission::Rx;
 
@@ -294,6 +296,17 @@ pub enum Event<B> {
         /// the data on success); `None` for the other commands.
         buf: Option<B>,
     },
+    /// The transport failed and the connection keeps its commands
+    /// ([`Config::keep_commands_on_loss`]): it is lost until
+    /// [`Connection::restart`] brings it back. Also after each restart
+    /// whose transport fails before the handshake ends.
+    TransportLost {
+        /// How the transport failed.
+        error: Error,
+    },
+    /// A restart's handshake ended with the export the connection had:
+    /// every kept command was queued again.
+    Reconnected,
 }
 
 /// How the server answered an option that turns on a reply format
@@ -364,6 +377,8 @@ pub(crate) enum State {
     Handshake(Handshake),
     Negotiating,
     Transmission,
+    /// The transport failed; commands are kept ([`reconnect`]).
+    Lost,
     Dead,
     Closed,
 }
@@ -433,6 +448,9 @@ pub struct Connection<B> {
     /// Notes are recorded only when the caller asked for them.
     trace: bool,
     notes: VecDeque<Note>,
+    /// Set from a transport loss that keeps the commands until the
+    /// connection is back ([`reconnect`]).
+    resume: Option<Box<Resume>>,
 }
 
 impl<B: CommandBuffer> Connection<B> {
@@ -458,6 +476,7 @@ impl<B: CommandBuffer> Connection<B> {
             stats: Stats::default(),
             trace: false,
             notes: VecDeque::new(),
+            resume: None,
         }
     }
 
@@ -500,12 +519,19 @@ impl<B: CommandBuffer> Connection<B> {
 
     /// The state as libnbd's `nbd_aio_is_*` functions report it.
     pub fn state(&self) -> PublicState {
+        // Lost, or re-running its handshake: to the caller it is still
+        // connected, holding its commands.
+        if self.resume.is_some() {
+            return if self.cmds.is_empty() { PublicState::Ready } else { PublicState::Processing };
+        }
         match self.state {
             State::Created => PublicState::Created,
             State::Connecting | State::Handshake(_) => PublicState::Connecting,
             State::Negotiating => PublicState::Negotiating,
             State::Transmission if self.is_mid_exchange() => PublicState::Processing,
             State::Transmission => PublicState::Ready,
+            // Only with `resume` set, answered above.
+            State::Lost => PublicState::Processing,
             State::Dead => PublicState::Dead,
             State::Closed => PublicState::Closed,
         }
@@ -529,7 +555,7 @@ impl<B: CommandBuffer> Connection<B> {
     pub fn direction(&self) -> Direction {
         let write = !self.output.is_empty();
         let read = match &self.state {
-            State::Created | State::Dead | State::Closed => return Direction::None,
+            State::Created | State::Lost | State::Dead | State::Closed => return Direction::None,
             State::Connecting => return Direction::Write,
             State::Handshake(Handshake::AwaitTls) => false,
             State::Handshake(_) => !write,
@@ -548,7 +574,13 @@ impl<B: CommandBuffer> Connection<B> {
     /// names); complete once [`Event::Connected`] (or, in opt mode, a
     /// successful `opt_info`) has been reported.
     pub fn export(&self) -> &ExportInfo {
-        &self.neg.export
+        &self.negotiated().export
+    }
+
+    /// What the handshake settled; while lost, what the one before the
+    /// loss settled.
+    pub(crate) fn negotiated(&self) -> &Negotiated {
+        self.resume.as_ref().map_or(&self.neg, |r| &r.neg)
     }
 
     /// The handshake style, once the greeting has arrived.
@@ -559,31 +591,32 @@ impl<B: CommandBuffer> Connection<B> {
     /// Whether the server agreed to structured replies (directly, or
     /// through extended headers).
     pub fn structured_replies_negotiated(&self) -> bool {
-        self.neg.structured_replies
+        self.negotiated().structured_replies
     }
 
     /// Whether the server agreed to extended headers (64-bit lengths).
     pub fn extended_headers_negotiated(&self) -> bool {
-        self.neg.extended_headers
+        self.negotiated().extended_headers
     }
 
     /// Whether the connection runs over TLS:
     /// [`Self::handle_tls_established`] was called after the server
     /// accepted STARTTLS.
     pub fn tls_negotiated(&self) -> bool {
-        self.neg.tls
+        self.negotiated().tls
     }
 
     /// The negotiated meta contexts; `None` before SET_META_CONTEXT ran
     /// (libnbd reports that as an error from `nbd_can_meta_context`).
     pub fn meta_contexts(&self) -> Option<&[MetaContext]> {
-        self.neg.meta_valid.then_some(&self.neg.meta_contexts[..])
+        let neg = self.negotiated();
+        neg.meta_valid.then_some(&neg.meta_contexts[..])
     }
 
     /// The name of the negotiated meta context with this id (as
     /// [`Event::Extents`] carries it), or `None` if there is none.
     pub fn meta_context_name(&self, id: u32) -> Option<&str> {
-        self.neg.meta_contexts.iter().find(|m| m.id == id).map(|m| m.name.as_str())
+        self.negotiated().meta_contexts.iter().find(|m| m.id == id).map(|m| m.name.as_str())
     }
 
     /// Bytes and chunks sent and received so far.
@@ -621,6 +654,11 @@ impl<B: CommandBuffer> Connection<B> {
     /// No transport could be established, and the caller may try again:
     /// back to created (libnbd does this when no TCP address answers).
     pub fn handle_connect_failed(&mut self) {
+        if let Some(r) = self.resume.as_mut().filter(|r| r.restarting) {
+            r.restarting = false;
+            self.state = State::Lost;
+            return;
+        }
         if matches!(self.state, State::Connecting) {
             self.state = State::Created;
         }
@@ -712,6 +750,10 @@ impl<B: CommandBuffer> Connection<B> {
             // connection rather than breaking it; commands still waiting fail.
             State::Transmission if self.input.is_empty() && matches!(self.rx, Rx::Header) => {
                 let err: Error = TransportError::Eof("between replies").into();
+                if self.keeps_commands_on(&err) {
+                    self.lose(err);
+                    return;
+                }
                 for slot in self.cmds.live_slots() {
                     self.cmds.get_mut(slot).record_error(err.clone());
                     self.complete(slot);
@@ -725,7 +767,7 @@ impl<B: CommandBuffer> Connection<B> {
             State::Handshake(_) | State::Connecting | State::Negotiating => {
                 self.fail(TransportError::Eof("during the handshake").into())
             }
-            State::Created | State::Dead | State::Closed => {}
+            State::Created | State::Lost | State::Dead | State::Closed => {}
         }
     }
 
@@ -849,6 +891,12 @@ impl<B: CommandBuffer> Connection<B> {
         if self.is_finished() {
             return;
         }
+        if self.keeps_commands_on(&err) {
+            self.lose(err);
+            return;
+        }
+        // A lost connection dies with the commands it kept.
+        self.resume = None;
         if self.plan.user_goal_pending() {
             self.events.push_back(Event::OptionComplete { result: Err(err.clone()) });
         }

@@ -214,7 +214,9 @@ impl<B: CommandBuffer> Connection<B> {
             Some((b, report)) => (Some(b), report),
             None => (None, false),
         };
-        if !matches!(self.state, State::Transmission) {
+        // While lost, commands are held until the connection is back.
+        let held = self.holds_new_commands()?;
+        if !held && !matches!(self.state, State::Transmission) {
             return Err(self.wrong_state("connected with the server"));
         }
         if self.disconnect_requested {
@@ -231,15 +233,31 @@ impl<B: CommandBuffer> Connection<B> {
         let cookie = self.next_cookie;
         self.next_cookie += 1;
         let slot = self.cmds.insert(cookie, reply_estimate(kind, length));
-        let queued_at = self.output.queued();
+        let keep = self.config.keep_commands_on_loss;
         let c = self.cmds.get_mut(slot);
-        c.queued_at = queued_at;
         c.kind = kind;
         c.flags = flags;
         c.offset = offset;
         c.length = length;
         c.buf = buf;
         c.report_chunks = report_chunks;
+        c.payload.clear();
+        if keep {
+            c.payload.extend_from_slice(payload);
+        }
+        if !held {
+            self.encode_request_in(slot, payload);
+        }
+        Ok(cookie)
+    }
+
+    /// Queues the request of the command in `slot` (with `payload`, a
+    /// request payload other than WRITE data).
+    fn encode_request_in(&mut self, slot: usize, payload: &[u8]) {
+        let queued_at = self.output.queued();
+        let c = self.cmds.get_mut(slot);
+        c.queued_at = queued_at;
+        let (kind, flags, cookie, offset, length) = (c.kind, c.flags, c.cookie, c.offset, c.length);
         let wire_length = if payload.is_empty() { length } else { payload.len() as u64 };
         self.encode_request(&RequestHeader { flags: flags.bits(), kind, cookie, offset, length: wire_length });
         if !payload.is_empty() {
@@ -249,7 +267,13 @@ impl<B: CommandBuffer> Connection<B> {
             self.output.push_payload(slot, length as usize);
         }
         self.output.milestone(Milestone::Request { slot });
-        Ok(cookie)
+    }
+
+    /// Queues again the request of a command kept across a reconnect.
+    pub(super) fn encode_kept(&mut self, slot: usize) {
+        let payload = std::mem::take(&mut self.cmds.get_mut(slot).payload);
+        self.encode_request_in(slot, &payload);
+        self.cmds.get_mut(slot).payload = payload;
     }
 
     fn encode_request(&mut self, header: &RequestHeader) {

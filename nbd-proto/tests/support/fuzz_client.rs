@@ -155,6 +155,8 @@ pub struct Tracker {
     pub options_ok: usize,
     pub options_failed: usize,
     connected: usize,
+    pub lost: usize,
+    pub reconnected: usize,
 }
 
 impl Tracker {
@@ -255,6 +257,16 @@ impl Tracker {
                 assert_eq!(self.connected, 1, "connected twice");
             }
             Event::StartTls => {}
+            Event::TransportLost { error } => {
+                assert!(c.config().keep_commands_on_loss, "lost without keeping commands: {error}");
+                assert!(c.is_lost());
+                self.lost += 1;
+            }
+            Event::Reconnected => {
+                assert!(!c.is_lost(), "reconnected while lost");
+                self.reconnected += 1;
+                assert!(self.reconnected <= self.lost, "reconnected more often than lost");
+            }
         }
     }
 

@@ -354,6 +354,16 @@ int nbd_rs_set_multi_conn(struct nbd_handle *h, uint32_t n);
 
 int64_t nbd_rs_get_multi_conn(struct nbd_handle *h);
 
+int nbd_rs_set_reconnect_delay(struct nbd_handle *h, uint32_t seconds);
+
+int64_t nbd_rs_get_reconnect_delay(struct nbd_handle *h);
+
+int nbd_rs_set_open_timeout(struct nbd_handle *h, uint32_t seconds);
+
+int64_t nbd_rs_get_open_timeout(struct nbd_handle *h);
+
+int64_t nbd_rs_get_reconnect_count(struct nbd_handle *h);
+
 struct nbd_handle *nbd_create(void);
 
 void nbd_close(struct nbd_handle *h);
@@ -751,7 +761,12 @@ int nbd_get_errno(void);
 #define LIBNBD_HAVE_NBD_TRIM 1
 #define LIBNBD_HAVE_NBD_ZERO 1
 #define LIBNBD_HAVE_NBD_RS_GET_MULTI_CONN 1
+#define LIBNBD_HAVE_NBD_RS_GET_OPEN_TIMEOUT 1
+#define LIBNBD_HAVE_NBD_RS_GET_RECONNECT_COUNT 1
+#define LIBNBD_HAVE_NBD_RS_GET_RECONNECT_DELAY 1
 #define LIBNBD_HAVE_NBD_RS_GET_VERSION 1
 #define LIBNBD_HAVE_NBD_RS_SET_MULTI_CONN 1
+#define LIBNBD_HAVE_NBD_RS_SET_OPEN_TIMEOUT 1
+#define LIBNBD_HAVE_NBD_RS_SET_RECONNECT_DELAY 1
 
 #endif  /* LIBNBD_H */

@@ -33,7 +33,7 @@ for src in examples-c/*.c; do
   report "$name" "$out/$name.log" $status
 done
 # api122-test uses libnbd 1.16-1.22 functions: it links against ours.
-for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test multiconn-test; do
+for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test multiconn-test reconnect-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -L"$ours" -l:libnbd.so.0
   leaks=() limit=
   # OpenSSL (and the openssl crate's index cache) keep process-wide state.
@@ -41,6 +41,7 @@ for name in capi-test compat-test debug-test messages-test peers-test stress-tes
   [ "$name" = api122-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
   [ "$name" = messages-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
   [ "$name" = multiconn-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
+  [ "$name" = reconnect-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=900
   status=0
   TEST_TIME_LIMIT=$limit STRESS_OPS=40 MULTICONN_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "${leaks[@]}" "$out/$name" \
     > "$out/$name.log" 2>&1 || status=$?

@@ -91,6 +91,15 @@ impl Epoll {
         self.registered[link] = want;
     }
 
+    /// Watches `fd` (a timer) for reading; it is reported ready as link
+    /// `usize::MAX`, which no link has.
+    pub fn watch_timer(&mut self, fd: c_int) -> CResult<()> {
+        if self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, usize::MAX) < 0 {
+            return Err(CError::last_os("epoll_ctl"));
+        }
+        Ok(())
+    }
+
     /// The links ready now, without waiting.
     pub fn ready(&self) -> Vec<Ready> {
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 16];

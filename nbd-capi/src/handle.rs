@@ -12,6 +12,7 @@ use crate::callbacks::*;
 use crate::error::{CError, CResult};
 use crate::link::{CookieMap, Link};
 use crate::lock::{PthreadGuard, PthreadMutex};
+use crate::reconnect::{Due, Outage, Timer};
 use crate::table;
 use crate::tls::TlsSettings;
 use nbd_proto::{ChunkStatus, Config, Connection, Cookie, Event, PublicState};
@@ -19,6 +20,7 @@ use std::collections::VecDeque;
 use std::ffi::{c_int, c_uint, CStr, CString};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::time::{Duration, Instant};
 
 /// A caller's buffer lent to one command. READ buffers are writable;
 /// WRITE buffers are not, and offer no mutable view.
@@ -90,6 +92,9 @@ pub struct Command {
     link: usize,
     /// `None` in flight; once completed, its errno (0 for success).
     outcome: Option<i32>,
+    /// Why it failed, where "command failed" says too little: the export
+    /// changed across a reconnect.
+    failure: Option<Box<str>>,
 }
 
 impl Command {
@@ -103,6 +108,7 @@ impl Command {
             what,
             link: 0,
             outcome: None,
+            failure: None,
         }
     }
 
@@ -162,6 +168,13 @@ pub struct Settings {
     /// The number of connections wanted (`nbd_rs_set_multi_conn`, the
     /// URI's `multi-conn=N`); 1 by default.
     pub multi_conn: u32,
+    /// Seconds commands wait for a lost connection to come back
+    /// (`nbd_rs_set_reconnect_delay`, the URI's `reconnect-delay=S`); 0,
+    /// the default, turns reconnecting off.
+    pub reconnect_delay: u32,
+    /// Seconds the first connect is retried for (`nbd_rs_set_open_timeout`,
+    /// the URI's `open-timeout=S`); 0, the default, tries once.
+    pub open_timeout: u32,
 }
 
 /// How the handle connected, for `nbd_get_uri`.
@@ -219,9 +232,45 @@ pub struct Handle {
     /// Commands whose synchronous caller waits with the lock released,
     /// and the eventfd that wakes it when another thread completes them.
     waiters: CookieMap<c_int>,
+    /// Reconnecting lost links, when a reconnect delay is set.
+    reconnect: Option<Reconnecting>,
+    /// Retrying the first connect, when an open timeout is set, until the
+    /// lead link's handshake ends.
+    opening: Option<Opening>,
+    /// What wakes the caller's poll loop (through the epoll instance)
+    /// when the next attempt is due: with a reconnect delay or an open
+    /// timeout.
+    timer: Option<Timer>,
 }
 
-/// How the lead link was dialed, to dial the others the same way.
+/// The first connect, retried until its deadline.
+struct Opening {
+    deadline: Instant,
+    plan: Plan,
+    /// The lead link's settings at the first attempt, for each new one.
+    config: Config,
+    /// An attempt is under way; else the next is due at `next_at`.
+    attempting: bool,
+    next_at: Instant,
+    attempts: u32,
+}
+
+/// The pause between two attempts of the first connect.
+const OPEN_RETRY: Duration = Duration::from_secs(1);
+
+/// What reconnecting needs: where to dial and each link's outage.
+struct Reconnecting {
+    delay: Duration,
+    plan: Plan,
+    /// By link index: the outage under way, if any.
+    outages: Vec<Option<Outage>>,
+    /// Reconnects that succeeded (`nbd_rs_get_reconnect_count`).
+    count: u64,
+}
+
+/// How the lead link was dialed, to dial the others (and any link lost)
+/// the same way.
+#[derive(Clone)]
 struct Plan {
     addrs: Vec<crate::dial::Address>,
     tcp: Option<String>,
@@ -297,6 +346,8 @@ impl nbd_handle {
                     uri_allow_local_file: false,
                     tls: TlsSettings::default(),
                     multi_conn: 1,
+                    reconnect_delay: 0,
+                    open_timeout: 0,
                 },
                 commands: CookieMap::default(),
                 completed: VecDeque::new(),
@@ -313,6 +364,9 @@ impl nbd_handle {
                 failure: None,
                 epoll: None,
                 waiters: CookieMap::default(),
+                reconnect: None,
+                opening: None,
+                timer: None,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -394,13 +448,48 @@ impl Handle {
     /// be: with several links wanted, the others are dialed the same way
     /// once the lead link's handshake ends.
     pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
-        if self.settings.multi_conn > 1 {
-            if self.epoll.is_none() {
-                self.epoll = Some(crate::epoll::Epoll::new()?);
+        let plan = Plan { addrs: addrs.clone(), tcp: tcp.clone() };
+        let timed = self.settings.reconnect_delay > 0 || self.settings.open_timeout > 0;
+        if (self.settings.multi_conn > 1 || timed) && self.epoll.is_none() {
+            self.epoll = Some(crate::epoll::Epoll::new()?);
+        }
+        if timed && self.timer.is_none() {
+            let timer = Timer::new()?;
+            if let Some(ep) = self.epoll.as_mut() {
+                ep.watch_timer(timer.fd())?;
             }
-            self.plan = Some(Plan { addrs: addrs.clone(), tcp: tcp.clone() });
+            self.timer = Some(timer);
+        }
+        if self.settings.multi_conn > 1 {
+            self.plan = Some(plan.clone());
+        }
+        if self.settings.reconnect_delay > 0 && self.reconnect.is_none() {
+            self.links[0].conn_mut().config_mut()?.keep_commands_on_loss = true;
+            self.reconnect = Some(Reconnecting {
+                delay: Duration::from_secs(self.settings.reconnect_delay.into()),
+                plan: plan.clone(),
+                outages: Vec::new(),
+                count: 0,
+            });
+        }
+        if self.settings.open_timeout > 0 && self.opening.is_none() {
+            let now = Instant::now();
+            self.opening = Some(Opening {
+                deadline: now + Duration::from_secs(self.settings.open_timeout.into()),
+                plan,
+                config: self.links[0].conn().config().clone(),
+                attempting: true,
+                next_at: now,
+                attempts: 1,
+            });
         }
         let r = self.links[0].dial(addrs, tcp);
+        if let (Err(e), Some(_)) = (&r, &self.opening) {
+            // The first attempt failed at once: the next waits its turn.
+            self.debug(|| format!("connect attempt 1 failed: {}", e.msg));
+            self.service_timers();
+            return self.ended().map_or(Ok(()), Err);
+        }
         self.sync_interest();
         r
     }
@@ -408,6 +497,15 @@ impl Handle {
     /// A transport that carries one channel (`what`: a socket, a command)
     /// cannot have several links.
     pub fn refuse_one_channel(&self, what: &str) -> CResult<()> {
+        if self.settings.reconnect_delay > 0 {
+            return Err(CError::new(
+                libc::EINVAL,
+                format!(
+                    "a reconnect delay is set, but {what} cannot be dialed again; \
+                     set the delay to 0 or connect to an address (Unix socket, TCP or vsock)"
+                ),
+            ));
+        }
         match self.settings.multi_conn {
             1 => Ok(()),
             n => Err(CError::new(
@@ -512,6 +610,178 @@ impl Handle {
         }
     }
 
+    // ---- reconnecting ----------------------------------------------------------
+
+    /// Whether a link is lost and waits to be back (or for its delay), or
+    /// the first connect waits for its next attempt: the timer, on the
+    /// epoll instance, will move things on.
+    pub fn reconnecting(&self) -> bool {
+        (self.reconnect.is_some() && self.links.iter().any(|l| l.conn().is_lost()))
+            || self.opening.as_ref().is_some_and(|o| !o.attempting)
+    }
+
+    /// The timers' work: the first connect's attempts, then every lost
+    /// link's outage; then the timer is armed for what is due next.
+    fn service_timers(&mut self) {
+        if self.timer.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        let mut next = self.service_opening(now);
+        next = next.into_iter().chain(self.service_reconnects(now)).min();
+        if let Some(t) = self.timer.as_mut() {
+            t.clear();
+            t.arm(next, now);
+        }
+        self.dispatch();
+    }
+
+    /// Moves the first connect on: a failed attempt is followed by
+    /// another 1 s later while the open timeout lasts; the last failure
+    /// stands. Returns when it next needs the timer.
+    fn service_opening(&mut self, now: Instant) -> Option<Instant> {
+        let op = self.opening.as_mut()?;
+        let lead = &self.links[0];
+        let state = lead.conn().state();
+        if !matches!(state, PublicState::Created | PublicState::Connecting | PublicState::Dead) {
+            // The handshake ended (or the handle closed): done.
+            self.opening = None;
+            return None;
+        }
+        if op.attempting {
+            let transport = matches!(lead.conn().error(), Some(nbd_proto::Error::Transport(_)));
+            let failed = lead.has_dial_error()
+                || (state == PublicState::Dead && transport)
+                || (state == PublicState::Created && !lead.is_dialing() && lead.fd() < 0);
+            if !failed {
+                return None;
+            }
+            if now + OPEN_RETRY > op.deadline {
+                // Out of time: this failure is the connect's.
+                let why = lead.conn().error().map_or_else(|| "connect failed".to_owned(), ToString::to_string);
+                self.opening = None;
+                self.debug(|| format!("connect attempt failed ({why}); the open timeout is over"));
+                if state == PublicState::Created && !self.links[0].has_dial_error() {
+                    self.links[0].conn_mut().handle_transport_error(libc::ECONNREFUSED, "connect");
+                }
+                return None;
+            }
+            let core_error = lead.conn().error().map(ToString::to_string);
+            let why = match (self.links[0].take_dial_error(), core_error) {
+                (Err(e), _) => e.msg,
+                (Ok(()), Some(e)) => e,
+                (Ok(()), None) => "connect failed".to_owned(),
+            };
+            let op = self.opening.as_mut()?;
+            let (n, left) = (op.attempts, op.deadline.saturating_duration_since(now).as_secs());
+            op.attempting = false;
+            op.next_at = now + OPEN_RETRY;
+            let mut conn = Connection::new(op.config.clone());
+            conn.set_trace(self.debug);
+            self.links[0] = Link::new(conn);
+            self.debug(|| format!("connect attempt {n} failed: {why}; next in 1 s ({left} s left)"));
+        }
+        let op = self.opening.as_mut()?;
+        if now < op.next_at {
+            return Some(op.next_at);
+        }
+        op.attempting = true;
+        op.attempts += 1;
+        let (n, plan) = (op.attempts, op.plan.clone());
+        self.debug(|| format!("connect attempt {n}"));
+        if let Err(e) = self.links[0].dial(plan.addrs, plan.tcp) {
+            self.debug(|| format!("connect attempt {n} failed at once: {}", e.msg));
+            // Looked at again at once: retried or final.
+            return Some(now);
+        }
+        None
+    }
+
+    /// Reconnects that succeeded, on every link.
+    pub fn reconnect_count(&self) -> u64 {
+        self.reconnect.as_ref().map_or(0, |r| r.count)
+    }
+
+    /// Moves every lost link's outage on: notes a loss, an attempt that
+    /// failed or a link that is back; gives up when the delay has passed;
+    /// starts the attempts that are due; arms the timer for the next
+    /// step. Called after every I/O step; cheap when nothing is lost.
+    fn service_reconnects(&mut self, now: Instant) -> Option<Instant> {
+        let rc = self.reconnect.as_mut()?;
+        if rc.outages.iter().all(Option::is_none) && !self.links.iter().any(|l| l.conn().is_lost()) {
+            return None;
+        }
+        rc.outages.resize_with(self.links.len(), || None);
+        let mut said = Vec::new();
+        for (at, link) in self.links.iter_mut().enumerate() {
+            let n = at + 1;
+            let slot = &mut rc.outages[at];
+            let lost = link.conn().is_lost();
+            let o = match (slot.as_mut(), lost) {
+                (None, false) => continue,
+                (None, true) => {
+                    let why = link.conn().error().map_or_else(String::new, ToString::to_string);
+                    said.push(format!(
+                        "connection {n}: lost ({why}); commands wait up to {} s for it to be back",
+                        rc.delay.as_secs()
+                    ));
+                    slot.insert(Outage::new(now))
+                }
+                (Some(o), false) => {
+                    // Back, or dead: a restart whose export differed.
+                    if !matches!(link.conn().state(), PublicState::Dead | PublicState::Closed) {
+                        rc.count += 1;
+                        said.push(format!(
+                            "connection {n}: reconnected at attempt {}; the export is the one it had",
+                            o.attempts()
+                        ));
+                    }
+                    *slot = None;
+                    continue;
+                }
+                (Some(o), true) => o,
+            };
+            if o.attempting() && link.conn().awaits_restart() {
+                // The core's record names the errno; a dial that fell back
+                // to the next address left only its own.
+                let dialed = link.take_dial_error().err().map(|e| e.msg);
+                let why = match (link.conn().error(), dialed) {
+                    (Some(e), _) => e.to_string(),
+                    (None, Some(msg)) => msg,
+                    (None, None) => "failed".to_owned(),
+                };
+                said.push(format!("connection {n}: attempt {} failed: {why}", o.attempts()));
+                o.attempt_failed(now, why);
+            }
+            loop {
+                match o.due(now, rc.delay) {
+                    Due::Nothing => break,
+                    Due::GiveUp => {
+                        o.gave_up_now();
+                        link.conn_mut().give_up();
+                        said.push(format!(
+                            "connection {n}: not back after {} s: commands fail until it is; attempts go on",
+                            rc.delay.as_secs()
+                        ));
+                    }
+                    Due::Attempt => {
+                        o.attempt_started();
+                        said.push(format!("connection {n}: reconnecting, attempt {}", o.attempts()));
+                        if let Err(e) = link.redial(rc.plan.addrs.clone(), rc.plan.tcp.clone()) {
+                            said.push(format!("connection {n}: attempt {} failed: {}", o.attempts(), e.msg));
+                            o.attempt_failed(now, e.msg);
+                        }
+                    }
+                }
+            }
+        }
+        let next = rc.outages.iter().flatten().filter_map(|o| o.deadline(rc.delay)).min();
+        for msg in said {
+            self.debug(|| msg);
+        }
+        next
+    }
+
     pub fn connected_via(&self) -> &ConnectedVia {
         &self.connected_via
     }
@@ -535,6 +805,10 @@ impl Handle {
     /// ready.
     pub fn state(&self) -> PublicState {
         let lead = self.links[0].conn().state();
+        if self.opening.as_ref().is_some_and(|o| !o.attempting) {
+            // Between two attempts of the first connect.
+            return PublicState::Connecting;
+        }
         if self.links.len() == 1 && self.plan.is_none() {
             return lead;
         }
@@ -634,7 +908,7 @@ impl Handle {
     /// link's socket, the same for the handle's life.
     pub fn fd(&self) -> c_int {
         if let Some(ep) = &self.epoll {
-            return match self.links.iter().any(|l| l.fd() >= 0) {
+            return match self.links.iter().any(|l| l.fd() >= 0) || self.reconnecting() {
                 true => ep.fd(),
                 false => -1,
             };
@@ -651,6 +925,8 @@ impl Handle {
     pub fn direction(&self) -> c_uint {
         let d = self.links.iter().fold(0, |d, l| d | l.direction());
         match (&self.epoll, d) {
+            // A lost link waits for its timer, on the epoll instance.
+            (Some(_), 0) if self.reconnecting() => crate::constants::LIBNBD_AIO_DIRECTION_READ,
             (Some(_), 0) => 0,
             (Some(_), _) => crate::constants::LIBNBD_AIO_DIRECTION_READ,
             (None, d) => d,
@@ -813,12 +1089,13 @@ impl Handle {
         issue: impl FnOnce(&mut Connection<UserBuf>) -> Result<Cookie, nbd_proto::Error>,
     ) -> CResult<Cookie> {
         // The link that carries it: the one with the fewest commands in
-        // flight, among those in transmission.
+        // flight, among those in transmission; a lost link (which holds
+        // its commands) only if every link is lost.
         let at = match self.links.len() {
             1 => 0,
             _ => (0..self.links.len())
                 .filter(|&at| matches!(self.links[at].conn().state(), PublicState::Ready | PublicState::Processing))
-                .min_by_key(|&at| self.links[at].conn().in_flight())
+                .min_by_key(|&at| (self.links[at].conn().is_lost(), self.links[at].conn().in_flight()))
                 .unwrap_or(0),
         };
         let link = &mut self.links[at];
@@ -857,9 +1134,10 @@ impl Handle {
         let at = self.completed.iter().position(|&c| c == cookie)?;
         self.completed.remove(at);
         let command = self.commands.remove(&cookie)?;
-        Some(match errno {
-            0 => Ok(()),
-            e => Err(CError::new(e, format!("{}: command failed", command.what))),
+        Some(match (errno, command.failure) {
+            (0, _) => Ok(()),
+            (e, Some(why)) => Err(CError::new(e, format!("{}: {why}", command.what))),
+            (e, None) => Err(CError::new(e, format!("{}: command failed", command.what))),
         })
     }
 
@@ -916,6 +1194,7 @@ impl Handle {
         for at in 0..self.links.len() {
             self.link_writable(at);
         }
+        self.service_timers();
         self.sync_interest();
     }
 
@@ -934,6 +1213,7 @@ impl Handle {
                     self.link_writable(r.link);
                 }
             }
+            self.service_timers();
             self.sync_interest();
             return;
         }
@@ -959,8 +1239,14 @@ impl Handle {
 
     /// Takes the error a non-blocking connect ended with, if any.
     pub fn take_dial_error(&mut self) -> CResult<()> {
-        self.links[0].take_dial_error()?;
+        // A lost link's failed attempts are its outage's business.
+        if !self.links[0].conn().is_lost() {
+            self.links[0].take_dial_error()?;
+        }
         for at in 1..self.links.len() {
+            if self.links[at].conn().is_lost() {
+                continue;
+            }
             if let Err(e) = self.links[at].take_dial_error() {
                 // A further link that cannot connect fails the handle; the
                 // lead link's failure is handled as on a lone connection.
@@ -982,6 +1268,7 @@ impl Handle {
     /// negative) is readable: `Ok(true)` then, even if no link is.
     pub fn poll_once_with(&mut self, timeout_ms: c_int, extra_fd: c_int) -> CResult<bool> {
         self.notify_write();
+        let timer = self.timer.as_ref().map(Timer::fd);
         self.take_dial_error()?;
         if let Some(at) = self.links.iter().position(Link::has_input_for_core) {
             let established = self.links[at].progress();
@@ -993,7 +1280,7 @@ impl Handle {
             // Sending changed the state (DISC or ABORT left): progress.
             return Ok(true);
         }
-        if self.links.iter().all(|l| l.fd() < 0) {
+        if self.links.iter().all(|l| l.fd() < 0) && !self.reconnecting() {
             return Err(CError::new(libc::EINVAL, "not connected"));
         }
         let mut fds: Vec<libc::pollfd> = self
@@ -1013,8 +1300,10 @@ impl Handle {
             .collect();
         // Without an extra descriptor, none in the array (poll ignores a
         // negative fd, but the count is what a syscall trace shows).
-        if extra_fd >= 0 {
-            fds.push(libc::pollfd { fd: extra_fd, events: libc::POLLIN, revents: 0 });
+        for fd in [timer.unwrap_or(-1), extra_fd] {
+            if fd >= 0 {
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            }
         }
         self.debug(|| format!("poll start: events={:x}", fds[0].events));
         // SAFETY: `fds.len()` valid pollfds in a vector we own.
@@ -1038,6 +1327,7 @@ impl Handle {
                 self.link_writable(at);
             }
         }
+        self.service_timers();
         self.take_dial_error()?;
         self.sync_interest();
         Ok(true)
@@ -1068,6 +1358,12 @@ impl Handle {
                 let established = g.links[at].progress();
                 g.debug_established(established);
                 g.dispatch();
+                continue;
+            }
+            if g.links[at].conn().is_lost() {
+                // Its timer and its dialing are the handle's: wait with
+                // the lock, as on one link.
+                g.poll_once(-1)?;
                 continue;
             }
             let (fd, dir) = (g.links[at].fd(), g.links[at].direction());
@@ -1199,10 +1495,13 @@ impl Handle {
                     wake(fd);
                 }
                 let Some(c) = self.commands.get_mut(&cookie) else { return };
-                let mut err = match result {
+                let mut err = match &result {
                     Ok(()) => c.callback_error,
                     Err(e) => e.errno(),
                 };
+                if let Err(e @ nbd_proto::Error::Server(nbd_proto::ServerError::ExportChanged(_))) = &result {
+                    c.failure = Some(e.to_string().into());
+                }
                 c.zero_if_failed(err);
                 let mut retire = false;
                 if let Some(cb) = c.callbacks.completion.as_ref().map(|c| *c.get()) {
@@ -1317,8 +1616,9 @@ impl Handle {
             Event::StartTls => self.start_tls(link),
             Event::Connected if link == 0 => self.lead_connected(),
             Event::Connected => self.verify_link(link),
-            Event::TransportLost { error } => self.debug(|| format!("connection {}: lost: {error}", link + 1)),
-            Event::Reconnected => self.debug(|| format!("connection {}: reconnected", link + 1)),
+            // The outage of a lost link is followed, and logged, by
+            // `service_reconnects`.
+            Event::TransportLost { .. } | Event::Reconnected => {}
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod handle;
 pub mod identity;
 pub mod link;
 pub mod lock;
+pub mod reconnect;
 pub mod subprocess;
 pub mod table;
 pub mod tls;

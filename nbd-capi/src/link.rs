@@ -121,6 +121,10 @@ impl Link {
         self.stream.as_ref().map_or(-1, |s| s.transport_ref().fd())
     }
 
+    pub fn has_dial_error(&self) -> bool {
+        self.dial_error.is_some()
+    }
+
     pub fn is_dialing(&self) -> bool {
         self.dialing.is_some()
     }
@@ -144,6 +148,16 @@ impl Link {
     /// as in libnbd: until then the link waits to write.
     pub fn dial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
         self.conn.start_connect()?;
+        self.dialing = Some(Dialing::new(addrs, tcp));
+        self.dial_next()
+    }
+
+    /// Dials a lost link again, as [`Self::dial`] did, and restarts its
+    /// core's handshake (which keeps its commands).
+    pub fn redial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
+        self.stream = None;
+        self.dial_error = None;
+        self.conn.restart()?;
         self.dialing = Some(Dialing::new(addrs, tcp));
         self.dial_next()
     }
@@ -267,9 +281,10 @@ impl Link {
         pump::progress(&mut self.conn, stream.transport())
     }
 
-    /// As in libnbd, the socket closes when the connection ends.
+    /// As in libnbd, the socket closes when the connection ends; and when
+    /// it is lost, until it is dialed again.
     pub fn close_if_over(&mut self) {
-        if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) {
+        if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) || self.conn.awaits_restart() {
             self.stream = None;
         }
     }

@@ -212,8 +212,13 @@ pub const EXPORTS: &[Export] = &[
     row("nbd_zero", "LIBNBD_1.0", CONNECTED, true),
     // This library's extensions, in EXTENSION_NODES.
     row("nbd_rs_get_multi_conn", "NBD_RS_0.1", ANY, true),
+    row("nbd_rs_get_open_timeout", "NBD_RS_0.1", ANY, true),
+    row("nbd_rs_get_reconnect_count", "NBD_RS_0.1", ANY, true),
+    row("nbd_rs_get_reconnect_delay", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_version", "NBD_RS_0.1", ANY, false),
     row("nbd_rs_set_multi_conn", "NBD_RS_0.1", CREATED, true),
+    row("nbd_rs_set_open_timeout", "NBD_RS_0.1", CREATED, true),
+    row("nbd_rs_set_reconnect_delay", "NBD_RS_0.1", CREATED, true),
 ];
 
 /// The row for `name`, at compile time; a name missing from the table

@@ -40,10 +40,20 @@ pub struct Uri {
     /// `multi-conn=N`: the number of connections (nbd-rs's own; libnbd
     /// ignores it).
     pub multi_conn: Option<u32>,
+    /// `reconnect-delay=S` and `open-timeout=S`, in seconds (nbd-rs's
+    /// own, as qemu names them; libnbd ignores them).
+    pub reconnect_delay: Option<u32>,
+    pub open_timeout: Option<u32>,
 }
 
 /// The most connections a handle makes (`nbd_rs_set_multi_conn`).
 pub(crate) const MAX_MULTI_CONN: u32 = 16;
+
+/// A query parameter's whole number of seconds.
+fn seconds(name: &str, v: &str) -> CResult<u32> {
+    v.parse()
+        .map_err(|_| invalid(format!("could not parse {name} parameter \"{v}\", expecting a whole number of seconds")))
+}
 
 fn invalid(msg: impl Into<String>) -> CError {
     CError::new(libc::EINVAL, msg)
@@ -215,6 +225,8 @@ pub fn parse(uri: &str) -> CResult<Uri> {
         tls_hostname: None,
         tls_verify_peer: None,
         multi_conn: None,
+        reconnect_delay: None,
+        open_timeout: None,
     };
     for pair in query.split(['&', ';']).filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -241,6 +253,8 @@ pub fn parse(uri: &str) -> CResult<Uri> {
                     ))
                 })?)
             }
+            "reconnect-delay" => u.reconnect_delay = Some(seconds("reconnect-delay", &v)?),
+            "open-timeout" => u.open_timeout = Some(seconds("open-timeout", &v)?),
             // Unknown parameters are ignored, as the URI spec permits.
             _ => {}
         }
@@ -476,6 +490,17 @@ mod tests {
         assert_eq!(parse("nbd://h/").unwrap().multi_conn, None);
         for bad in ["0", "17", "x", "", "-1"] {
             says(&std::format!("nbd://h/?multi-conn={bad}"), &["multi-conn parameter", "from 1 to 16"]);
+        }
+    }
+
+    #[test]
+    fn reconnect_delay_and_open_timeout_take_whole_seconds() {
+        let u = parse("nbd+unix:///?socket=/s&reconnect-delay=30&Open-Timeout=5").unwrap();
+        assert_eq!((u.reconnect_delay, u.open_timeout), (Some(30), Some(5)));
+        assert_eq!(parse("nbd://h/").unwrap().reconnect_delay, None);
+        for bad in ["x", "", "-1", "1.5", "4294967296"] {
+            says(&std::format!("nbd://h/?reconnect-delay={bad}"), &["reconnect-delay parameter", "whole number"]);
+            says(&std::format!("nbd://h/?open-timeout={bad}"), &["open-timeout parameter", "whole number"]);
         }
     }
 

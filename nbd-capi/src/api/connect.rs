@@ -79,6 +79,12 @@ fn connect_uri(i: &mut Handle, uri: *const c_char) -> CResult<()> {
     if let Some(n) = u.multi_conn {
         i.settings_mut().multi_conn = n;
     }
+    if let Some(s) = u.reconnect_delay {
+        i.settings_mut().reconnect_delay = s;
+    }
+    if let Some(s) = u.open_timeout {
+        i.settings_mut().open_timeout = s;
+    }
     i.conn_mut().config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)
 }
@@ -211,6 +217,13 @@ pub extern "C" fn nbd_get_uri(h: *mut nbd_handle) -> *mut c_char {
         let n = i.settings().multi_conn;
         if n > 1 {
             files.push(("multi-conn", n.to_string().into()));
+        }
+        for (name, s) in
+            [("reconnect-delay", i.settings().reconnect_delay), ("open-timeout", i.settings().open_timeout)]
+        {
+            if s > 0 {
+                files.push((name, s.to_string().into()));
+            }
         }
         let files: Vec<(&str, &str)> = files.iter().map(|(k, v)| (*k, v.as_ref())).collect();
         super::c_string(&uri::format(tls, t, i.conn().config().export_name(), s.username.as_deref(), &files))

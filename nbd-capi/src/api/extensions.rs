@@ -30,3 +30,34 @@ pub extern "C" fn nbd_rs_set_multi_conn(h: *mut crate::handle::nbd_handle, n: u3
 pub extern "C" fn nbd_rs_get_multi_conn(h: *mut crate::handle::nbd_handle) -> i64 {
     export!("nbd_rs_get_multi_conn", h, -1, [], |i| Ok(i64::from(i.multi_conn())))
 }
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_set_reconnect_delay(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
+    export!("nbd_rs_set_reconnect_delay", h, -1, [seconds], |i| {
+        i.settings_mut().reconnect_delay = seconds;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_get_reconnect_delay(h: *mut crate::handle::nbd_handle) -> i64 {
+    export!("nbd_rs_get_reconnect_delay", h, -1, [], |i| Ok(i64::from(i.settings().reconnect_delay)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_set_open_timeout(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
+    export!("nbd_rs_set_open_timeout", h, -1, [seconds], |i| {
+        i.settings_mut().open_timeout = seconds;
+        Ok(0)
+    })
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_get_open_timeout(h: *mut crate::handle::nbd_handle) -> i64 {
+    export!("nbd_rs_get_open_timeout", h, -1, [], |i| Ok(i64::from(i.settings().open_timeout)))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_get_reconnect_count(h: *mut crate::handle::nbd_handle) -> i64 {
+    export!("nbd_rs_get_reconnect_count", h, -1, [], |i| Ok(i.reconnect_count() as i64))
+}

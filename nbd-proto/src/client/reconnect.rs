@@ -50,6 +50,12 @@ impl<B: CommandBuffer> Connection<B> {
         self.resume.is_some()
     }
 
+    /// Whether the connection is lost and waits for [`Self::restart`]
+    /// (not re-running its handshake): it has no transport.
+    pub fn awaits_restart(&self) -> bool {
+        matches!(self.state, State::Lost)
+    }
+
     /// Whether `err`, ending the transport now, leaves the connection lost
     /// rather than dead.
     pub(crate) fn keeps_commands_on(&self, err: &Error) -> bool {

@@ -200,7 +200,7 @@ check: lint test check-doc check-man check-examples-rust check-header check-abi 
 # directory per target. The committed seeds in nbd-proto/fuzz/seeds-real (none
 # yet for the server role, which no real client has recorded)
 # were recorded from real servers by `make fuzz-seeds-real`.
-FUZZ_TARGETS := client handshake transmission server
+FUZZ_TARGETS := client handshake transmission server reconnect
 fuzz-seeds:
 	FUZZ_CORPUS_DIR=$(CURDIR)/nbd-proto/fuzz/seeds $(CARGO) test -q -p nbd-proto --test fuzz_corpus write_seed_corpus_when_asked
 

@@ -109,6 +109,22 @@ fn seeds() -> Vec<(Target, String, Vec<u8>, Summary)> {
         let (input, sum) = Target::Transmission.record(&header, &mut tx::preset_server(preset));
         v.push((Target::Transmission, format!("{}-stream", PRESETS[usize::from(preset)]), input, sum));
     }
+    // Reconnects: a transmission session cut once the first commands
+    // are out (they are sent again and answered by the replies that
+    // follow), and one cut also at the end.
+    for preset in 0..PRESETS.len() as u8 {
+        for (i, ops) in op_lists().into_iter().enumerate() {
+            let header = tx::encode_header(preset, &ops);
+            let (input, _) = Target::Transmission.record(&header, &mut tx::scripted_handshake(preset).0);
+            let stream = &input[header.len()..];
+            let mut cut = [&header[..], &[0, 0], stream].concat();
+            if i % 2 == 1 {
+                cut.extend_from_slice(&[0, 0]);
+            }
+            let sum = Target::Reconnect.run(&cut);
+            v.push((Target::Reconnect, format!("{}-{i}", PRESETS[usize::from(preset)]), cut, sum));
+        }
+    }
     // The client role against the server role: every client variant, and
     // server selectors for TLS, reply formats, read-only and block sizes.
     let mixed = [

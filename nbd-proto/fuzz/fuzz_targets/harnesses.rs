@@ -5,6 +5,7 @@
 mod support {
     pub mod fuzz_client;
     pub mod fuzz_handshake;
+    pub mod fuzz_reconnect;
     pub mod fuzz_server;
     pub mod fuzz_transmission;
     pub mod pair;

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use super::fuzz_client::{self, drain, push_frames, ClientScript, Conn, Script, Summary, Tracker, FULL_FRAME};
-use super::{fuzz_handshake, fuzz_server, fuzz_transmission, server::Server};
+use super::{fuzz_handshake, fuzz_reconnect, fuzz_server, fuzz_transmission, server::Server};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -20,9 +20,13 @@ pub enum Target {
     /// Plays the client against the server role; its seeds come from
     /// `fuzz_server::record`, not from [`Target::record`].
     Server,
+    /// `transmission` with cuts and restarts; its seeds are
+    /// `transmission` seeds with cuts put in.
+    Reconnect,
 }
 
-pub const TARGETS: [Target; 4] = [Target::Client, Target::Handshake, Target::Transmission, Target::Server];
+pub const TARGETS: [Target; 5] =
+    [Target::Client, Target::Handshake, Target::Transmission, Target::Server, Target::Reconnect];
 
 impl Target {
     pub fn name(self) -> &'static str {
@@ -31,6 +35,7 @@ impl Target {
             Target::Handshake => "handshake",
             Target::Transmission => "transmission",
             Target::Server => "server",
+            Target::Reconnect => "reconnect",
         }
     }
 
@@ -40,6 +45,7 @@ impl Target {
             Target::Handshake => fuzz_handshake::run_handshake(data),
             Target::Transmission => fuzz_transmission::run_transmission(data),
             Target::Server => fuzz_server::run_server(data),
+            Target::Reconnect => fuzz_reconnect::run_reconnect(data),
         }
     }
 
@@ -51,6 +57,7 @@ impl Target {
             Target::Handshake => record(fuzz_handshake::start(header).unwrap(), wire),
             Target::Transmission => record(fuzz_transmission::start(header).unwrap(), wire),
             Target::Server => panic!("server seeds are recorded by fuzz_server::record"),
+            Target::Reconnect => panic!("reconnect seeds are transmission seeds with cuts"),
         };
         ([header, &stream].concat(), summary)
     }

@@ -206,13 +206,20 @@ impl Script for TransmissionScript {
 
 /// A `transmission` input's client, ready to play its stream.
 pub fn start(data: &[u8]) -> Option<(Conn, TransmissionScript, Tracker, &[u8])> {
+    start_with(data, |_| {})
+}
+
+/// As [`start`], with the preset's settings changed by `adjust`.
+pub fn start_with(data: &[u8], adjust: impl FnOnce(&mut Config)) -> Option<(Conn, TransmissionScript, Tracker, &[u8])> {
     let (&preset, rest) = data.split_first()?;
     let (&count, rest) = rest.split_first()?;
     let n = usize::from(count).min(MAX_OPS).min(rest.len() / 6);
     let ops = rest[..n * 6].chunks_exact(6).map(|r| Op::decode(r.try_into().unwrap())).collect();
     let mut script = TransmissionScript { ops, next: 0, disconnected: false };
     let mut t = Tracker::default();
-    let mut c = Conn::new(preset_config(preset));
+    let mut cfg = preset_config(preset);
+    adjust(&mut cfg);
+    let mut c = Conn::new(cfg);
     c.handle_connected().unwrap();
     if preset & IN_STREAM == 0 {
         c.receive(canned_handshake(preset));

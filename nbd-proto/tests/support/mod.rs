@@ -4,6 +4,7 @@
 pub mod craft;
 pub mod fuzz_client;
 pub mod fuzz_handshake;
+pub mod fuzz_reconnect;
 pub mod fuzz_record;
 pub mod fuzz_server;
 pub mod fuzz_transmission;

@@ -9,7 +9,7 @@ PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /
   /usr/include/glib-2.0/glib.h:libglib2.0-dev /usr/include/ev.h:libev-dev \
   mandoc:mandoc groff:groff-base man:man-db
 
-.PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
+.PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-reconnect check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
 
 CC ?= cc
 
@@ -120,6 +120,10 @@ check-valgrind: deps lib
 check-debian: deps lib reference
 	tests/debian-programs.sh
 
+# Debian's fio and nbdcopy surviving server restarts (reconnect-delay=30).
+check-reconnect: deps lib
+	tests/reconnect-programs.sh
+
 # make install, uninstall and the switch of the system's programs to ours
 # and back (in a private mount namespace, so nothing leaks), as root.
 check-install: deps lib
@@ -188,7 +192,7 @@ lint: deps
 test: deps
 	$(CARGO) test --workspace
 
-check: lint test check-doc check-man check-examples-rust check-header check-abi check-c check-valgrind check-debian check-install check-libnbd-suite fuzz-smoke
+check: lint test check-doc check-man check-examples-rust check-header check-abi check-c check-valgrind check-debian check-reconnect check-install check-libnbd-suite fuzz-smoke
 	@if grep -rnE 'std::net|std::os::|std::thread|Instant::now|SystemTime::now|libc::|mio::' nbd-proto/src; then \
 	  echo "nbd-proto must stay sans-IO"; exit 1; fi
 	@! awk '/^\[/ { deps = ($$0 ~ /dependencies\]$$/ && $$0 !~ /dev-dependencies/) } deps' nbd-proto/Cargo.toml | \

@@ -10,7 +10,7 @@
 
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
-use crate::link::{CookieMap, Link};
+use crate::link::{CookieMap, Link, Redial};
 use crate::lock::{PthreadGuard, PthreadMutex};
 use crate::reconnect::{Due, Outage, Timer};
 use crate::table;
@@ -241,6 +241,9 @@ pub struct Handle {
     /// when the next attempt is due: with a reconnect delay or an open
     /// timeout.
     timer: Option<Timer>,
+    /// `service_timers` is running (it dispatches events, and dispatching
+    /// services the timers).
+    servicing_timers: bool,
 }
 
 /// The first connect, retried until its deadline.
@@ -258,10 +261,10 @@ struct Opening {
 /// The pause between two attempts of the first connect.
 const OPEN_RETRY: Duration = Duration::from_secs(1);
 
-/// What reconnecting needs: where to dial and each link's outage.
+/// What reconnecting needs: how to connect again and each link's outage.
 struct Reconnecting {
     delay: Duration,
-    plan: Plan,
+    how: Redial,
     /// By link index: the outage under way, if any.
     outages: Vec<Option<Outage>>,
     /// Reconnects that succeeded (`nbd_rs_get_reconnect_count`).
@@ -367,6 +370,7 @@ impl nbd_handle {
                 reconnect: None,
                 opening: None,
                 timer: None,
+                servicing_timers: false,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -449,29 +453,16 @@ impl Handle {
     /// once the lead link's handshake ends.
     pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
         let plan = Plan { addrs: addrs.clone(), tcp: tcp.clone() };
-        let timed = self.settings.reconnect_delay > 0 || self.settings.open_timeout > 0;
-        if (self.settings.multi_conn > 1 || timed) && self.epoll.is_none() {
+        if self.settings.multi_conn > 1 && self.epoll.is_none() {
             self.epoll = Some(crate::epoll::Epoll::new()?);
         }
-        if timed && self.timer.is_none() {
-            let timer = Timer::new()?;
-            if let Some(ep) = self.epoll.as_mut() {
-                ep.watch_timer(timer.fd())?;
-            }
-            self.timer = Some(timer);
+        if self.settings.open_timeout > 0 {
+            self.prepare_timer()?;
         }
         if self.settings.multi_conn > 1 {
             self.plan = Some(plan.clone());
         }
-        if self.settings.reconnect_delay > 0 && self.reconnect.is_none() {
-            self.links[0].conn_mut().config_mut()?.keep_commands_on_loss = true;
-            self.reconnect = Some(Reconnecting {
-                delay: Duration::from_secs(self.settings.reconnect_delay.into()),
-                plan: plan.clone(),
-                outages: Vec::new(),
-                count: 0,
-            });
-        }
+        self.prepare_reconnect(Redial::Addresses { addrs: addrs.clone(), tcp: tcp.clone() })?;
         if self.settings.open_timeout > 0 && self.opening.is_none() {
             let now = Instant::now();
             self.opening = Some(Opening {
@@ -494,18 +485,57 @@ impl Handle {
         r
     }
 
-    /// A transport that carries one channel (`what`: a socket, a command)
-    /// cannot have several links.
-    pub fn refuse_one_channel(&self, what: &str) -> CResult<()> {
+    /// The epoll instance and the timer that wakes it, which reconnecting
+    /// and the open timeout use: the descriptor stays the same whatever
+    /// the links do.
+    fn prepare_timer(&mut self) -> CResult<()> {
+        if self.epoll.is_none() {
+            self.epoll = Some(crate::epoll::Epoll::new()?);
+        }
+        if self.timer.is_none() {
+            let timer = Timer::new()?;
+            if let Some(ep) = self.epoll.as_mut() {
+                ep.watch_timer(timer.fd())?;
+            }
+            self.timer = Some(timer);
+        }
+        Ok(())
+    }
+
+    /// With a reconnect delay set, prepares reconnecting lost links as
+    /// `how` says; before the lead link connects.
+    pub fn prepare_reconnect(&mut self, how: Redial) -> CResult<()> {
+        if self.settings.reconnect_delay == 0 || self.reconnect.is_some() {
+            return Ok(());
+        }
+        self.prepare_timer()?;
+        self.links[0].conn_mut().config_mut()?.keep_commands_on_loss = true;
+        self.reconnect = Some(Reconnecting {
+            delay: Duration::from_secs(self.settings.reconnect_delay.into()),
+            how,
+            outages: Vec::new(),
+            count: 0,
+        });
+        Ok(())
+    }
+
+    /// A socket the caller hands over cannot be connected again.
+    pub fn refuse_redial(&self, what: &str) -> CResult<()> {
         if self.settings.reconnect_delay > 0 {
             return Err(CError::new(
                 libc::EINVAL,
                 format!(
                     "a reconnect delay is set, but {what} cannot be dialed again; \
-                     set the delay to 0 or connect to an address (Unix socket, TCP or vsock)"
+                     set the delay to 0 or connect another way (an address, a command)"
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// A transport that carries one channel (`what`: a socket, a command)
+    /// cannot have several links.
+    pub fn refuse_one_channel(&self, what: &str) -> CResult<()> {
         match self.settings.multi_conn {
             1 => Ok(()),
             n => Err(CError::new(
@@ -767,7 +797,7 @@ impl Handle {
                     Due::Attempt => {
                         o.attempt_started();
                         said.push(format!("connection {n}: reconnecting, attempt {}", o.attempts()));
-                        if let Err(e) = link.redial(rc.plan.addrs.clone(), rc.plan.tcp.clone()) {
+                        if let Err(e) = link.redial(&rc.how) {
                             said.push(format!("connection {n}: attempt {} failed: {}", o.attempts(), e.msg));
                             o.attempt_failed(now, e.msg);
                         }
@@ -1484,6 +1514,14 @@ impl Handle {
             if !any || self.links.len() == 1 {
                 break;
             }
+        }
+        // A link lost by whatever just happened (a send from a submit,
+        // say) must have its first attempt made and the timer armed
+        // before the caller sleeps on the descriptor.
+        if self.timer.is_some() && !self.servicing_timers {
+            self.servicing_timers = true;
+            self.service_timers();
+            self.servicing_timers = false;
         }
     }
 

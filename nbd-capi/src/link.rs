@@ -84,23 +84,41 @@ impl Drop for Link {
     fn drop(&mut self) {
         // Closing our end lets the server see EOF; then reap it.
         self.stream = None;
-        if let Some(Subprocess { pid, scratch }) = self.subprocess.take() {
-            let mut status = 0;
-            // A socket-activated server keeps listening after its client
-            // leaves, so it is asked to stop; a connect_command server
-            // exits at EOF on its stdin.
-            // SAFETY: signalling and waiting for our own child.
-            unsafe {
-                if scratch.is_some() {
-                    libc::kill(pid, libc::SIGTERM);
-                }
-                libc::waitpid(pid, &mut status, 0);
-            }
-            if let Some(d) = scratch {
-                let _ = std::fs::remove_dir_all(d);
-            }
+        if let Some(s) = self.subprocess.take() {
+            s.reap();
         }
     }
+}
+
+impl Subprocess {
+    /// Waits for the server to end, once our end of its socket is closed,
+    /// and removes its scratch directory.
+    fn reap(self) {
+        let Subprocess { pid, scratch } = self;
+        let mut status = 0;
+        // A socket-activated server keeps listening after its client
+        // leaves, so it is asked to stop; a connect_command server
+        // exits at EOF on its stdin.
+        // SAFETY: signalling and waiting for our own child.
+        unsafe {
+            if scratch.is_some() {
+                libc::kill(pid, libc::SIGTERM);
+            }
+            libc::waitpid(pid, &mut status, 0);
+        }
+        if let Some(d) = scratch {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// How a lost link is connected again: the addresses it was dialed to,
+/// or the server it started, started again.
+#[derive(Clone)]
+pub enum Redial {
+    Addresses { addrs: Vec<Address>, tcp: Option<String> },
+    Command { argv: Vec<std::ffi::CString> },
+    Activation { argv: Vec<std::ffi::CString>, fdname: String },
 }
 
 impl Link {
@@ -152,14 +170,34 @@ impl Link {
         self.dial_next()
     }
 
-    /// Dials a lost link again, as [`Self::dial`] did, and restarts its
-    /// core's handshake (which keeps its commands).
-    pub fn redial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
+    /// Connects a lost link again as `how` says, and restarts its core's
+    /// handshake (which keeps its commands). A server the link started is
+    /// reaped first and started again.
+    pub fn redial(&mut self, how: &Redial) -> CResult<()> {
         self.stream = None;
         self.dial_error = None;
+        if let Some(old) = self.subprocess.take() {
+            old.reap();
+        }
         self.conn.restart()?;
-        self.dialing = Some(Dialing::new(addrs, tcp));
-        self.dial_next()
+        let spawned = match how {
+            Redial::Addresses { addrs, tcp } => {
+                self.dialing = Some(Dialing::new(addrs.clone(), tcp.clone()));
+                return self.dial_next();
+            }
+            Redial::Command { argv } => {
+                crate::subprocess::spawn_command(argv).map(|(fd, pid)| (fd, Subprocess { pid, scratch: None }))
+            }
+            Redial::Activation { argv, fdname } => crate::subprocess::spawn_activated(argv, fdname)
+                .map(|(fd, pid, dir)| (fd, Subprocess { pid, scratch: Some(dir) })),
+        };
+        match spawned {
+            Ok((fd, sub)) => self.attach_subprocess(fd, sub),
+            Err(e) => {
+                self.conn.handle_connect_failed();
+                Err(e)
+            }
+        }
     }
 
     fn dial_next(&mut self) -> CResult<()> {

@@ -340,6 +340,7 @@ test_give_up (void)
   if (socketpair (AF_UNIX, SOCK_STREAM, 0, sv) == -1) fatal ("socketpair: %m");
   CHECK_ERR (nbd_connect_socket (h, sv[0]), "nbd_connect_socket", EINVAL);
   CHECK (strstr (nbd_get_error (), "cannot be dialed again") != NULL, "the message says why");
+  CHECK (nbd_aio_is_created (h) == 1, "the handle is still new");
   close (sv[0]); close (sv[1]);
   nbd_close (h);
 }
@@ -387,6 +388,126 @@ test_tls (void)
   free (psk); free (pskarg); free (certs); free (certarg); free (cacerts);
 }
 
+/* The open timeout: the first connect waits for a server that is not
+ * there yet, and gives up when the time is over. */
+static void
+test_open_timeout (void)
+{
+  char *args[] = { "memory", "1M", NULL };
+  struct server s = { .sock = path_in_dir ("late.sock"), .pidfile = path_in_dir ("late.sock.pid") };
+  memcpy (s.args, args, sizeof args);
+  char *uri;
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&open-timeout=10", s.sock) == -1) fatal ("asprintf");
+  pthread_t t;
+  struct restart r = { &s, 1500000 };
+  pthread_create (&t, NULL, restart_later, &r);
+  struct nbd_handle *h = nbd_create ();
+  double t0 = now_s ();
+  CHECK (nbd_connect_uri (h, uri) == 0, "open timeout: connect waits for the server");
+  CHECK (now_s () - t0 > 1.4, "open timeout: ... which came after 1.5 s (%.2f s)", now_s () - t0);
+  char buf[512];
+  CHECK (nbd_pread (h, buf, sizeof buf, 0, 0) == 0, "open timeout: a read");
+  nbd_close (h);
+  server_kill (&s);
+  atomic_store (&r.done, true);
+  pthread_join (t, NULL);
+  free (uri);
+
+  /* Nobody comes: the connect fails when the 2 s are over, not before. */
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&open-timeout=2", s.sock) == -1) fatal ("asprintf");
+  unlink (s.sock);
+  h = nbd_create ();
+  t0 = now_s ();
+  CHECK (nbd_connect_uri (h, uri) == -1, "open timeout: no server, the connect fails");
+  double took = now_s () - t0;
+  CHECK (took > 0.9 && took < 4, "open timeout: after about 2 s (%.2f s)", took);
+  CHECK (nbd_aio_is_dead (h) == 1 || nbd_aio_is_created (h) == 1, "open timeout: the handle is not connected");
+  nbd_close (h);
+  free (uri);
+
+  /* Without it, one attempt, at once. */
+  h = nbd_create ();
+  if (asprintf (&uri, "nbd+unix:///?socket=%s", s.sock) == -1) fatal ("asprintf");
+  t0 = now_s ();
+  CHECK (nbd_connect_uri (h, uri) == -1 && now_s () - t0 < 0.5, "no open timeout: fails at once");
+  nbd_close (h);
+  free (uri);
+}
+
+/* multi-conn=4 with reconnecting: every connection comes back. */
+static void
+test_multi_conn (void)
+{
+  char *img = path_in_dir ("mc.img"), *fileimg;
+  int fd = open (img, O_RDWR | O_CREAT, 0600);
+  if (fd == -1 || ftruncate (fd, 16 << 20) == -1) fatal ("%s: %m", img);
+  close (fd);
+  if (asprintf (&fileimg, "file=%s", img) == -1) fatal ("asprintf");
+  char *args[] = { "--filter=delay", "file", fileimg, "wdelay=1", NULL };
+  struct server s;
+  nbdkit_server (&s, "mc", args);
+  char *uri;
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&reconnect-delay=30&multi-conn=4", s.sock) == -1) fatal ("asprintf");
+  struct nbd_handle *h = nbd_create ();
+  CHECK (nbd_connect_uri (h, uri) == 0 && nbd_rs_get_multi_conn (h) == 4, "multi-conn: 4 connections");
+  int fd0 = nbd_aio_get_fd (h);
+  enum { N = 64, SZ = 4096 };
+  static char wbuf[N][SZ];
+  int64_t cookies[N];
+  for (int i = 0; i < N; i++) {
+    memset (wbuf[i], 'A' + i % 26, SZ);
+    cookies[i] = nbd_aio_pwrite (h, wbuf[i], SZ, (uint64_t) i * SZ, NBD_NULL_COMPLETION, 0);
+  }
+  for (int k = 0; k < 10; k++) nbd_poll (h, 10);
+  server_kill (&s);
+  s.args[0] = "file"; s.args[1] = fileimg; s.args[2] = NULL;
+  int failed, ok = await_all (h, cookies, N, &s, fd0, &failed);
+  CHECK (ok == N, "multi-conn: the 64 writes complete after the restart (%d ok, %d failed)", ok, failed);
+  CHECK (nbd_rs_get_reconnect_count (h) == 4, "multi-conn: each of the 4 connections reconnected (%" PRIi64 ")",
+         nbd_rs_get_reconnect_count (h));
+  for (int i = 0; i < N; i++) {
+    char back[SZ];
+    if (nbd_pread (h, back, SZ, (uint64_t) i * SZ, 0) != 0 || memcmp (back, wbuf[i], SZ) != 0) {
+      CHECK (0, "multi-conn: block %d reads back", i);
+      break;
+    }
+  }
+  nbd_shutdown (h, 0);
+  nbd_close (h);
+  server_kill (&s);
+  free (uri); free (fileimg); free (img);
+}
+
+/* A server the handle started (connect_command, socket activation) is
+ * started again when it dies. */
+static void
+test_command (void)
+{
+  for (int activated = 0; activated <= 1; activated++) {
+    const char *how = activated ? "socket activation" : "command";
+    char *argv_cmd[] = { "nbdkit", "-s", "--exit-with-parent", "memory", "1M", NULL };
+    char *argv_act[] = { "nbdkit", "--exit-with-parent", "memory", "1M", NULL };
+    struct nbd_handle *h = nbd_create ();
+    nbd_rs_set_reconnect_delay (h, 30);
+    int r = activated ? nbd_connect_systemd_socket_activation (h, argv_act) : nbd_connect_command (h, argv_cmd);
+    CHECK (r == 0, "%s: connect with a reconnect delay", how);
+    int64_t pid = nbd_get_subprocess_pid (h);
+    CHECK (pid > 0, "%s: the server's pid", how);
+    char buf[512];
+    memset (buf, 'x', sizeof buf);
+    CHECK (nbd_pwrite (h, buf, sizeof buf, 0, 0) == 0, "%s: a write", how);
+    kill ((pid_t) pid, SIGKILL);
+    /* A new server: its memory disk starts empty, and is the same size. */
+    CHECK (nbd_pread (h, buf, sizeof buf, 0, 0) == 0 && buf[0] == 0, "%s: a read from the new server", how);
+    CHECK (nbd_rs_get_reconnect_count (h) == 1, "%s: one reconnect", how);
+    int64_t again = nbd_get_subprocess_pid (h);
+    CHECK (again > 0 && again != pid, "%s: another server (%" PRIi64 ", was %" PRIi64 ")", how, again, pid);
+    nbd_shutdown (h, 0);
+    nbd_close (h);
+    CHECK (kill ((pid_t) again, 0) == -1, "%s: the new server is gone with the handle", how);
+  }
+}
+
 /* 20 reconnects: no descriptor left behind. */
 static void
 test_fds (void)
@@ -422,7 +543,8 @@ main (void)
   static const struct { const char *name; void (*run) (void); } parts[] = {
     { "api", test_api }, { "in_flight", test_in_flight }, { "qemu", test_qemu },
     { "identity", test_identity }, { "give_up", test_give_up }, { "tls", test_tls },
-    { "fds", test_fds },
+    { "fds", test_fds }, { "open_timeout", test_open_timeout }, { "multi_conn", test_multi_conn },
+    { "command", test_command },
   };
   const char *only = getenv ("RECONNECT_TEST_ONLY");
   for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)

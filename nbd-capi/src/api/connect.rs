@@ -5,7 +5,7 @@ use crate::boundary::export;
 use crate::dial::Address;
 use crate::error::{CError, CResult};
 use crate::handle::{nbd_handle, Handle};
-use crate::link::Subprocess;
+use crate::link::{Redial, Subprocess};
 use crate::trace::{Hex, SockAddr};
 use crate::uri::{self, Transport};
 use nbd_proto::PublicState;
@@ -94,6 +94,7 @@ fn connect_socket(i: &mut Handle, sock: c_int) -> CResult<()> {
         return Err(CError::new(libc::EBADF, "invalid socket"));
     }
     i.refuse_one_channel("a socket the handle is given")?;
+    i.refuse_redial("a socket the handle is given")?;
     i.conn_mut().start_connect()?;
     // SAFETY: the caller hands the connected socket over to the handle,
     // which owns it from now on (libnbd's contract).
@@ -264,6 +265,7 @@ fn connect_command(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: argv is NULL or a NULL-terminated array of C strings (the C contract).
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
     i.refuse_one_channel("a command's stdin and stdout")?;
+    i.prepare_reconnect(Redial::Command { argv: argv.clone() })?;
     i.conn_mut().start_connect()?;
     let (fd, pid) = crate::subprocess::spawn_command(&argv).inspect_err(|e| {
         i.conn_mut().handle_transport_error(e.errno, "connect_command");
@@ -275,6 +277,8 @@ fn connect_activated(i: &mut Handle, argv: *mut *mut c_char) -> CResult<()> {
     // SAFETY: as for connect_command.
     let argv = unsafe { crate::subprocess::argv_from_c(argv) }?;
     i.refuse_one_channel("a socket-activated server")?;
+    let fdname = i.settings().socket_activation_name.clone();
+    i.prepare_reconnect(Redial::Activation { argv: argv.clone(), fdname })?;
     i.conn_mut().start_connect()?;
     let (fd, pid, dir) =
         crate::subprocess::spawn_activated(&argv, &i.settings().socket_activation_name).inspect_err(|e| {

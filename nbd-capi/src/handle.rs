@@ -758,13 +758,20 @@ impl Handle {
                     slot.insert(Outage::new(now))
                 }
                 (Some(o), false) => {
-                    // Back, or dead: a restart whose export differed.
-                    if !matches!(link.conn().state(), PublicState::Dead | PublicState::Closed) {
-                        rc.count += 1;
-                        said.push(format!(
-                            "connection {n}: reconnected at attempt {}; the export is the one it had",
-                            o.attempts()
-                        ));
+                    // Back; or dead, a restart whose export differed; or
+                    // closed by a shutdown while lost.
+                    match (link.conn().state(), link.conn().error()) {
+                        (PublicState::Dead, Some(e)) => {
+                            said.push(format!("connection {n}: attempt {}: {e}; the handle is dead", o.attempts()))
+                        }
+                        (PublicState::Dead | PublicState::Closed, _) => {}
+                        _ => {
+                            rc.count += 1;
+                            said.push(format!(
+                                "connection {n}: reconnected at attempt {}; the export is the one it had",
+                                o.attempts()
+                            ));
+                        }
                     }
                     *slot = None;
                     continue;
@@ -1480,7 +1487,10 @@ impl Handle {
 
     /// Asks every link to disconnect (NBD_CMD_DISC after what is queued).
     pub fn disconnect(&mut self) -> Result<(), nbd_proto::Error> {
-        self.links.iter_mut().try_for_each(|l| l.conn_mut().disconnect())
+        let r = self.links.iter_mut().try_for_each(|l| l.conn_mut().disconnect());
+        // A lost link closed at once, failing what it held.
+        self.dispatch();
+        r
     }
 
     /// Fails every request not yet sent, on every link (ENOTCONN).

@@ -230,6 +230,17 @@ fn a_protocol_violation_is_not_a_loss() {
 }
 
 #[test]
+fn disconnecting_while_lost_closes_and_fails_what_was_kept() {
+    let (mut p, cookies) = lost_with(Behaviour::nbdkit(), |c| vec![c.flush(CmdFlags::empty()).unwrap()]);
+    p.client.disconnect().unwrap();
+    p.collect();
+    assert_eq!(p.completed(cookies[0]).unwrap_err().errno(), ENOTCONN);
+    assert_eq!(p.state(), PublicState::Closed);
+    assert!(!p.client.is_lost());
+    assert!(p.client.restart().is_err());
+}
+
+#[test]
 fn a_disconnect_is_not_a_loss() {
     let mut p = Pair::connect(keeping(&Behaviour::nbdkit()), Behaviour::nbdkit(), SIZE);
     p.client.disconnect().unwrap();

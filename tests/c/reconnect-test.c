@@ -43,10 +43,18 @@ now_s (void)
 
 /* A server this test kills and starts again on the same socket. */
 struct server {
-  char *sock, *pidfile;
+  char sock[200], pidfile[256];
   char *args[16];
   pid_t pid;
 };
+
+/* The server's socket NAME.sock in the private directory, and its pidfile. */
+static void
+server_paths (struct server *s, const char *name)
+{
+  snprintf (s->sock, sizeof s->sock, "%s/%s.sock", dir, name);
+  snprintf (s->pidfile, sizeof s->pidfile, "%s.pid", s->sock);
+}
 
 static void
 server_start (struct server *s)
@@ -75,14 +83,10 @@ server_kill (struct server *s)
 static void
 nbdkit_server (struct server *s, const char *name, char **args)
 {
-  char *sockname;
-  if (asprintf (&sockname, "%s.sock", name) == -1) fatal ("asprintf");
-  s->sock = path_in_dir (sockname);
-  if (asprintf (&s->pidfile, "%s.pid", s->sock) == -1) fatal ("asprintf");
+  server_paths (s, name);
   int n = 0;
   while (args[n] && n < 15) { s->args[n] = args[n]; n++; }
   s->args[n] = NULL;
-  free (sockname);
   server_start (s);
 }
 
@@ -227,7 +231,8 @@ test_qemu (void)
   char *img = path_in_dir ("disk.qcow2");
   char *mk[] = { "qemu-img", "create", "-q", "-f", "qcow2", img, "16M", NULL };
   run (mk);
-  struct server s = { .sock = path_in_dir ("qemu.sock"), .pidfile = path_in_dir ("qemu.none") };
+  struct server s;
+  server_paths (&s, "qemu");
   char *args[] = { "qemu-nbd", "-f", "qcow2", "-t", "-k", s.sock, img, NULL };
   memcpy (s.args, args, sizeof args);
   server_start (&s);
@@ -250,6 +255,27 @@ test_qemu (void)
   CHECK (nbd_pread (h, b, sizeof b, 1 << 20, 0) == 0 && memcmp (a, b, sizeof a) == 0,
          "qemu-nbd: the write flushed before the kill reads back");
   CHECK (nbd_rs_get_reconnect_count (h) == 1, "qemu-nbd: one reconnect");
+
+  /* 64 writes in flight when it is killed: sent again, all complete. */
+  enum { N = 64, SZ = 4096 };
+  static char wbuf[N][SZ];
+  int64_t cookies[N];
+  for (int i = 0; i < N; i++) {
+    memset (wbuf[i], '0' + i % 64, SZ);
+    cookies[i] = nbd_aio_pwrite (h, wbuf[i], SZ, (uint64_t) (4 << 20) + i * SZ, NBD_NULL_COMPLETION, 0);
+  }
+  CHECK (nbd_aio_in_flight (h) == N, "qemu-nbd: 64 in flight at the kill");
+  server_kill (&s);
+  int failed, ok = await_all (h, cookies, N, &s, nbd_aio_get_fd (h), &failed);
+  CHECK (ok == N, "qemu-nbd: the 64 writes complete after the restart (%d ok, %d failed)", ok, failed);
+  for (int i = 0; i < N; i++) {
+    char back[SZ];
+    if (nbd_pread (h, back, SZ, (uint64_t) (4 << 20) + i * SZ, 0) != 0 || memcmp (back, wbuf[i], SZ) != 0) {
+      CHECK (0, "qemu-nbd: write %d reads back", i);
+      break;
+    }
+  }
+  CHECK (nbd_rs_get_reconnect_count (h) == 2, "qemu-nbd: two reconnects");
   nbd_shutdown (h, 0);
   nbd_close (h);
   server_kill (&s);
@@ -313,6 +339,25 @@ test_give_up (void)
   CHECK (now_s () - t0 < 0.5, "a new command fails at once (%.2f s)", now_s () - t0);
   CHECK (nbd_aio_is_dead (h) == 0, "the handle is not dead: attempts go on");
   CHECK (nbd_aio_get_direction (h) == LIBNBD_AIO_DIRECTION_READ, "it waits on its descriptor");
+  nbd_close (h);
+  free (uri);
+
+  /* A shutdown while the server is away closes the handle at once; the
+   * command it held fails. */
+  server_start (&s);
+  uri = uri_for (s.sock, 30);
+  h = nbd_create ();
+  CHECK (nbd_connect_uri (h, uri) == 0, "shutdown while lost: connect");
+  server_kill (&s);
+  int64_t c = nbd_aio_pread (h, buf, sizeof buf, 0, NBD_NULL_COMPLETION, 0);
+  CHECK (c > 0, "shutdown while lost: a read is held");
+  for (int k = 0; k < 5; k++) nbd_poll (h, 10);
+  t0 = now_s ();
+  CHECK (nbd_shutdown (h, 0) == 0, "shutdown while lost: succeeds");
+  CHECK (now_s () - t0 < 0.5, "shutdown while lost: at once (%.2f s)", now_s () - t0);
+  int cr = nbd_aio_command_completed (h, c), ce = nbd_get_errno ();
+  CHECK (cr == -1 && ce == ENOTCONN, "shutdown while lost: the read fails (%d, errno %d)", cr, ce);
+  CHECK (nbd_aio_is_closed (h) == 1, "shutdown while lost: the handle is closed");
   nbd_close (h);
   free (uri);
 
@@ -394,7 +439,8 @@ static void
 test_open_timeout (void)
 {
   char *args[] = { "memory", "1M", NULL };
-  struct server s = { .sock = path_in_dir ("late.sock"), .pidfile = path_in_dir ("late.sock.pid") };
+  struct server s;
+  server_paths (&s, "late");
   memcpy (s.args, args, sizeof args);
   char *uri;
   if (asprintf (&uri, "nbd+unix:///?socket=%s&open-timeout=10", s.sock) == -1) fatal ("asprintf");

@@ -915,7 +915,7 @@ impl<B: CommandBuffer> Connection<B> {
         self.rx = Rx::Header;
     }
 
-    fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         self.state = State::Closed;
         self.output.clear();
         self.input.clear();

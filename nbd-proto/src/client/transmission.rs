@@ -167,6 +167,14 @@ impl<B: CommandBuffer> Connection<B> {
     /// Queues `NBD_CMD_DISC`. Commands already in flight still complete;
     /// the connection closes when it has been sent and they have.
     pub fn disconnect(&mut self) -> Result<(), Error> {
+        if self.is_lost() {
+            // Nothing to say to a server that is gone: the connection
+            // closes, and the commands it kept fail.
+            self.give_up();
+            self.resume = None;
+            self.close();
+            return Ok(());
+        }
         if !matches!(self.state, State::Transmission) {
             return Err(self.wrong_state("connected with the server"));
         }

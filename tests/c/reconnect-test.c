@@ -21,6 +21,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -113,6 +114,31 @@ restart_later (void *arg)
   return NULL;
 }
 
+/* Debug messages about reconnecting: every loss, attempt, reconnect and
+ * identity check is logged. The counts of messages containing each word. */
+static struct { const char *word; int n; } logged[] = {
+  { "lost (", 0 }, { "reconnecting, attempt", 0 }, { "failed", 0 },
+  { "reconnected at attempt", 0 }, { "the export changed", 0 },
+};
+
+static int
+log_reconnects (void *user_data, const char *context, const char *msg)
+{
+  (void) user_data; (void) context;
+  if (strstr (msg, "connection ") == NULL && strstr (msg, "connect attempt") == NULL) return 0;
+  for (size_t i = 0; i < sizeof logged / sizeof logged[0]; i++)
+    if (strstr (msg, logged[i].word)) logged[i].n++;
+  return 0;
+}
+
+static void
+watch_debug (struct nbd_handle *h)
+{
+  for (size_t i = 0; i < sizeof logged / sizeof logged[0]; i++) logged[i].n = 0;
+  nbd_set_debug_callback (h, (nbd_debug_callback) { .callback = log_reconnects });
+  nbd_set_debug (h, true);
+}
+
 /* Polls H until every command in COOKIES (N) completed or 20 s passed,
  * starting RESTART again after 1 s if it is not NULL, and checking that
  * the handle's descriptor stays FD. Returns how many succeeded; *FAILED
@@ -186,6 +212,7 @@ test_in_flight (void)
   nbdkit_server (&s, "file", args);
   char *uri = uri_for (s.sock, 30);
   struct nbd_handle *h = nbd_create ();
+  watch_debug (h);
   CHECK (nbd_connect_uri (h, uri) == 0, "connect with reconnect-delay=30");
   int fd0 = nbd_aio_get_fd (h);
   CHECK (fd0 >= 0, "aio_get_fd");
@@ -213,6 +240,10 @@ test_in_flight (void)
   CHECK (nbd_aio_in_flight (h) == 0, "nothing left in flight");
   CHECK (nbd_rs_get_reconnect_count (h) == 1, "one reconnect (%" PRIi64 ")", nbd_rs_get_reconnect_count (h));
   CHECK (nbd_aio_is_ready (h) == 1, "ready again");
+  CHECK (logged[0].n == 1, "the loss is logged once (%d)", logged[0].n);
+  CHECK (logged[1].n >= 1 && logged[1].n == logged[2].n + 1,
+         "every attempt is logged, and every failed one (%d attempts, %d failed)", logged[1].n, logged[2].n);
+  CHECK (logged[3].n == 1, "the reconnect and its identity check are logged (%d)", logged[3].n);
   for (int i = 0; i < N / 2; i++) {
     char back[SZ];
     CHECK (nbd_pread (h, back, SZ, (uint64_t) i * SZ, 0) == 0 && memcmp (back, wbuf[i], SZ) == 0,
@@ -300,6 +331,7 @@ test_identity (void)
     nbdkit_server (&s, name, before);
     char *uri = uri_for (s.sock, 30);
     struct nbd_handle *h = nbd_create ();
+    watch_debug (h);
     CHECK (nbd_connect_uri (h, uri) == 0, "identity: connect");
     server_kill (&s);
     int n = 0;
@@ -311,6 +343,7 @@ test_identity (void)
     CHECK_ERR (r, "nbd_pwrite", ESTALE);
     CHECK (strstr (nbd_get_error (), cases[c].what) != NULL, "identity: the message names %s", cases[c].what);
     CHECK (nbd_aio_is_dead (h) == 1, "identity: the handle is dead");
+    CHECK (logged[4].n == 1, "identity: the failed check is logged (%d)", logged[4].n);
     CHECK (nbd_rs_get_reconnect_count (h) == 0, "identity: no reconnect counted");
     nbd_close (h);
     server_kill (&s);
@@ -469,6 +502,34 @@ test_open_timeout (void)
   CHECK (took > 0.9 && took < 4, "open timeout: after about 2 s (%.2f s)", took);
   CHECK (nbd_aio_is_dead (h) == 1 || nbd_aio_is_created (h) == 1, "open timeout: the handle is not connected");
   nbd_close (h);
+  free (uri);
+
+  /* The asynchronous connect stays connecting between attempts, and the
+   * descriptor wakes the poll loop for each. */
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&open-timeout=10", s.sock) == -1) fatal ("asprintf");
+  struct restart r2 = { &s, 1500000 };
+  pthread_create (&t, NULL, restart_later, &r2);
+  h = nbd_create ();
+  CHECK (nbd_aio_connect_uri (h, uri) == 0, "open timeout, aio: connect starts");
+  int fd0 = nbd_aio_get_fd (h), wakeups = 0;
+  t0 = now_s ();
+  while (nbd_aio_is_connecting (h) && now_s () - t0 < 10) {
+    CHECK (nbd_aio_get_fd (h) == fd0, "open timeout, aio: the same descriptor");
+    unsigned dir = nbd_aio_get_direction (h);
+    struct pollfd p = { .fd = fd0, .events = (dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+                                             (dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT : 0) };
+    CHECK (dir != 0, "open timeout, aio: something to wait for");
+    if (poll (&p, 1, 5000) <= 0) { CHECK (0, "open timeout, aio: the descriptor woke"); break; }
+    wakeups++;
+    if (p.revents & POLLIN) nbd_aio_notify_read (h);
+    if (p.revents & POLLOUT) nbd_aio_notify_write (h);
+  }
+  CHECK (nbd_aio_is_ready (h) == 1, "open timeout, aio: connected (after %d wakeups, %.2f s)", wakeups, now_s () - t0);
+  CHECK (now_s () - t0 > 1.4, "open timeout, aio: when the server came");
+  nbd_close (h);
+  server_kill (&s);
+  atomic_store (&r2.done, true);
+  pthread_join (t, NULL);
   free (uri);
 
   /* Without it, one attempt, at once. */

@@ -12,6 +12,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Registration {
     fd: c_int,
+    /// The link's socket serial: a new socket may have a closed one's
+    /// number, which closing removed from the instance.
+    serial: u64,
     events: u32,
 }
 
@@ -49,13 +52,13 @@ impl Epoll {
         unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut ev) }
     }
 
-    /// Link `link` has socket `fd` (-1 without one) and waits for
-    /// `direction` (`LIBNBD_AIO_DIRECTION_*` bits): registers, changes or
-    /// removes it, with a system call only when something changed. Every
-    /// socket is watched for reading (the read bit changes with every
-    /// command; watching it always saves a system call each time);
-    /// writing only when asked.
-    pub fn update(&mut self, link: usize, fd: c_int, direction: u32) {
+    /// Link `link` has socket `fd` (-1 without one), its socket number
+    /// `serial`, and waits for `direction` (`LIBNBD_AIO_DIRECTION_*`
+    /// bits): registers, changes or removes it, with a system call only
+    /// when something changed. Every socket is watched for reading (the
+    /// read bit changes with every command; watching it always saves a
+    /// system call each time); writing only when asked.
+    pub fn update(&mut self, link: usize, fd: c_int, serial: u64, direction: u32) {
         if self.registered.len() <= link {
             self.registered.resize(link + 1, None);
         }
@@ -63,13 +66,13 @@ impl Epoll {
         if direction & 2 != 0 {
             events |= libc::EPOLLOUT as u32;
         }
-        let want = (fd >= 0).then_some(Registration { fd, events });
+        let want = (fd >= 0).then_some(Registration { fd, serial, events });
         let had = self.registered[link];
         if had == want {
             return;
         }
         match (had, want) {
-            (Some(old), Some(new)) if old.fd == new.fd => {
+            (Some(old), Some(new)) if old.fd == new.fd && old.serial == new.serial => {
                 if self.ctl(libc::EPOLL_CTL_MOD, new.fd, new.events, link) < 0 {
                     // Closed and reopened under the same number: add it.
                     self.ctl(libc::EPOLL_CTL_ADD, new.fd, new.events, link);

@@ -599,7 +599,8 @@ impl Handle {
         }
         for link in &mut self.links {
             if !matches!(link.conn().state(), PublicState::Dead | PublicState::Closed) {
-                link.conn_mut().handle_transport_error(errno, &msg);
+                // Dead even where a loss would be kept for a reconnect.
+                link.conn_mut().handle_fatal_error(errno, &msg);
             }
         }
     }
@@ -636,7 +637,7 @@ impl Handle {
     pub fn sync_interest(&mut self) {
         let Some(ep) = self.epoll.as_mut() else { return };
         for (at, link) in self.links.iter().enumerate() {
-            ep.update(at, link.fd(), link.direction());
+            ep.update(at, link.fd(), link.socket_serial(), link.direction());
         }
     }
 
@@ -801,8 +802,15 @@ impl Handle {
                             rc.delay.as_secs()
                         ));
                     }
+                    Due::AttemptTimedOut => {
+                        let why = format!("no handshake after {} s", crate::reconnect::ATTEMPT_LIMIT.as_secs());
+                        said.push(format!("connection {n}: attempt {} failed: {why}", o.attempts()));
+                        link.conn_mut().handle_transport_error(libc::ETIMEDOUT, "reconnect attempt");
+                        link.close_if_over();
+                        o.attempt_failed(now, why);
+                    }
                     Due::Attempt => {
-                        o.attempt_started();
+                        o.attempt_started(now);
                         said.push(format!("connection {n}: reconnecting, attempt {}", o.attempts()));
                         if let Err(e) = link.redial(&rc.how) {
                             said.push(format!("connection {n}: attempt {} failed: {}", o.attempts(), e.msg));
@@ -1397,14 +1405,9 @@ impl Handle {
                 g.dispatch();
                 continue;
             }
-            if g.links[at].conn().is_lost() {
-                // Its timer and its dialing are the handle's: wait with
-                // the lock, as on one link.
-                g.poll_once(-1)?;
-                continue;
-            }
-            let (fd, dir) = (g.links[at].fd(), g.links[at].direction());
-            if fd < 0 || dir == 0 {
+            let lost = g.links[at].conn().is_lost();
+            let (fd, dir, serial) = (g.links[at].fd(), g.links[at].direction(), g.links[at].socket_serial());
+            if !lost && (fd < 0 || dir == 0) {
                 // The link is over: its end is reported above.
                 g.dispatch();
                 if g.ended().is_none() && !g.is_completed(cookie) {
@@ -1419,14 +1422,18 @@ impl Handle {
             if dir & 2 != 0 {
                 events |= libc::POLLOUT;
             }
+            // A lost link also waits for the timer of its next attempt or
+            // of its delay (poll skips a negative descriptor).
+            let timer = if lost { g.timer.as_ref().map_or(-1, Timer::fd) } else { -1 };
             let mut fds = [
-                libc::pollfd { fd, events, revents: 0 },
+                libc::pollfd { fd: if dir == 0 { -1 } else { fd }, events, revents: 0 },
                 libc::pollfd { fd: wake_fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: timer, events: libc::POLLIN, revents: 0 },
             ];
             g.waiters.insert(cookie, wake_fd);
-            // SAFETY: two valid pollfds in an array we own; the handle's
+            // SAFETY: three valid pollfds in an array we own; the handle's
             // lock is released meanwhile, and nothing of it is touched.
-            let r = g.unlocked(|| unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) });
+            let r = g.unlocked(|| unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) });
             g.waiters.remove(&cookie);
             if fds[1].revents != 0 {
                 let mut n = [0u8; 8];
@@ -1440,8 +1447,12 @@ impl Handle {
                 }
                 return Err(CError::os("poll", &e));
             }
+            if fds[2].revents != 0 {
+                g.service_timers();
+                g.sync_interest();
+            }
             // Another thread may have closed or replaced the socket.
-            if g.links[at].fd() != fd {
+            if g.links[at].fd() != fd || g.links[at].socket_serial() != serial {
                 continue;
             }
             if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {

@@ -78,6 +78,9 @@ pub struct Link {
     /// The handle's cookie of each command this link carries, by the
     /// core's cookie.
     routes: CookieMap<Cookie>,
+    /// Sockets this link has had: a new one may reuse a closed one's
+    /// number, and the epoll instance must still register it.
+    sockets: u64,
 }
 
 impl Drop for Link {
@@ -85,26 +88,30 @@ impl Drop for Link {
         // Closing our end lets the server see EOF; then reap it.
         self.stream = None;
         if let Some(s) = self.subprocess.take() {
-            s.reap();
+            s.reap(false);
         }
     }
 }
 
 impl Subprocess {
     /// Waits for the server to end, once our end of its socket is closed,
-    /// and removes its scratch directory.
-    fn reap(self) {
+    /// and removes its scratch directory. A socket-activated server keeps
+    /// listening after its client leaves, so it is asked to stop; a
+    /// connect_command server exits at EOF on its stdin, and is asked to
+    /// stop too if `lost` (its connection was lost: whatever is left of it
+    /// must not hold the handle up).
+    fn reap(self, lost: bool) {
         let Subprocess { pid, scratch } = self;
         let mut status = 0;
-        // A socket-activated server keeps listening after its client
-        // leaves, so it is asked to stop; a connect_command server
-        // exits at EOF on its stdin.
         // SAFETY: signalling and waiting for our own child.
         unsafe {
-            if scratch.is_some() {
-                libc::kill(pid, libc::SIGTERM);
+            let running = !lost || libc::waitpid(pid, &mut status, libc::WNOHANG) == 0;
+            if running {
+                if scratch.is_some() || lost {
+                    libc::kill(pid, libc::SIGTERM);
+                }
+                libc::waitpid(pid, &mut status, 0);
             }
-            libc::waitpid(pid, &mut status, 0);
         }
         if let Some(d) = scratch {
             let _ = std::fs::remove_dir_all(d);
@@ -123,7 +130,15 @@ pub enum Redial {
 
 impl Link {
     pub fn new(conn: Connection<UserBuf>) -> Self {
-        Link { conn, stream: None, dialing: None, dial_error: None, subprocess: None, routes: CookieMap::default() }
+        Link {
+            conn,
+            stream: None,
+            dialing: None,
+            dial_error: None,
+            subprocess: None,
+            routes: CookieMap::default(),
+            sockets: 0,
+        }
     }
 
     pub fn conn(&self) -> &Connection<UserBuf> {
@@ -132,6 +147,12 @@ impl Link {
 
     pub fn conn_mut(&mut self) -> &mut Connection<UserBuf> {
         &mut self.conn
+    }
+
+    /// Which of the link's sockets [`Self::fd`] is: it changes with every
+    /// new socket, even one that reuses a number.
+    pub fn socket_serial(&self) -> u64 {
+        self.sockets
     }
 
     /// The descriptor to poll, -1 without one.
@@ -177,7 +198,7 @@ impl Link {
         self.stream = None;
         self.dial_error = None;
         if let Some(old) = self.subprocess.take() {
-            old.reap();
+            old.reap(true);
         }
         self.conn.restart()?;
         let spawned = match how {
@@ -205,6 +226,7 @@ impl Link {
         match d.start_next() {
             Ok(fd) => {
                 self.stream = Some(Stream::Plain(Socket::from(fd)));
+                self.sockets += 1;
                 Ok(())
             }
             Err(e) => {
@@ -255,6 +277,7 @@ impl Link {
         let sock = Socket::from(fd);
         sock.set_nonblocking(true).map_err(|e| CError::os("fcntl: set O_NONBLOCK", &e))?;
         self.stream = Some(Stream::Plain(sock));
+        self.sockets += 1;
         self.conn.handle_connected().map_err(CError::from)?;
         Ok(())
     }

@@ -20,12 +20,18 @@ fn backoff(failed: u32) -> Duration {
     Duration::from_secs(1 << failed.saturating_sub(1).min(4))
 }
 
+/// How long one attempt may take, dial and handshake: a server that
+/// accepts and never answers must not end the attempts.
+pub const ATTEMPT_LIMIT: Duration = Duration::from_secs(10);
+
 /// What is due for a lost link now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Due {
     Nothing,
     /// Dial again and restart the handshake.
     Attempt,
+    /// The attempt under way took too long: it failed.
+    AttemptTimedOut,
     /// The delay has passed: fail the held commands, refuse new ones.
     GiveUp,
 }
@@ -37,6 +43,8 @@ pub struct Outage {
     /// Attempts that failed so far.
     failed: u32,
     next_at: Instant,
+    /// When the attempt under way started.
+    attempting_since: Option<Instant>,
     attempting: bool,
     gave_up: bool,
     /// Why the last attempt failed, for the debug log.
@@ -45,7 +53,15 @@ pub struct Outage {
 
 impl Outage {
     pub fn new(now: Instant) -> Self {
-        Outage { lost_at: now, failed: 0, next_at: now, attempting: false, gave_up: false, last_error: None }
+        Outage {
+            lost_at: now,
+            failed: 0,
+            next_at: now,
+            attempting_since: None,
+            attempting: false,
+            gave_up: false,
+            last_error: None,
+        }
     }
 
     pub fn attempting(&self) -> bool {
@@ -66,6 +82,8 @@ impl Outage {
     pub fn due(&self, now: Instant, delay: Duration) -> Due {
         if !self.gave_up && now >= self.lost_at + delay {
             Due::GiveUp
+        } else if self.attempting_since.is_some_and(|t| now >= t + ATTEMPT_LIMIT) {
+            Due::AttemptTimedOut
         } else if !self.attempting && now >= self.next_at {
             Due::Attempt
         } else {
@@ -73,8 +91,9 @@ impl Outage {
         }
     }
 
-    pub fn attempt_started(&mut self) {
+    pub fn attempt_started(&mut self, now: Instant) {
         self.attempting = true;
+        self.attempting_since = Some(now);
     }
 
     pub fn gave_up_now(&mut self) {
@@ -84,6 +103,7 @@ impl Outage {
     /// The attempt under way failed at `now`: the next waits its turn.
     pub fn attempt_failed(&mut self, now: Instant, why: String) {
         self.attempting = false;
+        self.attempting_since = None;
         self.failed += 1;
         self.next_at = now + backoff(self.failed);
         self.last_error = Some(why);
@@ -94,7 +114,8 @@ impl Outage {
     pub fn deadline(&self, delay: Duration) -> Option<Instant> {
         let give_up = (!self.gave_up).then_some(self.lost_at + delay);
         let attempt = (!self.attempting).then_some(self.next_at);
-        give_up.into_iter().chain(attempt).min()
+        let timeout = self.attempting_since.map(|t| t + ATTEMPT_LIMIT);
+        give_up.into_iter().chain(attempt).chain(timeout).min()
     }
 }
 
@@ -162,7 +183,7 @@ mod tests {
         let mut gaps = Vec::new();
         for _ in 0..7 {
             assert_eq!(o.due(now, Duration::from_secs(3600)), Due::Attempt);
-            o.attempt_started();
+            o.attempt_started(now);
             assert_eq!(o.due(now, Duration::from_secs(3600)), Due::Nothing, "one attempt at a time");
             o.attempt_failed(now, "refused".into());
             let next = o.deadline(Duration::from_secs(3600)).unwrap();
@@ -177,12 +198,13 @@ mod tests {
     fn the_delay_gives_up_once_and_attempts_go_on() {
         let t0 = Instant::now();
         let mut o = Outage::new(t0);
-        o.attempt_started();
+        o.attempt_started(t0 + DELAY - Duration::from_secs(1));
         assert_eq!(o.deadline(DELAY), Some(t0 + DELAY));
         assert_eq!(o.due(t0 + DELAY, DELAY), Due::GiveUp);
         o.gave_up_now();
         assert_eq!(o.due(t0 + DELAY, DELAY), Due::Nothing);
-        assert_eq!(o.deadline(DELAY), None, "an attempt under way: news comes from the link");
+        assert_eq!(o.deadline(DELAY), Some(t0 + DELAY + Duration::from_secs(9)), "the attempt's own limit");
+        assert_eq!(o.due(t0 + DELAY + Duration::from_secs(9), DELAY), Due::AttemptTimedOut);
         o.attempt_failed(t0 + DELAY, "refused".into());
         assert_eq!(o.due(t0 + DELAY + Duration::from_secs(16), DELAY), Due::Attempt);
     }

@@ -615,6 +615,48 @@ test_command (void)
   }
 }
 
+/* Multi-conn with a reconnect delay: a further connection that sees
+ * another export kills the handle for good (no attempts go on), and a
+ * shutdown while every connection is lost closes the handle. */
+static void
+test_multi_conn_ends (void)
+{
+  char *count = path_in_dir ("mm-count"), *size, *pread;
+  if (asprintf (&size,
+                "get_size=n=$(cat %s 2>/dev/null || echo 0); echo $((n+1)) > %s; "
+                "if [ $n = 0 ]; then echo 1048576; else echo 2097152; fi", count, count) == -1 ||
+      asprintf (&pread, "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none") == -1)
+    fatal ("asprintf");
+  char *args[] = { "eval", size, pread, "can_multi_conn=exit 0", NULL };
+  struct server s;
+  nbdkit_server (&s, "mm", args);
+  char *uri;
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&reconnect-delay=30&multi-conn=2", s.sock) == -1) fatal ("asprintf");
+  struct nbd_handle *h = nbd_create ();
+  CHECK_ERR (nbd_connect_uri (h, uri), "nbd_connect_uri", EPROTO);
+  CHECK (nbd_aio_is_dead (h) == 1, "mismatch: the handle is dead");
+  CHECK (nbd_aio_get_direction (h) == 0, "mismatch: nothing left to wait for (no reconnect goes on)");
+  nbd_close (h);
+  server_kill (&s);
+  free (uri);
+
+  char *args2[] = { "memory", "1M", NULL };
+  nbdkit_server (&s, "mc-end", args2);
+  if (asprintf (&uri, "nbd+unix:///?socket=%s&reconnect-delay=30&multi-conn=4", s.sock) == -1) fatal ("asprintf");
+  h = nbd_create ();
+  CHECK (nbd_connect_uri (h, uri) == 0 && nbd_rs_get_multi_conn (h) == 4, "multi-conn shutdown: 4 connections");
+  server_kill (&s);
+  char buf[512];
+  int64_t c = nbd_aio_pread (h, buf, sizeof buf, 0, NBD_NULL_COMPLETION, 0);
+  for (int k = 0; k < 5; k++) nbd_poll (h, 10);
+  CHECK (nbd_shutdown (h, 0) == 0, "multi-conn shutdown while lost: succeeds");
+  int cr = nbd_aio_command_completed (h, c), ce = nbd_get_errno ();
+  CHECK (cr == -1 && ce == ENOTCONN, "multi-conn shutdown while lost: the held read fails (%d, errno %d)", cr, ce);
+  CHECK (nbd_aio_is_closed (h) == 1, "multi-conn shutdown while lost: closed, not dead");
+  nbd_close (h);
+  free (uri); free (count); free (size); free (pread);
+}
+
 /* 20 reconnects: no descriptor left behind. */
 static void
 test_fds (void)
@@ -651,7 +693,7 @@ main (void)
     { "api", test_api }, { "in_flight", test_in_flight }, { "qemu", test_qemu },
     { "identity", test_identity }, { "give_up", test_give_up }, { "tls", test_tls },
     { "fds", test_fds }, { "open_timeout", test_open_timeout }, { "multi_conn", test_multi_conn },
-    { "command", test_command },
+    { "command", test_command }, { "multi_conn_ends", test_multi_conn_ends },
   };
   const char *only = getenv ("RECONNECT_TEST_ONLY");
   for (size_t i = 0; i < sizeof parts / sizeof parts[0]; i++)

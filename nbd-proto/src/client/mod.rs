@@ -888,14 +888,28 @@ impl<B: CommandBuffer> Connection<B> {
     /// The connection dies: every command and pending option fails with
     /// `err`, and nothing more is sent or parsed.
     pub(crate) fn fail(&mut self, err: Error) {
-        if self.is_finished() {
-            return;
-        }
-        if self.keeps_commands_on(&err) {
+        if self.keeps_commands_on(&err) && !self.is_finished() {
             self.lose(err);
             return;
         }
-        // A lost connection dies with the commands it kept.
+        self.die(err);
+    }
+
+    /// The transport failed with `errno` and the caller wants the
+    /// connection over whatever it keeps (another connection of the same
+    /// handle saw another export, say): dead, every command failed, as
+    /// [`Self::handle_transport_error`] without
+    /// [`Config::keep_commands_on_loss`].
+    pub fn handle_fatal_error(&mut self, errno: i32, context: &str) {
+        self.die(TransportError::Io { errno, context: context.to_owned() }.into());
+    }
+
+    /// Dead with `err`: every command fails, a lost connection's kept ones
+    /// too.
+    fn die(&mut self, err: Error) {
+        if self.is_finished() {
+            return;
+        }
         self.resume = None;
         if self.plan.user_goal_pending() {
             self.events.push_back(Event::OptionComplete { result: Err(err.clone()) });

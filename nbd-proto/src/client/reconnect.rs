@@ -156,6 +156,23 @@ impl<B: CommandBuffer> Connection<B> {
         }
         self.state = State::Transmission;
         for slot in self.cmds.live_slots() {
+            // A block status filter names contexts by id, and ids are the
+            // new server's to choose: the same names, perhaps renumbered.
+            let c = self.cmds.get_mut(slot);
+            if c.kind == crate::wire::cmd::BLOCK_STATUS && c.payload.len() > 8 {
+                let old = std::mem::take(&mut c.payload);
+                let ids: Vec<u32> = old[8..]
+                    .chunks_exact(4)
+                    .filter_map(|b| {
+                        let id = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                        let name = &r.neg.meta_contexts.iter().find(|m| m.id == id)?.name;
+                        Some(self.neg.meta_contexts.iter().find(|m| &m.name == name)?.id)
+                    })
+                    .collect();
+                let length = self.cmds.get(slot).length;
+                let c = self.cmds.get_mut(slot);
+                crate::wire::payload::encode_block_status_payload(length, &ids, &mut c.payload);
+            }
             self.encode_kept(slot);
         }
         self.events.push_back(Event::Reconnected);

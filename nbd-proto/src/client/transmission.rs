@@ -153,7 +153,8 @@ impl<B: CommandBuffer> Connection<B> {
         ids: &[u32],
         flags: CmdFlags,
     ) -> Result<Cookie, Error> {
-        if matches!(self.state, State::Transmission) && !self.neg.extended_headers {
+        let connected = matches!(self.state, State::Transmission) || self.is_lost();
+        if connected && !self.negotiated().extended_headers {
             return Err(LocalError::Unsupported("extended headers").into());
         }
         if let Some(id) = ids.iter().find(|&&id| self.meta_context_name(id).is_none()) {
@@ -169,9 +170,10 @@ impl<B: CommandBuffer> Connection<B> {
     pub fn disconnect(&mut self) -> Result<(), Error> {
         if self.is_lost() {
             // Nothing to say to a server that is gone: the connection
-            // closes, and the commands it kept fail.
+            // closes on purpose (no error), and the commands it kept fail.
             self.give_up();
             self.resume = None;
+            self.error = None;
             self.close();
             return Ok(());
         }

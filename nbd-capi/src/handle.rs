@@ -10,7 +10,7 @@
 
 use crate::callbacks::*;
 use crate::error::{CError, CResult};
-use crate::link::{CookieMap, Link, Redial};
+use crate::link::{CookieMap, Link, Plan, Redial};
 use crate::lock::{PthreadGuard, PthreadMutex};
 use crate::reconnect::{Due, Outage, Timer};
 use crate::table;
@@ -271,14 +271,6 @@ struct Reconnecting {
     count: u64,
 }
 
-/// How the lead link was dialed, to dial the others (and any link lost)
-/// the same way.
-#[derive(Clone)]
-struct Plan {
-    addrs: Vec<crate::dial::Address>,
-    tcp: Option<String>,
-}
-
 impl Drop for Handle {
     fn drop(&mut self) {
         // In libnbd's order: sockets closed and servers reaped, the debug
@@ -452,7 +444,7 @@ impl Handle {
     /// be: with several links wanted, the others are dialed the same way
     /// once the lead link's handshake ends.
     pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
-        let plan = Plan { addrs: addrs.clone(), tcp: tcp.clone() };
+        let plan = Plan { addrs, tcp };
         if self.settings.multi_conn > 1 && self.epoll.is_none() {
             self.epoll = Some(crate::epoll::Epoll::new()?);
         }
@@ -462,19 +454,19 @@ impl Handle {
         if self.settings.multi_conn > 1 {
             self.plan = Some(plan.clone());
         }
-        self.prepare_reconnect(Redial::Addresses { addrs: addrs.clone(), tcp: tcp.clone() })?;
+        self.prepare_reconnect(Redial::Addresses(plan.clone()))?;
         if self.settings.open_timeout > 0 && self.opening.is_none() {
             let now = Instant::now();
             self.opening = Some(Opening {
                 deadline: now + Duration::from_secs(self.settings.open_timeout.into()),
-                plan,
+                plan: plan.clone(),
                 config: self.links[0].conn().config().clone(),
                 attempting: true,
                 next_at: now,
                 attempts: 1,
             });
         }
-        let r = self.links[0].dial(addrs, tcp);
+        let r = self.links[0].dial(&plan);
         if let (Err(e), Some(_)) = (&r, &self.opening) {
             // The first attempt failed at once: the next waits its turn.
             self.debug(|| format!("connect attempt 1 failed: {}", e.msg));
@@ -567,7 +559,7 @@ impl Handle {
             let mut conn = Connection::new(config.clone());
             conn.set_trace(self.debug);
             let mut link = Link::new(conn);
-            let r = link.dial(plan.addrs.clone(), plan.tcp.clone());
+            let r = link.dial(&plan);
             self.links.push(link);
             if let Err(e) = r {
                 self.fail_all(e);
@@ -654,7 +646,12 @@ impl Handle {
     /// The timers' work: the first connect's attempts, then every lost
     /// link's outage; then the timer is armed for what is due next.
     fn service_timers(&mut self) {
-        if self.timer.is_none() {
+        // Called from every dispatch: with nothing lost and the first
+        // connect done, it costs no clock read and no system call.
+        let busy = self.opening.is_some()
+            || self.links.iter().any(|l| l.conn().is_lost())
+            || self.reconnect.as_ref().is_some_and(|r| r.outages.iter().any(Option::is_some));
+        if self.timer.is_none() || !busy {
             return;
         }
         let now = Instant::now();
@@ -720,7 +717,7 @@ impl Handle {
         op.attempts += 1;
         let (n, plan) = (op.attempts, op.plan.clone());
         self.debug(|| format!("connect attempt {n}"));
-        if let Err(e) = self.links[0].dial(plan.addrs, plan.tcp) {
+        if let Err(e) = self.links[0].dial(&plan) {
             self.debug(|| format!("connect attempt {n} failed at once: {}", e.msg));
             // Looked at again at once: retried or final.
             return Some(now);

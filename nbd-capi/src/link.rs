@@ -119,11 +119,19 @@ impl Subprocess {
     }
 }
 
+/// Where a link is dialed: the addresses in order, and `host:port` for a
+/// TCP destination.
+#[derive(Clone)]
+pub struct Plan {
+    pub addrs: Vec<Address>,
+    pub tcp: Option<String>,
+}
+
 /// How a lost link is connected again: the addresses it was dialed to,
 /// or the server it started, started again.
 #[derive(Clone)]
 pub enum Redial {
-    Addresses { addrs: Vec<Address>, tcp: Option<String> },
+    Addresses(Plan),
     Command { argv: Vec<std::ffi::CString> },
     Activation { argv: Vec<std::ffi::CString>, fdname: String },
 }
@@ -185,9 +193,9 @@ impl Link {
     /// refuse at once (`tcp` names a TCP destination, "host:port"). Even a
     /// connect that succeeds at once is finished by the next write event,
     /// as in libnbd: until then the link waits to write.
-    pub fn dial(&mut self, addrs: Vec<Address>, tcp: Option<String>) -> CResult<()> {
+    pub fn dial(&mut self, plan: &Plan) -> CResult<()> {
         self.conn.start_connect()?;
-        self.dialing = Some(Dialing::new(addrs, tcp));
+        self.dialing = Some(Dialing::new(plan.addrs.clone(), plan.tcp.clone()));
         self.dial_next()
     }
 
@@ -202,8 +210,8 @@ impl Link {
         }
         self.conn.restart()?;
         let spawned = match how {
-            Redial::Addresses { addrs, tcp } => {
-                self.dialing = Some(Dialing::new(addrs.clone(), tcp.clone()));
+            Redial::Addresses(plan) => {
+                self.dialing = Some(Dialing::new(plan.addrs.clone(), plan.tcp.clone()));
                 return self.dial_next();
             }
             Redial::Command { argv } => {

@@ -43,9 +43,8 @@ pub struct Outage {
     /// Attempts that failed so far.
     failed: u32,
     next_at: Instant,
-    /// When the attempt under way started.
+    /// When the attempt under way started; `None` between attempts.
     attempting_since: Option<Instant>,
-    attempting: bool,
     gave_up: bool,
     /// Why the last attempt failed, for the debug log.
     pub last_error: Option<String>,
@@ -53,19 +52,11 @@ pub struct Outage {
 
 impl Outage {
     pub fn new(now: Instant) -> Self {
-        Outage {
-            lost_at: now,
-            failed: 0,
-            next_at: now,
-            attempting_since: None,
-            attempting: false,
-            gave_up: false,
-            last_error: None,
-        }
+        Outage { lost_at: now, failed: 0, next_at: now, attempting_since: None, gave_up: false, last_error: None }
     }
 
     pub fn attempting(&self) -> bool {
-        self.attempting
+        self.attempting_since.is_some()
     }
 
     pub fn gave_up(&self) -> bool {
@@ -74,7 +65,7 @@ impl Outage {
 
     /// Attempts so far, the one under way included.
     pub fn attempts(&self) -> u32 {
-        self.failed + u32::from(self.attempting)
+        self.failed + u32::from(self.attempting())
     }
 
     /// What to do at `now`, given the reconnect delay; the caller does it
@@ -84,7 +75,7 @@ impl Outage {
             Due::GiveUp
         } else if self.attempting_since.is_some_and(|t| now >= t + ATTEMPT_LIMIT) {
             Due::AttemptTimedOut
-        } else if !self.attempting && now >= self.next_at {
+        } else if !self.attempting() && now >= self.next_at {
             Due::Attempt
         } else {
             Due::Nothing
@@ -92,7 +83,6 @@ impl Outage {
     }
 
     pub fn attempt_started(&mut self, now: Instant) {
-        self.attempting = true;
         self.attempting_since = Some(now);
     }
 
@@ -102,7 +92,6 @@ impl Outage {
 
     /// The attempt under way failed at `now`: the next waits its turn.
     pub fn attempt_failed(&mut self, now: Instant, why: String) {
-        self.attempting = false;
         self.attempting_since = None;
         self.failed += 1;
         self.next_at = now + backoff(self.failed);
@@ -113,7 +102,7 @@ impl Outage {
     /// the link.
     pub fn deadline(&self, delay: Duration) -> Option<Instant> {
         let give_up = (!self.gave_up).then_some(self.lost_at + delay);
-        let attempt = (!self.attempting).then_some(self.next_at);
+        let attempt = (!self.attempting()).then_some(self.next_at);
         let timeout = self.attempting_since.map(|t| t + ATTEMPT_LIMIT);
         give_up.into_iter().chain(attempt).chain(timeout).min()
     }
@@ -159,6 +148,9 @@ impl Timer {
 
     /// Clears a fire that happened, so the descriptor is no longer readable.
     pub fn clear(&mut self) {
+        if self.armed.is_none() {
+            return;
+        }
         let mut n = [0u8; 8];
         // SAFETY: reading a timerfd's 8-byte counter into a buffer we own;
         // EAGAIN (not fired) is fine.

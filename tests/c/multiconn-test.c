@@ -268,13 +268,8 @@ test_downgrade (void)
 static void
 test_mismatch (void)
 {
-  char *sock = path_in_dir ("mm.sock"), *count = path_in_dir ("count"), *size, *pread;
-  if (asprintf (&size,
-                "get_size=n=$(cat %s 2>/dev/null || echo 0); echo $((n+1)) > %s; "
-                "if [ $n = 0 ]; then echo 1048576; else echo 2097152; fi", count, count) == -1 ||
-      asprintf (&pread, "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none") == -1)
-    fatal ("asprintf");
-  char *args[] = { "eval", size, pread, "can_multi_conn=exit 0", NULL };
+  char *sock = path_in_dir ("mm.sock"), *count = path_in_dir ("count"), *args[5];
+  size_changing_server (count, args);
   pid_t pid = start_nbdkit_unix ("mm.sock", args);
   char *uri = uri_of (sock, 2);
   struct nbd_handle *h = nbd_create ();
@@ -283,7 +278,7 @@ test_mismatch (void)
   CHECK (nbd_aio_is_dead (h) == 1, "the handle is dead");
   nbd_close (h);
   stop_pid (pid, 1); forget_child (pid);
-  free (uri); free (sock); free (count); free (size); free (pread);
+  free (uri); free (sock); free (count); free (args[1]); free (args[2]);
 }
 
 static void

@@ -621,13 +621,8 @@ test_command (void)
 static void
 test_multi_conn_ends (void)
 {
-  char *count = path_in_dir ("mm-count"), *size, *pread;
-  if (asprintf (&size,
-                "get_size=n=$(cat %s 2>/dev/null || echo 0); echo $((n+1)) > %s; "
-                "if [ $n = 0 ]; then echo 1048576; else echo 2097152; fi", count, count) == -1 ||
-      asprintf (&pread, "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none") == -1)
-    fatal ("asprintf");
-  char *args[] = { "eval", size, pread, "can_multi_conn=exit 0", NULL };
+  char *count = path_in_dir ("mm-count"), *args[5];
+  size_changing_server (count, args);
   struct server s;
   nbdkit_server (&s, "mm", args);
   char *uri;
@@ -654,7 +649,7 @@ test_multi_conn_ends (void)
   CHECK (cr == -1 && ce == ENOTCONN, "multi-conn shutdown while lost: the held read fails (%d, errno %d)", cr, ce);
   CHECK (nbd_aio_is_closed (h) == 1, "multi-conn shutdown while lost: closed, not dead");
   nbd_close (h);
-  free (uri); free (count); free (size); free (pread);
+  free (uri); free (count); free (args[1]); free (args[2]);
 }
 
 /* 20 reconnects: no descriptor left behind. */

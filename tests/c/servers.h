@@ -362,6 +362,23 @@ make_tls_certs (void)
   return certs;
 }
 
+/* nbdkit's eval plugin as a server that gives its first connection a
+ * size of 1 MiB and every later one 2 MiB, counting in the file COUNT:
+ * ARGS (5 entries, NULL-terminated) for start_nbdkit_*; free ARGS[1] and
+ * ARGS[2] afterwards. It allows multi-conn and reads zeroes. */
+static void __attribute__ ((unused))
+size_changing_server (const char *count, char *args[5])
+{
+  args[0] = "eval";
+  if (asprintf (&args[1],
+                "get_size=n=$(cat %s 2>/dev/null || echo 0); echo $((n+1)) > %s; "
+                "if [ $n = 0 ]; then echo 1048576; else echo 2097152; fi", count, count) == -1 ||
+      asprintf (&args[2], "pread=dd if=/dev/zero count=$3 iflag=count_bytes status=none") == -1)
+    fatal ("asprintf");
+  args[3] = "can_multi_conn=exit 0";
+  args[4] = NULL;
+}
+
 /* Open file descriptors below 1024. */
 static int __attribute__ ((unused))
 open_fds (void)

@@ -637,7 +637,7 @@ impl<B: super::CommandBuffer> Connection<B> {
 
     fn finish_handshake(&mut self) {
         self.complete_goal(Ok(()));
-        if self.resume.as_ref().is_some_and(|r| r.restarting) {
+        if self.is_restarting() {
             self.finish_restart();
             return;
         }

@@ -654,8 +654,7 @@ impl<B: CommandBuffer> Connection<B> {
     /// No transport could be established, and the caller may try again:
     /// back to created (libnbd does this when no TCP address answers).
     pub fn handle_connect_failed(&mut self) {
-        if let Some(r) = self.resume.as_mut().filter(|r| r.restarting) {
-            r.restarting = false;
+        if self.is_restarting() {
             self.state = State::Lost;
             return;
         }

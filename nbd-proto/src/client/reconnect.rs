@@ -39,8 +39,6 @@ pub(crate) struct Resume {
     /// New commands are held until the connection is back; after
     /// [`Connection::give_up`], refused.
     pub holding: bool,
-    /// [`Connection::restart`] was called: a new handshake is under way.
-    pub restarting: bool,
 }
 
 impl<B: CommandBuffer> Connection<B> {
@@ -48,6 +46,12 @@ impl<B: CommandBuffer> Connection<B> {
     /// restarted, or is re-running its handshake after a restart.
     pub fn is_lost(&self) -> bool {
         self.resume.is_some()
+    }
+
+    /// Whether a restart's handshake is under way: lost, and not waiting
+    /// in [`State::Lost`].
+    pub(crate) fn is_restarting(&self) -> bool {
+        self.resume.is_some() && !matches!(self.state, State::Lost)
     }
 
     /// Whether the connection is lost and waits for [`Self::restart`]
@@ -62,9 +66,7 @@ impl<B: CommandBuffer> Connection<B> {
         let transport = matches!(err, Error::Transport(TransportError::Io { .. } | TransportError::Eof(_)));
         let when = match self.state {
             State::Transmission => true,
-            State::Connecting | State::Handshake(_) | State::Negotiating => {
-                self.resume.as_ref().is_some_and(|r| r.restarting)
-            }
+            State::Connecting | State::Handshake(_) | State::Negotiating => self.is_restarting(),
             _ => false,
         };
         self.config.keep_commands_on_loss && transport && when && !self.disconnect_requested
@@ -73,11 +75,10 @@ impl<B: CommandBuffer> Connection<B> {
     /// The transport failed with `err` and [`Self::keeps_commands_on`]
     /// holds: keep every command for [`Self::restart`].
     pub(crate) fn lose(&mut self, err: Error) {
+        // After a restart's failed handshake, what it had settled is dropped.
         let neg = std::mem::take(&mut self.neg);
-        match &mut self.resume {
-            // A restart's handshake failed: what it had settled is dropped.
-            Some(r) => r.restarting = false,
-            None => self.resume = Some(Box::new(Resume { neg, holding: true, restarting: false })),
+        if self.resume.is_none() {
+            self.resume = Some(Box::new(Resume { neg, holding: true }));
         }
         self.state = State::Lost;
         self.plan = OptionPlan::default();
@@ -101,10 +102,9 @@ impl<B: CommandBuffer> Connection<B> {
     /// without opt mode. Fails unless the connection is lost and not
     /// already restarting.
     pub fn restart(&mut self) -> Result<(), Error> {
-        let Some(r) = self.resume.as_mut().filter(|r| !r.restarting) else {
+        let Some(r) = self.resume.as_ref().filter(|_| self.awaits_restart()) else {
             return Err(self.wrong_state("lost"));
         };
-        r.restarting = true;
         let pinned = Self::config_for(&self.config, &r.neg);
         self.config = pinned;
         self.state = State::Connecting;

@@ -347,29 +347,36 @@ pub fn push_frames(out: &mut Vec<u8>, bytes: &[u8]) {
 
 const PIECES: [usize; 7] = [1, 3, 17, 256, 4096, 9, 65536];
 
+/// Delivers `frame` through `recv_buffer` in pieces of the sizes in
+/// [`PIECES`] (cycling with `i`), sending and draining events after each,
+/// until the connection is over or lost.
+pub fn feed(c: &mut Conn, script: &mut impl Script, t: &mut Tracker, mut frame: &[u8], i: &mut usize) {
+    while !frame.is_empty() && !matches!(c.state(), PublicState::Dead | PublicState::Closed) && !c.awaits_restart() {
+        let dest = c.recv_buffer();
+        let n = PIECES[*i % PIECES.len()].min(dest.len()).min(frame.len());
+        assert!(n > 0, "the client offered no room to receive into");
+        dest[..n].copy_from_slice(&frame[..n]);
+        c.handle_received(n);
+        frame = &frame[n..];
+        *i += 1;
+        ClientScript::transmit(c);
+        drain(c, script, t);
+    }
+}
+
 /// Plays `stream` (frames) as the server against `script`, then EOF;
 /// panics if an invariant breaks.
 pub fn play(c: &mut Conn, script: &mut impl Script, t: &mut Tracker, stream: &[u8]) -> Summary {
     let mut i = 0;
     let mut act = true;
-    for (mut frame, acts_after) in frames(stream) {
+    for (frame, acts_after) in frames(stream) {
         if act {
             script.step(c, t);
             ClientScript::transmit(c);
             drain(c, script, t);
         }
         act = acts_after;
-        while !frame.is_empty() && !matches!(c.state(), PublicState::Dead | PublicState::Closed) {
-            let dest = c.recv_buffer();
-            let n = PIECES[i % PIECES.len()].min(dest.len()).min(frame.len());
-            assert!(n > 0, "the client offered no room to receive into");
-            dest[..n].copy_from_slice(&frame[..n]);
-            c.handle_received(n);
-            frame = &frame[n..];
-            i += 1;
-            ClientScript::transmit(c);
-            drain(c, script, t);
-        }
+        feed(c, script, t, frame, &mut i);
     }
     script.step(c, t);
     ClientScript::transmit(c);

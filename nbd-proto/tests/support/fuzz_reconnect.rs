@@ -15,30 +15,13 @@
 
 #![allow(dead_code)]
 
-use super::fuzz_client::{drain, frames, ClientScript, Conn, Summary, Tracker};
+use super::fuzz_client::{drain, feed, frames, ClientScript, Conn, Summary, Tracker};
 use super::fuzz_transmission::{self as tx, TransmissionScript, IN_STREAM};
 use super::server::Server;
 use nbd_proto::{Error, PublicState};
 
 /// Cuts after the first this many are ignored.
 const MAX_CUTS: usize = 8;
-
-/// Receive sizes, cycled, so that every split of a message is tried.
-const PIECES: [usize; 5] = [1, 7, 64, 4096, 65536];
-
-fn feed(c: &mut Conn, script: &mut TransmissionScript, t: &mut Tracker, mut frame: &[u8], i: &mut usize) {
-    while !frame.is_empty() && !matches!(c.state(), PublicState::Dead | PublicState::Closed) && !c.awaits_restart() {
-        let dest = c.recv_buffer();
-        let n = PIECES[*i % PIECES.len()].min(dest.len()).min(frame.len());
-        assert!(n > 0, "the client offered no room to receive into");
-        dest[..n].copy_from_slice(&frame[..n]);
-        c.handle_received(n);
-        frame = &frame[n..];
-        *i += 1;
-        ClientScript::transmit(c);
-        drain(c, script, t);
-    }
-}
 
 /// Cuts the transport (the `cuts`-th time) and restarts the client; with
 /// `server`, it answers the new handshake.

@@ -364,6 +364,12 @@ int64_t nbd_rs_get_open_timeout(struct nbd_handle *h);
 
 int64_t nbd_rs_get_reconnect_count(struct nbd_handle *h);
 
+int nbd_rs_set_concurrent_writer(struct nbd_handle *h, void *data, void (*writer)(void *data,
+                                                                                  const void *buf,
+                                                                                  size_t len));
+
+int nbd_rs_concurrent_writer_error(struct nbd_handle *h, int err);
+
 struct nbd_handle *nbd_create(void);
 
 void nbd_close(struct nbd_handle *h);
@@ -760,11 +766,13 @@ int nbd_get_errno(void);
 #define LIBNBD_HAVE_NBD_SUPPORTS_VSOCK 1
 #define LIBNBD_HAVE_NBD_TRIM 1
 #define LIBNBD_HAVE_NBD_ZERO 1
+#define LIBNBD_HAVE_NBD_RS_CONCURRENT_WRITER_ERROR 1
 #define LIBNBD_HAVE_NBD_RS_GET_MULTI_CONN 1
 #define LIBNBD_HAVE_NBD_RS_GET_OPEN_TIMEOUT 1
 #define LIBNBD_HAVE_NBD_RS_GET_RECONNECT_COUNT 1
 #define LIBNBD_HAVE_NBD_RS_GET_RECONNECT_DELAY 1
 #define LIBNBD_HAVE_NBD_RS_GET_VERSION 1
+#define LIBNBD_HAVE_NBD_RS_SET_CONCURRENT_WRITER 1
 #define LIBNBD_HAVE_NBD_RS_SET_MULTI_CONN 1
 #define LIBNBD_HAVE_NBD_RS_SET_OPEN_TIMEOUT 1
 #define LIBNBD_HAVE_NBD_RS_SET_RECONNECT_DELAY 1

@@ -27,7 +27,7 @@ report() { # name, log, status
 for src in examples-c/*.c; do
   name=$(basename "$src" .c)
   flags=$(tests/example-flags.sh "$name")
-  ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -l:libnbd.so.0 $flags
+  ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "$src" -L"$ours" -l:libnbd.so.0 $flags
   status=0
   nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$ours ${vg[*]} $out/$name \$unixsocket" > "$out/$name.log" 2>&1 || status=$?
   report "$name" "$out/$name.log" $status

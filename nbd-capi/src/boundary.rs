@@ -51,6 +51,19 @@ pub fn enter<R: DebugValue>(
     }
 }
 
+/// Runs `f` on the handle without its lock, for the one export a thread
+/// calls while another may hold the lock for a whole poll
+/// (`nbd_rs_concurrent_writer_error`). No state check, no debug lines:
+/// both need the lock.
+pub fn enter_unlocked<R>(h: *mut nbd_handle, row: Export, fail: R, f: impl FnOnce(&nbd_handle) -> CResult<R>) -> R {
+    // SAFETY: as in `enter`.
+    let Some(handle) = (unsafe { h.as_ref() }) else {
+        set_error(row.name, &CError::new(libc::EFAULT, "invalid handle: NULL"));
+        return fail;
+    };
+    enter_global(row, fail, || f(handle))
+}
+
 /// Runs `f` with no handle (for the few exports that take none).
 pub fn enter_global<R>(row: Export, fail: R, f: impl FnOnce() -> CResult<R>) -> R {
     match catch_unwind(AssertUnwindSafe(f)) {
@@ -107,6 +120,10 @@ macro_rules! export {
             $fail,
             |$inner| $body,
         )
+    }};
+    (unlocked $name:expr, $h:expr, $fail:expr, |$handle:ident| $body:expr) => {{
+        const ROW: $crate::table::Export = $crate::table::export($name);
+        $crate::boundary::enter_unlocked($h, ROW, $fail, |$handle| $body)
     }};
     ($name:expr, $fail:expr, || $body:expr) => {{
         const ROW: $crate::table::Export = $crate::table::export($name);

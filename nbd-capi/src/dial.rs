@@ -237,7 +237,7 @@ fn start(a: &Address) -> Result<OwnedFd, i32> {
 }
 
 /// Sets TCP_NODELAY on TCP sockets; small requests must not wait.
-pub fn tune(sock: &OwnedFd) {
+pub fn tune(sock: &impl AsRawFd) {
     // SAFETY: all-zero is a valid sockaddr_storage, filled by getsockname.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

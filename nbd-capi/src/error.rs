@@ -22,9 +22,10 @@ impl From<nbd_proto::Error> for CError {
         match e {
             // The errno's text is appended when the error is set; the
             // context alone says what failed.
-            nbd_proto::Error::Transport(nbd_proto::TransportError::Io { errno, context }) => {
-                CError { errno, msg: context }
-            }
+            nbd_proto::Error::Transport(
+                nbd_proto::TransportError::Io { errno, context }
+                | nbd_proto::TransportError::SenderFailed { errno, context },
+            ) => CError { errno, msg: context },
             // libnbd reports a server that hangs up mid-handshake with no errno.
             e @ nbd_proto::Error::Transport(nbd_proto::TransportError::Eof(_)) => {
                 CError { errno: 0, msg: e.to_string() }

@@ -15,11 +15,13 @@ use crate::lock::{PthreadGuard, PthreadMutex};
 use crate::reconnect::{Due, Outage, Timer};
 use crate::table;
 use crate::tls::TlsSettings;
+use crate::writer::ConcurrentWriter;
 use nbd_proto::{ChunkStatus, Config, Connection, Cookie, Event, PublicState};
 use std::collections::VecDeque;
 use std::ffi::{c_int, c_uint, CStr, CString};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A caller's buffer lent to one command. READ buffers are writable;
@@ -177,6 +179,23 @@ pub struct Settings {
     pub open_timeout: u32,
 }
 
+impl Settings {
+    /// What in these settings gives the handle more than one socket, or
+    /// a descriptor that is not its socket (an epoll instance): what a
+    /// concurrent writer, which writes to the one socket, cannot have.
+    pub fn beyond_one_socket(&self) -> Option<String> {
+        if self.multi_conn > 1 {
+            Some(format!("multi-conn is {}", self.multi_conn))
+        } else if self.reconnect_delay > 0 {
+            Some(format!("the reconnect delay is {} s", self.reconnect_delay))
+        } else if self.open_timeout > 0 {
+            Some(format!("the open timeout is {} s", self.open_timeout))
+        } else {
+            None
+        }
+    }
+}
+
 /// How the handle connected, for `nbd_get_uri`.
 #[derive(Default)]
 pub struct ConnectedVia {
@@ -244,6 +263,8 @@ pub struct Handle {
     /// `service_timers` is running (it dispatches events, and dispatching
     /// services the timers).
     servicing_timers: bool,
+    /// The concurrent writer (`nbd_rs_set_concurrent_writer`).
+    writer: Option<Arc<ConcurrentWriter>>,
 }
 
 /// The first connect, retried until its deadline.
@@ -294,6 +315,9 @@ pub struct nbd_handle {
     inner: PthreadMutex<Handle>,
     pub private_data: AtomicUsize,
     poisoned: AtomicBool,
+    /// The concurrent writer, reached without the lock by the writer
+    /// thread's `nbd_rs_concurrent_writer_error`.
+    pub writer: OnceLock<Arc<ConcurrentWriter>>,
 }
 
 thread_local! {
@@ -363,9 +387,11 @@ impl nbd_handle {
                 opening: None,
                 timer: None,
                 servicing_timers: false,
+                writer: None,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
+            writer: OnceLock::new(),
         }
     }
 
@@ -444,6 +470,7 @@ impl Handle {
     /// be: with several links wanted, the others are dialed the same way
     /// once the lead link's handshake ends.
     pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
+        self.writer_fits(&self.settings)?;
         let plan = Plan { addrs, tcp };
         if self.settings.multi_conn > 1 && self.epoll.is_none() {
             self.epoll = Some(crate::epoll::Epoll::new()?);
@@ -500,6 +527,7 @@ impl Handle {
         if self.settings.reconnect_delay == 0 || self.reconnect.is_some() {
             return Ok(());
         }
+        self.writer_fits(&self.settings)?;
         self.prepare_timer()?;
         self.links[0].conn_mut().config_mut()?.keep_commands_on_loss = true;
         self.reconnect = Some(Reconnecting {
@@ -509,6 +537,44 @@ impl Handle {
             count: 0,
         });
         Ok(())
+    }
+
+    // ---- the concurrent writer ---------------------------------------------------
+
+    /// Installs the concurrent writer, once.
+    pub fn set_writer(&mut self, writer: Arc<ConcurrentWriter>) -> CResult<()> {
+        if self.writer.is_some() {
+            return Err(CError::new(libc::EINVAL, "a concurrent writer is already set"));
+        }
+        if let Some(why) = self.settings.beyond_one_socket() {
+            return Err(CError::new(
+                libc::EINVAL,
+                format!("a concurrent writer writes to the handle's one socket, but {why}"),
+            ));
+        }
+        self.links[0].set_writer(writer.clone());
+        self.writer = Some(writer);
+        Ok(())
+    }
+
+    /// Refuses `settings` if a concurrent writer is set and they would
+    /// take the handle beyond its one socket.
+    pub fn writer_fits(&self, settings: &Settings) -> CResult<()> {
+        match (&self.writer, settings.beyond_one_socket()) {
+            (Some(_), Some(why)) => Err(CError::new(
+                libc::EINVAL,
+                format!("{why}, but a concurrent writer is set, which writes to the handle's one socket"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// With a concurrent writer, hands it what waits to be sent, so that
+    /// the caller never waits for writability on the library's behalf.
+    pub fn send_to_writer(&mut self) {
+        if self.writer.is_some() && self.links[0].conn().direction().wants_write() {
+            self.link_writable(0);
+        }
     }
 
     /// A socket the caller hands over cannot be connected again.

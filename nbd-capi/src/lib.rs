@@ -31,3 +31,4 @@ pub mod table;
 pub mod tls;
 pub mod trace;
 pub mod uri;
+pub mod writer;

@@ -9,6 +9,7 @@ use crate::dial::{Address, Dialing};
 use crate::error::{CError, CResult};
 use crate::handle::UserBuf;
 use crate::tls::{OpensslTls, TlsLayer, TlsSettings, TlsTransport};
+use crate::writer::{ConcurrentWriter, Wire};
 use nbd_io::{pump, Socket, Transport};
 use nbd_proto::{Connection, Cookie, PublicState};
 use std::collections::HashMap;
@@ -16,14 +17,29 @@ use std::ffi::{c_int, c_uint};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// A connection's byte stream: the socket, then TLS over it.
 enum Stream {
-    Plain(Socket),
-    Tls(TlsTransport<Socket>),
+    Plain(Wire),
+    Tls(TlsTransport<Wire>),
 }
 
 impl Stream {
+    fn wire(&self) -> &Wire {
+        match self {
+            Stream::Plain(w) => w,
+            Stream::Tls(t) => t.lower(),
+        }
+    }
+
+    fn wire_mut(&mut self) -> &mut Wire {
+        match self {
+            Stream::Plain(w) => w,
+            Stream::Tls(t) => t.lower_mut(),
+        }
+    }
+
     fn transport(&mut self) -> &mut dyn Transport {
         match self {
             Stream::Plain(s) => s,
@@ -81,12 +97,20 @@ pub struct Link {
     /// Sockets this link has had: a new one may reuse a closed one's
     /// number, and the epoll instance must still register it.
     sockets: u64,
+    /// The concurrent writer, which takes the stream's sends over once
+    /// the connection reaches transmission.
+    writer: Option<Arc<ConcurrentWriter>>,
+    /// The socket of a connection that ended while a writer had its
+    /// sends: kept open until the link goes, because the writer thread
+    /// may still hold its number.
+    parked: Option<Stream>,
 }
 
 impl Drop for Link {
     fn drop(&mut self) {
         // Closing our end lets the server see EOF; then reap it.
         self.stream = None;
+        self.parked = None;
         if let Some(s) = self.subprocess.take() {
             s.reap(false);
         }
@@ -146,6 +170,8 @@ impl Link {
             subprocess: None,
             routes: CookieMap::default(),
             sockets: 0,
+            writer: None,
+            parked: None,
         }
     }
 
@@ -183,7 +209,12 @@ impl Link {
         let Some(stream) = &self.stream else { return 0 };
         let d = self.conn.direction();
         let own = stream.transport_ref().interest();
-        let (read, write) = (d.wants_read() || own.read, d.wants_write() || own.write);
+        let (read, mut write) = (d.wants_read() || own.read, d.wants_write() || own.write);
+        if stream.wire().writes_elsewhere() {
+            // What is left to send goes to the writer at the next send,
+            // which a wait for replies never needs a write event for.
+            write = false;
+        }
         c_uint::from(read) | (c_uint::from(write) << 1)
     }
 
@@ -233,7 +264,7 @@ impl Link {
         let Some(d) = self.dialing.as_mut() else { return Ok(()) };
         match d.start_next() {
             Ok(fd) => {
-                self.stream = Some(Stream::Plain(Socket::from(fd)));
+                self.stream = Some(Stream::Plain(Wire::from(Socket::from(fd))));
                 self.sockets += 1;
                 Ok(())
             }
@@ -256,13 +287,11 @@ impl Link {
     /// `dial_error` for the call that drives the connection to report.
     fn continue_dial(&mut self) {
         while let (Some(d), Some(Stream::Plain(sock))) = (self.dialing.as_mut(), self.stream.as_ref()) {
-            match d.check(sock) {
+            match d.check(sock.socket()) {
                 None => return,
                 Some(Ok(())) => {
                     self.dialing = None;
-                    if let Some(Stream::Plain(sock)) = self.stream.take() {
-                        let _ = self.attach(OwnedFd::from(sock));
-                    }
+                    let _ = self.connected();
                 }
                 Some(Err(_)) => {
                     self.stream = None;
@@ -281,10 +310,16 @@ impl Link {
 
     /// Adopts a connected socket and starts the handshake.
     pub fn attach(&mut self, fd: OwnedFd) -> CResult<()> {
-        crate::dial::tune(&fd);
-        let sock = Socket::from(fd);
+        self.stream = Some(Stream::Plain(Wire::from(Socket::from(fd))));
+        self.connected()
+    }
+
+    /// The stream's socket is connected: the handshake starts.
+    fn connected(&mut self) -> CResult<()> {
+        let Some(stream) = &self.stream else { return Ok(()) };
+        let sock = stream.wire().socket();
+        crate::dial::tune(sock);
         sock.set_nonblocking(true).map_err(|e| CError::os("fcntl: set O_NONBLOCK", &e))?;
-        self.stream = Some(Stream::Plain(sock));
         self.sockets += 1;
         self.conn.handle_connected().map_err(CError::from)?;
         Ok(())
@@ -307,9 +342,9 @@ impl Link {
         let started = OpensslTls::new(settings, hostname).and_then(|mut tls| tls.handshake().map(|_| tls));
         match started {
             Ok(tls) => {
-                if let Some(Stream::Plain(sock)) = self.stream.take() {
+                if let Some(Stream::Plain(wire)) = self.stream.take() {
                     let session: Box<dyn TlsLayer> = Box::new(tls);
-                    self.stream = Some(Stream::Tls(TlsTransport::new(sock, session)));
+                    self.stream = Some(Stream::Tls(TlsTransport::new(wire, session)));
                 }
             }
             Err(e) => self.conn.handle_transport_error(e.errno, &e.msg),
@@ -324,8 +359,10 @@ impl Link {
         if self.dialing.is_some() {
             self.continue_dial();
         }
+        self.hand_over_if_due();
         let Some(stream) = self.stream.as_mut() else { return false };
         pump::send(&mut self.conn, stream.transport());
+        self.writer_failed();
         true
     }
 
@@ -333,8 +370,45 @@ impl Link {
     /// has no stream to service, else what the transport's handshake said
     /// if it completed.
     pub fn receive(&mut self) -> Option<Option<String>> {
+        if self.writer_failed() {
+            return Some(None);
+        }
         let stream = self.stream.as_mut()?;
-        Some(pump::receive(&mut self.conn, stream.transport()))
+        let established = pump::receive(&mut self.conn, stream.transport());
+        self.writer_failed();
+        Some(established)
+    }
+
+    // ---- the concurrent writer ---------------------------------------------------
+
+    /// Gives the link its concurrent writer, which takes the sends over
+    /// at once if the connection is in transmission.
+    pub fn set_writer(&mut self, writer: Arc<ConcurrentWriter>) {
+        self.writer = Some(writer);
+        self.hand_over_if_due();
+    }
+
+    /// The writer takes the sends over once the handshake is done (the
+    /// handshake is the library's own: the writer thread can only learn
+    /// the socket once it is connected). The bytes the socket took are
+    /// ahead of every byte the writer will be given.
+    fn hand_over_if_due(&mut self) {
+        let (Some(writer), Some(stream)) = (&self.writer, self.stream.as_mut()) else { return };
+        let transmitting = matches!(self.conn.state(), PublicState::Ready | PublicState::Processing);
+        if transmitting && !stream.wire().writes_elsewhere() {
+            stream.wire_mut().hand_over(writer.clone());
+        }
+    }
+
+    /// Whether the writer thread reported an error: the connection then
+    /// dies with its errno, failing every command with it.
+    fn writer_failed(&mut self) -> bool {
+        let Some(err) = self.writer.as_ref().and_then(|w| w.error()) else { return false };
+        let failed = self.stream.as_ref().is_some_and(|s| s.wire().writes_elsewhere());
+        if failed && !matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) {
+            self.conn.handle_sender_error(err, "concurrent writer");
+        }
+        failed
     }
 
     /// Whether the transport holds input the core wants, which no socket
@@ -354,7 +428,15 @@ impl Link {
     /// it is lost, until it is dialed again.
     pub fn close_if_over(&mut self) {
         if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) || self.conn.awaits_restart() {
-            self.stream = None;
+            match self.stream.take() {
+                Some(s) if s.wire().writes_elsewhere() => {
+                    if self.conn.state() == PublicState::Dead {
+                        s.wire().shut_down();
+                    }
+                    self.parked = Some(s);
+                }
+                _ => {}
+            }
         }
     }
 

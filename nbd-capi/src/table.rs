@@ -211,11 +211,13 @@ pub const EXPORTS: &[Export] = &[
     row("nbd_trim", "LIBNBD_1.0", CONNECTED, true),
     row("nbd_zero", "LIBNBD_1.0", CONNECTED, true),
     // This library's extensions, in EXTENSION_NODES.
+    row("nbd_rs_concurrent_writer_error", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_multi_conn", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_open_timeout", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_reconnect_count", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_reconnect_delay", "NBD_RS_0.1", ANY, true),
     row("nbd_rs_get_version", "NBD_RS_0.1", ANY, false),
+    row("nbd_rs_set_concurrent_writer", "NBD_RS_0.1", CREATED | CONNECTING | NEGOTIATING | CONNECTED, true),
     row("nbd_rs_set_multi_conn", "NBD_RS_0.1", CREATED, true),
     row("nbd_rs_set_open_timeout", "NBD_RS_0.1", CREATED, true),
     row("nbd_rs_set_reconnect_delay", "NBD_RS_0.1", CREATED, true),

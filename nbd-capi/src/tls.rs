@@ -419,6 +419,14 @@ impl<T: Transport> TlsTransport<T> {
     pub fn new(lower: T, session: Box<dyn TlsLayer>) -> Self {
         TlsTransport { lower, session, established: false, coalesced: Vec::new() }
     }
+
+    pub fn lower(&self) -> &T {
+        &self.lower
+    }
+
+    pub fn lower_mut(&mut self) -> &mut T {
+        &mut self.lower
+    }
 }
 
 fn below(e: TransportError, what: &str) -> TransportError {

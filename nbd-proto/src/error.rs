@@ -418,8 +418,9 @@ impl LocalError {
 }
 
 /// The transport below the protocol failed or ended early; the caller
-/// reports it with [`Connection::handle_eof`](crate::Connection::handle_eof)
-/// or [`Connection::handle_transport_error`](crate::Connection::handle_transport_error).
+/// reports it with [`Connection::handle_eof`](crate::Connection::handle_eof),
+/// [`Connection::handle_transport_error`](crate::Connection::handle_transport_error)
+/// or [`Connection::handle_sender_error`](crate::Connection::handle_sender_error).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TransportError {
     /// The server closed the connection; the value says when ("during the
@@ -439,6 +440,16 @@ pub enum TransportError {
     /// it failed: libnbd reports ENOTCONN for each, whatever the cause.
     #[error("the connection was lost ({0})")]
     Lost(Box<TransportError>),
+    /// The sender the caller runs beside the connection (a writer on
+    /// another thread) failed: each command in flight fails with this
+    /// errno, which is what lost its bytes.
+    #[error("{context}: {}", ErrnoName(*errno))]
+    SenderFailed {
+        /// The sender's errno (positive).
+        errno: i32,
+        /// What failed, as the caller named it.
+        context: String,
+    },
 }
 
 impl TransportError {
@@ -449,8 +460,8 @@ impl TransportError {
             TransportError::Eof(_) | TransportError::Lost(_) => ENOTCONN,
             // A failure with no errno (a TLS layer's, say) must still fail
             // the commands it ends.
-            TransportError::Io { errno: 0, .. } => ENOTCONN,
-            TransportError::Io { errno, .. } => *errno,
+            TransportError::Io { errno: 0, .. } | TransportError::SenderFailed { errno: 0, .. } => ENOTCONN,
+            TransportError::Io { errno, .. } | TransportError::SenderFailed { errno, .. } => *errno,
         }
     }
 }

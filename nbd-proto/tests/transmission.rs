@@ -576,6 +576,29 @@ fn a_transport_failure_fails_commands_in_flight_with_enotconn() {
 }
 
 #[test]
+fn a_sender_failure_fails_commands_in_flight_with_its_own_errno() {
+    const EPIPE: i32 = 32;
+    let mut p = ready(Preset::Nbdkit);
+    p.server.hold = true;
+    let r = p.client.read(0, vec![0; 512], CmdFlags::empty()).unwrap();
+    let w = p.client.write(0, vec![1; 512], CmdFlags::empty()).unwrap();
+    p.drive();
+    p.client.handle_sender_error(EPIPE, "concurrent writer");
+    p.collect();
+    assert_eq!(p.state(), PublicState::Dead);
+    // Unlike a transport failure, the sender's errno is each command's:
+    // it is what lost their bytes.
+    assert_eq!(p.client.error().map(Error::errno), Some(EPIPE));
+    for c in [r, w] {
+        let e = p.completed(c).map(|_| ()).unwrap_err();
+        assert_eq!(e.errno(), EPIPE, "{e}");
+        assert!(e.to_string().contains("concurrent writer"), "{e}");
+    }
+    assert_eq!(p.client.in_flight(), 0);
+    assert!(p.client.read(0, vec![0; 512], CmdFlags::empty()).is_err(), "dead: nothing more is taken");
+}
+
+#[test]
 fn disconnect_with_nothing_in_flight_closes_once_sent() {
     for preset in PRESETS {
         let mut p = ready(preset);

@@ -549,6 +549,7 @@ pub extern "C" fn nbd_aio_get_fd(h: *mut nbd_handle) -> c_int {
 #[no_mangle]
 pub extern "C" fn nbd_aio_get_direction(h: *mut nbd_handle) -> c_uint {
     export!("nbd_aio_get_direction", h, 0, [], |i| {
+        i.send_to_writer();
         let d = i.direction();
         i.announce(d);
         Ok(d)

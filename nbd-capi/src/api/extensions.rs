@@ -4,8 +4,23 @@
 //! (`dlsym`) that it runs on this library and not on libnbd.
 
 use crate::boundary::export;
+use crate::error::{CError, CResult};
+use crate::handle::{Handle, Settings};
 use crate::identity;
-use std::ffi::c_char;
+use crate::writer::{ConcurrentWriter, WriterFn};
+use std::ffi::{c_char, c_int, c_void};
+use std::sync::Arc;
+
+/// Sets one of the settings a concurrent writer cannot have beside it
+/// (`Settings::beyond_one_socket`), unless one is set.
+fn set_beside_writer(i: &mut Handle, field: fn(&mut Settings) -> &mut u32, value: u32) -> CResult<c_int> {
+    let old = std::mem::replace(field(i.settings_mut()), value);
+    if let Err(e) = i.writer_fits(i.settings()) {
+        *field(i.settings_mut()) = old;
+        return Err(e);
+    }
+    Ok(0)
+}
 
 #[no_mangle]
 pub extern "C" fn nbd_rs_get_version() -> *const c_char {
@@ -21,8 +36,7 @@ pub extern "C" fn nbd_rs_set_multi_conn(h: *mut crate::handle::nbd_handle, n: u3
                 format!("invalid number of connections: {n} (from 1 to {})", crate::uri::MAX_MULTI_CONN),
             ));
         }
-        i.settings_mut().multi_conn = n;
-        Ok(0)
+        set_beside_writer(i, |s| &mut s.multi_conn, n)
     })
 }
 
@@ -34,8 +48,7 @@ pub extern "C" fn nbd_rs_get_multi_conn(h: *mut crate::handle::nbd_handle) -> i6
 #[no_mangle]
 pub extern "C" fn nbd_rs_set_reconnect_delay(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
     export!("nbd_rs_set_reconnect_delay", h, -1, [seconds], |i| {
-        i.settings_mut().reconnect_delay = seconds;
-        Ok(0)
+        set_beside_writer(i, |s| &mut s.reconnect_delay, seconds)
     })
 }
 
@@ -46,10 +59,7 @@ pub extern "C" fn nbd_rs_get_reconnect_delay(h: *mut crate::handle::nbd_handle) 
 
 #[no_mangle]
 pub extern "C" fn nbd_rs_set_open_timeout(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
-    export!("nbd_rs_set_open_timeout", h, -1, [seconds], |i| {
-        i.settings_mut().open_timeout = seconds;
-        Ok(0)
-    })
+    export!("nbd_rs_set_open_timeout", h, -1, [seconds], |i| { set_beside_writer(i, |s| &mut s.open_timeout, seconds) })
 }
 
 #[no_mangle]
@@ -60,4 +70,32 @@ pub extern "C" fn nbd_rs_get_open_timeout(h: *mut crate::handle::nbd_handle) -> 
 #[no_mangle]
 pub extern "C" fn nbd_rs_get_reconnect_count(h: *mut crate::handle::nbd_handle) -> i64 {
     export!("nbd_rs_get_reconnect_count", h, -1, [], |i| Ok(i.reconnect_count() as i64))
+}
+
+#[no_mangle]
+pub extern "C" fn nbd_rs_set_concurrent_writer(
+    h: *mut crate::handle::nbd_handle,
+    data: *mut c_void,
+    writer: Option<unsafe extern "C" fn(data: *mut c_void, buf: *const c_void, len: usize)>,
+) -> c_int {
+    let writer: WriterFn = writer;
+    export!("nbd_rs_set_concurrent_writer", h, -1, [data = data as usize, writer = crate::trace::Fun], |i| {
+        let writer = Arc::new(ConcurrentWriter::new(writer, data)?);
+        i.set_writer(writer.clone())?;
+        // SAFETY: `enter` checked that `h` is a live handle.
+        let _ = unsafe { &*h }.writer.set(writer);
+        Ok(0)
+    })
+}
+
+/// Takes no lock: the writer thread calls it while the handle's thread
+/// may hold the lock for a whole poll.
+#[no_mangle]
+pub extern "C" fn nbd_rs_concurrent_writer_error(h: *mut crate::handle::nbd_handle, err: c_int) -> c_int {
+    export!(unlocked "nbd_rs_concurrent_writer_error", h, -1, |handle| {
+        match handle.writer.get() {
+            Some(w) => w.fail(err).map(|()| 0),
+            None => Err(CError::new(libc::EINVAL, "no concurrent writer is set")),
+        }
+    })
 }

@@ -903,6 +903,15 @@ impl<B: CommandBuffer> Connection<B> {
         self.die(TransportError::Io { errno, context: context.to_owned() }.into());
     }
 
+    /// The sender the caller runs outside this loop (a writer on another
+    /// thread, handed the bytes of [`Self::poll_transmit`]) failed with
+    /// `errno`: the connection dies, and every command in flight fails
+    /// with `errno` itself, since that is what lost their bytes, not
+    /// with `ENOTCONN` as after [`Self::handle_transport_error`].
+    pub fn handle_sender_error(&mut self, errno: i32, context: &str) {
+        self.die(TransportError::SenderFailed { errno, context: context.to_owned() }.into());
+    }
+
     /// Dead with `err`: every command fails, a lost connection's kept ones
     /// too.
     fn die(&mut self, err: Error) {

@@ -151,6 +151,7 @@ bench: deps lib reference
 	mkdir -p target/bench
 	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
 	$(CC) -std=gnu99 -O2 -Wall -Werror -pthread -Iinclude -o target/bench/threads-bench bench/threads-bench.c -l:libnbd.so.0
+	$(CC) -std=gnu99 -O2 -Wall -Werror -pthread -Iinclude -o target/bench/concurrent-writer examples-c/concurrent-writer.c -Ltarget/lib -l:libnbd.so.0
 	/usr/bin/python3 bench/bench.py --markdown target/bench.md $(BENCH_ARGS)
 
 # libnbd 1.22.2 built from Debian trixie's source package in

@@ -37,6 +37,14 @@ LIBRARIES = {"1.14.2": None, "1.22.2": REFERENCE, "ours": OURS}
 AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
 THREADS = os.path.join(ROOT, "target", "bench", "threads-bench")
 HANDLE_MEM = os.path.join(ROOT, "bench", "handle-mem.py")
+# examples-c/concurrent-writer.c, whose bench mode runs random writes with
+# the writer thread or without it ("plain"), on ours alone.
+WRITER = os.path.join(ROOT, "target", "bench", "concurrent-writer")
+# (name, request size, in flight, target ratio writer/plain).
+WRITER_ROWS = [
+    ("concurrent writer: 1 MiB writes, 8 in flight", 1 << 20, 8, 1.1),
+    ("concurrent writer: 4k random writes, 64 in flight", 4096, 64, 0.95),
+]
 # Handles opened at once by the memory measurement.
 MEM_HANDLES = 200
 
@@ -173,6 +181,37 @@ def handle_memory(uri, rounds):
     return {lib: [statistics.median(x[i] for x in res[lib]) for i in range(2)] for lib in libs}
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds process `pid` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def writer_rows(uri, server_pid, wanted, rounds, seconds):
+    """The concurrent writer against the library's own sends, on ours:
+    each row's two modes alternated (ABBA) for `rounds` rounds. Returns
+    by row name: medians of (IOPS, client CPU µs/req, server CPU µs/req)
+    per mode, the median of the per-round ratios writer/plain, and the
+    target."""
+    rows = {}
+    for name, size, depth, target in wanted:
+        res = {"plain": [], "writer": []}
+        for r in range(rounds):
+            for mode in (["plain", "writer"] if r % 2 == 0 else ["writer", "plain"]):
+                before = cpu_seconds(server_pid)
+                out, took, cpu, _ = run([WRITER, uri, str(size), str(depth), str(seconds), mode], "ours")
+                server = cpu_seconds(server_pid) - before
+                rate, reqs = CountingProgram.parse(None, out, took)
+                res[mode].append((rate, cpu / reqs * 1e6, server / reqs * 1e6))
+        med = {m: [statistics.median(x[i] for x in res[m]) for i in range(3)] for m in res}
+        ratio = statistics.median(w[0] / p[0] for w, p in zip(res["writer"], res["plain"]))
+        rows[name] = (med, ratio, target)
+        print(f"{name}: IOPS plain {med['plain'][0]:.0f}, writer {med['writer'][0]:.0f}; "
+              f"median ratio {ratio:.2f}x (target ≥{target}x)", flush=True)
+    return rows
+
+
 def machine():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -197,7 +236,7 @@ def main():
     for prog in ["fio", "nbdcopy", "nbdkit", "qemu-nbd", "strace"]:
         if shutil.which(prog) is None:
             sys.exit(f"bench: {prog} is not installed (make deps)")
-    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO, THREADS]:
+    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO, THREADS, WRITER]:
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing (make bench builds it)")
 
@@ -249,6 +288,11 @@ def main():
                 "&multi-conn=4"),
             Fio("4k randread, 64 in flight, multi-conn=4 (fio)", "randread", "4k", 64, mem, "&multi-conn=4"),
         ]
+        writers = None
+        wanted = [row for row in WRITER_ROWS if not args.only or args.only in row[0]]
+        if wanted:
+            wsock = serve("writer", ["nbdkit", "-f", "-U", "SOCK", "memory", "256M"])
+            writers = writer_rows(f"nbd+unix:///?socket={wsock}", servers[-1].pid, wanted, args.rounds, args.seconds)
         mem_name = f"KiB of RSS per connected handle ({MEM_HANDLES} handles, python3-libnbd)"
         if args.only:
             workloads = [w for w in workloads if args.only in w.name]
@@ -325,6 +369,15 @@ def main():
         for one, four, target in pairs:
             lines.append(f"| {four} | {by_name[one]:,.0f} | {by_name[four]:,.0f} | "
                          f"**{by_name[four] / by_name[one]:.2f}x** | ≥{target}x |")
+    if writers:
+        lines += ["", "| ours: concurrent writer against the library's own sends (nbdkit memory) "
+                  "| plain IOPS | writer IOPS | ratio (median of rounds) | target "
+                  "| client CPU µs/req plain → writer | nbdkit CPU µs/req plain → writer |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, (med, ratio, target) in writers.items():
+            p, w = med["plain"], med["writer"]
+            lines.append(f"| {name.split(': ', 1)[1]} | {p[0]:,.0f} | {w[0]:,.0f} | **{ratio:.2f}x** | ≥{target}x "
+                         f"| {p[1]:.1f} → {w[1]:.1f} | {p[2]:.1f} → {w[2]:.1f} |")
     table = "\n".join(lines)
     print()
     print(table)

@@ -33,7 +33,7 @@ for src in examples-c/*.c; do
   report "$name" "$out/$name.log" $status
 done
 # api122-test uses libnbd 1.16-1.22 functions: it links against ours.
-for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test multiconn-test reconnect-test; do
+for name in capi-test compat-test debug-test messages-test peers-test stress-test tls-test api122-test multiconn-test reconnect-test writer-test; do
   ${CC:-cc} -std=gnu99 -g -Wall -Werror -pthread -Iinclude -o "$out/$name" "tests/c/$name.c" -L"$ours" -l:libnbd.so.0
   leaks=() limit=
   # OpenSSL (and the openssl crate's index cache) keep process-wide state.
@@ -42,6 +42,7 @@ for name in capi-test compat-test debug-test messages-test peers-test stress-tes
   [ "$name" = messages-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
   [ "$name" = multiconn-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=600
   [ "$name" = reconnect-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=900
+  [ "$name" = writer-test ] && leaks=(--errors-for-leak-kinds=definite,indirect) limit=900
   status=0
   TEST_TIME_LIMIT=$limit STRESS_OPS=40 MULTICONN_OPS=40 NBD_TEST_LIBRARY=ours LD_LIBRARY_PATH=$ours "${vg[@]}" "${leaks[@]}" "$out/$name" \
     > "$out/$name.log" 2>&1 || status=$?
@@ -57,4 +58,19 @@ MULTICONN_ONLY=threads MULTICONN_OPS=${HELGRIND_OPS:-100} TEST_TIME_LIMIT=600 LD
   valgrind --tool=helgrind --error-exitcode=99 "$out/multiconn-test" > "$out/multiconn-test.helgrind.log" 2>&1 || status=$?
 report "multiconn-test threads (helgrind)" "$out/multiconn-test.helgrind.log" $status
 grep -E "threads on one handle of 4 connections" "$out/multiconn-test.helgrind.log" || fail=1
+# The concurrent writer: a writer thread sending while this thread
+# receives (the examples), and reporting its error while this thread
+# waits in a synchronous call (writer-test's error part).
+for name in concurrent-writer concurrent-writer-shared; do
+  status=0
+  nbdkit -U - memory 16M --run "LD_LIBRARY_PATH=$ours valgrind --tool=helgrind --error-exitcode=99 $out/$name \$unixsocket" \
+    > "$out/$name.helgrind.log" 2>&1 || status=$?
+  report "$name (helgrind)" "$out/$name.helgrind.log" $status
+  grep -E "^verified" "$out/$name.helgrind.log" || fail=1
+done
+status=0
+WRITER_TEST_ONLY=error TEST_TIME_LIMIT=600 LD_LIBRARY_PATH=$ours \
+  valgrind --tool=helgrind --error-exitcode=99 "$out/writer-test" > "$out/writer-test.helgrind.log" 2>&1 || status=$?
+report "writer-test error (helgrind)" "$out/writer-test.helgrind.log" $status
+grep -E "writer-test: [0-9]+ checks, 0 failures" "$out/writer-test.helgrind.log" || fail=1
 exit $fail

@@ -93,11 +93,17 @@ impl ConcurrentWriter {
 pub struct Wire {
     sock: Socket,
     writer: Option<Arc<ConcurrentWriter>>,
+    /// Small pieces (headers, small payloads) gathered into one hand-over.
+    staged: Vec<u8>,
 }
+
+/// Pieces shorter than this are gathered, so that a burst of small
+/// requests reaches the writer, and the socket, in one piece.
+const GATHER_BELOW: usize = 16 * 1024;
 
 impl From<Socket> for Wire {
     fn from(sock: Socket) -> Self {
-        Wire { sock, writer: None }
+        Wire { sock, writer: None, staged: Vec::new() }
     }
 }
 
@@ -147,9 +153,17 @@ impl Transport for Wire {
         if w.error().is_some() {
             return Ok(0);
         }
+        self.staged.clear();
         for b in bufs {
+            if b.len() < GATHER_BELOW {
+                self.staged.extend_from_slice(b);
+                continue;
+            }
+            w.hand(&self.staged);
+            self.staged.clear();
             w.hand(b);
         }
+        w.hand(&self.staged);
         Ok(bufs.iter().map(|b| b.len()).sum())
     }
 

@@ -185,6 +185,7 @@ run (struct nbd_handle **nbd, char **data, int writing)
 
   while (finished < HANDLES) {
     struct pollfd fds[HANDLES];
+    int timeout = -1;
 
     for (int i = 0; i < HANDLES; i++) {
       while (next[i] < BLOCKS && nbd_aio_in_flight (nbd[i]) < IN_FLIGHT) {
@@ -203,8 +204,11 @@ run (struct nbd_handle **nbd, char **data, int writing)
       }
       fds[i] = (struct pollfd) { .fd = nbd_aio_get_fd (nbd[i]),
                                  .events = done[i] < BLOCKS && dir ? POLLIN : 0 };
+      /* Dead: nothing to wait for; its commands say why, below. */
+      if (done[i] < BLOCKS && dir == 0)
+        timeout = 0;
     }
-    if (poll (fds, HANDLES, -1) == -1 && errno != EINTR) {
+    if (poll (fds, HANDLES, timeout) == -1 && errno != EINTR) {
       perror ("poll");
       exit (EXIT_FAILURE);
     }

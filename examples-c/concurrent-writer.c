@@ -32,10 +32,14 @@
 #define IN_FLIGHT 64
 /* A request's header, at most (extended headers). */
 #define HEADER 32
+/* What TLS adds to a request, generously: 64 bytes for each record of
+ * up to 16 KiB it takes, and for the records its header shares. */
+#define TLS_OVERHEAD(size) (((size) / 16384 + 2) * 64)
 /* The most the writer thread sends in one call. */
 #define SEND_MAX (256 * 1024)
-/* A ring for depth requests of size bytes. */
-#define RING_FOR(depth, size) ((size_t) (depth) * ((size) + HEADER) + SEND_MAX)
+/* A ring for depth requests of size bytes, over TLS or not. */
+#define RING_FOR(depth, size) \
+  ((size_t) (depth) * ((size) + HEADER + TLS_OVERHEAD (size)) + SEND_MAX)
 
 /* What the handle has handed over and the writer thread has not yet
  * sent. One producer (writer_cb, on the thread that drives the handle)

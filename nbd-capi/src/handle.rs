@@ -470,7 +470,6 @@ impl Handle {
     /// be: with several links wanted, the others are dialed the same way
     /// once the lead link's handshake ends.
     pub fn dial(&mut self, addrs: Vec<crate::dial::Address>, tcp: Option<String>) -> CResult<()> {
-        self.writer_fits(&self.settings)?;
         let plan = Plan { addrs, tcp };
         if self.settings.multi_conn > 1 && self.epoll.is_none() {
             self.epoll = Some(crate::epoll::Epoll::new()?);
@@ -527,7 +526,6 @@ impl Handle {
         if self.settings.reconnect_delay == 0 || self.reconnect.is_some() {
             return Ok(());
         }
-        self.writer_fits(&self.settings)?;
         self.prepare_timer()?;
         self.links[0].conn_mut().config_mut()?.keep_commands_on_loss = true;
         self.reconnect = Some(Reconnecting {
@@ -554,25 +552,34 @@ impl Handle {
         }
         self.links[0].set_writer(writer.clone());
         self.writer = Some(writer);
+        // What the socket has not taken yet is the writer's now.
+        self.send_to_writer();
         Ok(())
     }
 
-    /// Refuses `settings` if a concurrent writer is set and they would
-    /// take the handle beyond its one socket.
-    pub fn writer_fits(&self, settings: &Settings) -> CResult<()> {
-        match (&self.writer, settings.beyond_one_socket()) {
-            (Some(_), Some(why)) => Err(CError::new(
+    /// Applies `change` to the settings, unless a concurrent writer is
+    /// set and they would then take the handle beyond its one socket.
+    pub fn change_beside_writer(&mut self, change: impl FnOnce(&mut Settings)) -> CResult<()> {
+        let s = &mut self.settings;
+        let old = (s.multi_conn, s.reconnect_delay, s.open_timeout);
+        change(s);
+        if let (Some(_), Some(why)) = (&self.writer, self.settings.beyond_one_socket()) {
+            let s = &mut self.settings;
+            (s.multi_conn, s.reconnect_delay, s.open_timeout) = old;
+            return Err(CError::new(
                 libc::EINVAL,
                 format!("{why}, but a concurrent writer is set, which writes to the handle's one socket"),
-            )),
-            _ => Ok(()),
+            ));
         }
+        Ok(())
     }
 
     /// With a concurrent writer, hands it what waits to be sent, so that
-    /// the caller never waits for writability on the library's behalf.
+    /// the caller never waits for writability on the library's behalf;
+    /// and kills the connection if the writer reported an error.
     pub fn send_to_writer(&mut self) {
-        if self.writer.is_some() && self.links[0].conn().direction().wants_write() {
+        let Some(w) = &self.writer else { return };
+        if w.error().is_some() || self.links[0].conn().direction().wants_write() {
             self.link_writable(0);
         }
     }

@@ -375,6 +375,9 @@ impl Link {
         }
         let stream = self.stream.as_mut()?;
         let established = pump::receive(&mut self.conn, stream.transport());
+        // The handshake may have just ended: the writer has the socket
+        // from now on, and keeps it open until the handle closes.
+        self.hand_over_if_due();
         self.writer_failed();
         Some(established)
     }
@@ -421,7 +424,9 @@ impl Link {
     /// handshake said if it completed.
     pub fn progress(&mut self) -> Option<String> {
         let stream = self.stream.as_mut()?;
-        pump::progress(&mut self.conn, stream.transport())
+        let established = pump::progress(&mut self.conn, stream.transport());
+        self.hand_over_if_due();
+        established
     }
 
     /// As in libnbd, the socket closes when the connection ends; and when
@@ -429,7 +434,9 @@ impl Link {
     pub fn close_if_over(&mut self) {
         if matches!(self.conn.state(), PublicState::Dead | PublicState::Closed) || self.conn.awaits_restart() {
             match self.stream.take() {
-                Some(s) if s.wire().writes_elsewhere() => {
+                // With a writer set, the writer thread may know the
+                // socket (from aio_get_fd) even before it has sends.
+                Some(s) if self.writer.is_some() => {
                     if self.conn.state() == PublicState::Dead {
                         s.wire().shut_down();
                     }

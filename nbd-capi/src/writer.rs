@@ -73,12 +73,12 @@ impl ConcurrentWriter {
             return Err(CError::new(libc::EINVAL, format!("invalid error: {err} (an errno must be positive)")));
         }
         let _ = self.error.compare_exchange(0, err, Ordering::AcqRel, Ordering::Acquire);
-        let fd = *self.socket.lock().unwrap_or_else(|e| e.into_inner());
-        if fd >= 0 {
-            // SAFETY: `fd` is the open socket: it is forgotten under the
-            // same lock before it closes. shutdown(2) leaves the
+        let socket = self.socket.lock().unwrap_or_else(|e| e.into_inner());
+        if *socket >= 0 {
+            // SAFETY: the open socket: it is forgotten under this lock,
+            // held here, before it closes. shutdown(2) leaves the
             // descriptor open.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(*socket, libc::SHUT_RDWR) };
         }
         Ok(())
     }

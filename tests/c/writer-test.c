@@ -23,6 +23,7 @@
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <libnbd.h>
 
@@ -211,8 +212,24 @@ test_api (void)
   char *uri;
   if (asprintf (&uri, "nbd+unix:///?socket=%s&multi-conn=2", sock) == -1) fatal ("asprintf");
   CHECK_ERR (nbd_connect_uri (h, uri), "nbd_connect_uri", EINVAL);
+  CHECK (nbd_rs_get_multi_conn (h) == 1, "api: the refused URI left multi-conn at 1");
+  free (uri);
+  if (asprintf (&uri, "nbd+unix:///?socket=%s", sock) == -1) fatal ("asprintf");
+  CHECK (nbd_connect_uri (h, uri) == 0, "api: a URI without it then connects");
+  /* The socket stays open until nbd_close, even when the server goes
+   * before the writer was handed anything: the writer thread may hold
+   * its number. */
+  int fd = nbd_aio_get_fd (h);
+  stop_pid (pid, 1);
+  for (int k = 0; k < 100 && !nbd_aio_is_dead (h) && !nbd_aio_is_closed (h); k++) wait_once (h);
+  CHECK (nbd_aio_is_dead (h) || nbd_aio_is_closed (h), "api: over once the server went");
+  CHECK (fcntl (fd, F_GETFD) != -1, "api: the ended connection's socket is still open");
   nbd_close (h);
+  CHECK (fcntl (fd, F_GETFD) == -1, "api: nbd_close closed it");
   writer_stop (&w);
+  free (sock);
+  sock = path_in_dir ("api2.sock");
+  pid = start_nbdkit_listening (sock, 0, args);
 
   /* A closed handle takes no writer. */
   h = nbd_create ();
@@ -387,28 +404,36 @@ static void
 test_hand_over (void)
 {
   char *sock = path_in_dir ("handover.sock");
-  char *args[] = { "memory", "8M", NULL };
+  char *args[] = { "memory", "32M", NULL };
   pid_t pid = start_nbdkit_listening (sock, 0, args);
   struct nbd_handle *h = nbd_create ();
   struct writer w;
-  enum { N = 64, LEN = 64 << 10 };
+  enum { N = 64, LEN = 64 << 10, BIG = 16 << 20 };
   static char bufs[N][LEN];
   int64_t cookies[N];
+  char *big = malloc (BIG);
+  memset (big, 'z', BIG);
 
   CHECK (nbd_connect_unix (h, sock) == 0, "hand-over: connect");
+  /* First one write far larger than the socket takes: no reply can come
+   * before the writer has sent the rest of it. */
+  int64_t big_cookie = nbd_aio_pwrite (h, big, BIG, 8 << 20, NBD_NULL_COMPLETION, 0);
   for (int i = 0; i < N; i++) {
     memset (bufs[i], 'a' + i % 26, LEN);
     bufs[i][0] = (char) i;
     cookies[i] = nbd_aio_pwrite (h, bufs[i], LEN, (uint64_t) i * LEN, NBD_NULL_COMPLETION, 0);
   }
   /* 4 MiB is more than the socket takes at once: the rest goes to the
-   * writer, after what the socket took. */
+   * writer, after what the socket took, at once: a loop that only ever
+   * polls for replies (never asking aio_get_direction) gets them all. */
   writer_init (&w, h, 0);
-  CHECK (nbd_rs_set_concurrent_writer (h, &w, writer_cb) == 0, "hand-over: set while connected");
   writer_start (&w);
-  int done = 0, bad = 0;
-  while (done < N && !nbd_aio_is_dead (h)) {
-    wait_once (h);
+  CHECK (nbd_rs_set_concurrent_writer (h, &w, writer_cb) == 0, "hand-over: set while connected");
+  int done = 0, bad = 0, big_done = 0;
+  while ((done < N || !big_done) && !nbd_aio_is_dead (h)) {
+    struct pollfd p = { .fd = nbd_aio_get_fd (h), .events = POLLIN };
+    if (poll (&p, 1, 5000) == 0) { CHECK (0, "hand-over: no reply in 5 s"); break; }
+    nbd_aio_notify_read (h);
     for (int i = 0; i < N; i++) {
       if (cookies[i] <= 0) continue;
       int r = nbd_aio_command_completed (h, cookies[i]);
@@ -417,14 +442,21 @@ test_hand_over (void)
       done++;
       cookies[i] = 0;
     }
+    if (!big_done && (big_done = nbd_aio_command_completed (h, big_cookie)) == -1) bad++;
   }
   CHECK (bad == 0 && !nbd_aio_is_dead (h), "hand-over: the 64 writes complete (%d failed)", bad);
+  CHECK (big_done == 1, "hand-over: the 16 MiB write completes");
   CHECK (w.handed > 0, "hand-over: the writer took over (%zu bytes)", w.handed);
   static char back[LEN];
   int same = 0;
   for (int i = 0; i < N; i++)
     same += nbd_pread (h, back, LEN, (uint64_t) i * LEN, 0) == 0 && memcmp (back, bufs[i], LEN) == 0;
   CHECK (same == N, "hand-over: %d of %d writes read back", same, N);
+  char *back_big = malloc (BIG);
+  CHECK (nbd_pread (h, back_big, BIG, 8 << 20, 0) == 0 && memcmp (back_big, big, BIG) == 0,
+         "hand-over: the 16 MiB write reads back");
+  free (back_big);
+  free (big);
   CHECK (nbd_shutdown (h, 0) == 0, "hand-over: shutdown");
   writer_stop (&w);
   nbd_close (h);
@@ -506,6 +538,19 @@ test_error (void)
   writer_stop (&w);
   nbd_close (h);
   CHECK (atomic_load (&freed) == N, "error: no callback freed twice (%d)", atomic_load (&freed));
+
+  /* An error while nothing is in flight: the next aio_get_direction
+   * sees it, and the connection is dead. */
+  h = nbd_create ();
+  writer_init (&w, h, 0);
+  CHECK (nbd_rs_set_concurrent_writer (h, &w, writer_cb) == 0 && nbd_connect_unix (h, sock) == 0, "error: idle");
+  writer_start (&w);
+  CHECK (nbd_rs_concurrent_writer_error (h, ECONNRESET) == 0, "error: report while idle");
+  CHECK (nbd_rs_concurrent_writer_error (h, EPIPE) == 0, "error: a second report");
+  CHECK (nbd_aio_get_direction (h) == 0 && nbd_aio_is_dead (h), "error: aio_get_direction finds it dead");
+  CHECK_ERR (nbd_pread (h, buf, 512, 0, 0), "nbd_pread", EINVAL);
+  writer_stop (&w);
+  nbd_close (h);
 
   /* Synchronous: a thread blocked in nbd_pwrite of 8 MiB wakes when the
    * writer fails after 256 KiB, with EPIPE. */

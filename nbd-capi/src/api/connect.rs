@@ -65,6 +65,11 @@ fn connect_uri(i: &mut Handle, uri: *const c_char) -> CResult<()> {
     if (u.tls_psk_file.is_some() || u.tls_certificates.is_some()) && !i.settings().uri_allow_local_file {
         return Err(CError::new(libc::EPERM, "local file access (tls-certificates or tls-psk-file) is not allowed"));
     }
+    i.change_beside_writer(|s| {
+        s.multi_conn = u.multi_conn.unwrap_or(s.multi_conn);
+        s.reconnect_delay = u.reconnect_delay.unwrap_or(s.reconnect_delay);
+        s.open_timeout = u.open_timeout.unwrap_or(s.open_timeout);
+    })?;
     if u.tls {
         i.conn_mut().config_mut()?.tls = nbd_proto::TlsMode::Require;
     }
@@ -75,15 +80,6 @@ fn connect_uri(i: &mut Handle, uri: *const c_char) -> CResult<()> {
     t.verify_peer = u.tls_verify_peer.unwrap_or(t.verify_peer);
     if u.tls_hostname.is_some() {
         i.settings_mut().tls_hostname = u.tls_hostname;
-    }
-    if let Some(n) = u.multi_conn {
-        i.settings_mut().multi_conn = n;
-    }
-    if let Some(s) = u.reconnect_delay {
-        i.settings_mut().reconnect_delay = s;
-    }
-    if let Some(s) = u.open_timeout {
-        i.settings_mut().open_timeout = s;
     }
     i.conn_mut().config_mut()?.set_export_name(&u.export)?;
     connect_transport(i, u.transport)

@@ -4,23 +4,11 @@
 //! (`dlsym`) that it runs on this library and not on libnbd.
 
 use crate::boundary::export;
-use crate::error::{CError, CResult};
-use crate::handle::{Handle, Settings};
+use crate::error::CError;
 use crate::identity;
 use crate::writer::{ConcurrentWriter, WriterFn};
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::Arc;
-
-/// Sets one of the settings a concurrent writer cannot have beside it
-/// (`Settings::beyond_one_socket`), unless one is set.
-fn set_beside_writer(i: &mut Handle, field: fn(&mut Settings) -> &mut u32, value: u32) -> CResult<c_int> {
-    let old = std::mem::replace(field(i.settings_mut()), value);
-    if let Err(e) = i.writer_fits(i.settings()) {
-        *field(i.settings_mut()) = old;
-        return Err(e);
-    }
-    Ok(0)
-}
 
 #[no_mangle]
 pub extern "C" fn nbd_rs_get_version() -> *const c_char {
@@ -36,7 +24,7 @@ pub extern "C" fn nbd_rs_set_multi_conn(h: *mut crate::handle::nbd_handle, n: u3
                 format!("invalid number of connections: {n} (from 1 to {})", crate::uri::MAX_MULTI_CONN),
             ));
         }
-        set_beside_writer(i, |s| &mut s.multi_conn, n)
+        i.change_beside_writer(|s| s.multi_conn = n).map(|()| 0)
     })
 }
 
@@ -48,7 +36,7 @@ pub extern "C" fn nbd_rs_get_multi_conn(h: *mut crate::handle::nbd_handle) -> i6
 #[no_mangle]
 pub extern "C" fn nbd_rs_set_reconnect_delay(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
     export!("nbd_rs_set_reconnect_delay", h, -1, [seconds], |i| {
-        set_beside_writer(i, |s| &mut s.reconnect_delay, seconds)
+        i.change_beside_writer(|s| s.reconnect_delay = seconds).map(|()| 0)
     })
 }
 
@@ -59,7 +47,9 @@ pub extern "C" fn nbd_rs_get_reconnect_delay(h: *mut crate::handle::nbd_handle) 
 
 #[no_mangle]
 pub extern "C" fn nbd_rs_set_open_timeout(h: *mut crate::handle::nbd_handle, seconds: u32) -> std::ffi::c_int {
-    export!("nbd_rs_set_open_timeout", h, -1, [seconds], |i| { set_beside_writer(i, |s| &mut s.open_timeout, seconds) })
+    export!("nbd_rs_set_open_timeout", h, -1, [seconds], |i| {
+        i.change_beside_writer(|s| s.open_timeout = seconds).map(|()| 0)
+    })
 }
 
 #[no_mangle]

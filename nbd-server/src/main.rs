@@ -1,0 +1,185 @@
+//! `nbd-rs-server`: serves exports from memory, files or nothing over
+//! Unix sockets and TCP until SIGTERM or SIGINT.
+
+use nbd_server::backend::{Backend, File, Memory, Null};
+use nbd_server::log::Log;
+use nbd_server::parse_size;
+use nbd_server::serve::{ExportSpec, Limits, Listener, Server};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+const HELP: &str = "\
+Usage: nbd-rs-server [OPTIONS] [NAME=]KIND:ARG...
+
+Serves NBD exports until SIGTERM or SIGINT, which finish the requests in
+flight first. The first export is the default one (what a client that asks
+for the empty name gets).
+
+Exports:
+  memory:SIZE           a sparse RAM disk of SIZE bytes (suffixes K, M, G, T)
+  file:PATH             a file or block device: FLUSH and FUA are fdatasync,
+                        trims and zeroes punch holes, block status from
+                        SEEK_DATA and SEEK_HOLE
+  null:SIZE             reads zeroes, discards writes
+  NAME=KIND:ARG         the same, under the export name NAME (default \"\")
+  --ro [NAME=]KIND:ARG  an export that refuses writes
+
+Listening (at least one):
+  -U, --unix PATH       a Unix socket (created; removed at exit)
+  -p, --port PORT       TCP, on every address (or --bind's)
+      --bind ADDR       the address for --port
+
+Limits:
+      --max-connections N  connections served at once (default 1024)
+      --max-in-flight N    requests one connection may have in flight (64)
+      --max-bytes SIZE     buffers and unsent replies per connection (64M);
+                           beyond either limit the server stops reading
+      --threads N          worker threads for the backends (4)
+
+  -v, --verbose         log connections and failed requests
+  -h, --help            this text
+  -V, --version         the version
+";
+
+struct Args {
+    exports: Vec<ExportSpec>,
+    unix: Vec<PathBuf>,
+    port: Option<u16>,
+    bind: Option<String>,
+    limits: Limits,
+    log: Log,
+}
+
+fn backend(spec: &str, read_only: bool) -> Result<(String, Arc<dyn Backend>), String> {
+    let (name, rest) = match spec.split_once('=') {
+        Some((n, r)) if !n.contains(':') => (n.to_owned(), r),
+        _ => (String::new(), spec),
+    };
+    let (kind, arg) =
+        rest.split_once(':').ok_or_else(|| format!("{spec}: want KIND:ARG (memory:SIZE, file:PATH, null:SIZE)"))?;
+    let size = || parse_size(arg).ok_or_else(|| format!("{spec}: {arg} is not a size"));
+    let b: Arc<dyn Backend> = match kind {
+        "memory" => Arc::new(Memory::new(size()?)),
+        "null" => Arc::new(Null::new(size()?)),
+        "file" => Arc::new(File::open(arg.as_ref(), !read_only).map_err(|e| format!("{arg}: {e}"))?),
+        _ => return Err(format!("{spec}: unknown kind {kind} (memory, file or null)")),
+    };
+    Ok((name, b))
+}
+
+fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let mut a = Args {
+        exports: Vec::new(),
+        unix: Vec::new(),
+        port: None,
+        bind: None,
+        limits: Limits::default(),
+        log: Log::default(),
+    };
+    let number = |opt: &str, v: Option<String>| -> Result<usize, String> {
+        let v = v.ok_or_else(|| format!("{opt} needs a value"))?;
+        v.parse().map_err(|_| format!("{opt}: {v} is not a number"))
+    };
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                print!("{HELP}");
+                return Ok(None);
+            }
+            "-V" | "--version" => {
+                println!("nbd-rs-server {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "-v" | "--verbose" => a.log.verbose = true,
+            "-U" | "--unix" => a.unix.push(argv.next().ok_or("-U needs a path")?.into()),
+            "-p" | "--port" => {
+                let p = number("--port", argv.next())?;
+                a.port = Some(u16::try_from(p).map_err(|_| format!("--port: {p} is not a port"))?);
+            }
+            "--bind" => a.bind = Some(argv.next().ok_or("--bind needs an address")?),
+            "--max-connections" => a.limits.max_connections = number(&arg, argv.next())?,
+            "--max-in-flight" => a.limits.max_in_flight = number(&arg, argv.next())?.max(1),
+            "--threads" => a.limits.threads = number(&arg, argv.next())?.max(1),
+            "--max-bytes" => {
+                let v = argv.next().ok_or("--max-bytes needs a size")?;
+                a.limits.max_bytes = parse_size(&v).ok_or_else(|| format!("--max-bytes: {v} is not a size"))? as usize;
+            }
+            "--ro" => {
+                let spec = argv.next().ok_or("--ro needs an export")?;
+                let (name, backend) = backend(&spec, true)?;
+                a.exports.push(ExportSpec { name, backend, read_only: true });
+            }
+            s if s.starts_with('-') => return Err(format!("unknown option {s} (see --help)")),
+            spec => {
+                let (name, backend) = backend(spec, false)?;
+                a.exports.push(ExportSpec { name, backend, read_only: false });
+            }
+        }
+    }
+    if a.exports.is_empty() {
+        return Err("no export given (see --help)".into());
+    }
+    if a.unix.is_empty() && a.port.is_none() {
+        return Err("nowhere to listen: give -U PATH or -p PORT".into());
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(e) = a.exports.iter().find(|e| !seen.insert(e.name.clone())) {
+        return Err(format!("export \"{}\" is given twice", e.name));
+    }
+    Ok(Some(a))
+}
+
+fn listen(a: &Args) -> Result<Vec<Listener>, String> {
+    let mut out = Vec::new();
+    for path in &a.unix {
+        let l = mio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        out.push(Listener::Unix(l));
+    }
+    if let Some(port) = a.port {
+        let addr = match &a.bind {
+            Some(b) if b.contains(':') => format!("[{b}]:{port}"),
+            Some(b) => format!("{b}:{port}"),
+            None => format!("[::]:{port}"),
+        };
+        let parsed: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+        let l = match mio::net::TcpListener::bind(parsed) {
+            // No IPv6 here: every IPv4 address then.
+            Err(_) if a.bind.is_none() => mio::net::TcpListener::bind(([0, 0, 0, 0], port).into()),
+            r => r,
+        }
+        .map_err(|e| format!("{addr}: {e}"))?;
+        out.push(Listener::Tcp(l));
+    }
+    Ok(out)
+}
+
+fn main() -> ExitCode {
+    let args = match parse(std::env::args().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nbd-rs-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let listeners = match listen(&args) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("nbd-rs-server: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let unix = args.unix.clone();
+    let result = Server::new(args.exports, listeners, args.limits, args.log).and_then(|mut s| s.run());
+    for path in unix {
+        let _ = std::fs::remove_file(path);
+    }
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nbd-rs-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! The event loop: one mio poll over the listeners, every connection's
+//! socket, the workers' waker and the signals. Per connection, the
+//! receive side parses the next requests while earlier ones are served,
+//! and the send side writes replies as they come, in any order. A
+//! connection holds at most `max_in_flight` requests and `max_bytes` of
+//! buffers and unsent replies; beyond either it stops reading, so a client
+//! that never reads its replies cannot make the server buffer without
+//! bound.
+
+use crate::backend::Backend;
+use crate::log::Log;
+use crate::workers::{ConnId, Finished, Job, Outcome, Work, Workers};
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
+use nbd_proto::wire::nbd_error;
+use nbd_proto::TransmissionFlags;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::Arc;
+
+/// One export: its name and storage.
+pub struct ExportSpec {
+    pub name: String,
+    pub backend: Arc<dyn Backend>,
+    pub read_only: bool,
+}
+
+/// How much one connection and the server may take on.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; more are accepted and closed.
+    pub max_connections: usize,
+    /// Requests one connection may have in flight.
+    pub max_in_flight: usize,
+    /// Bytes one connection may hold in request buffers and unsent replies.
+    pub max_bytes: usize,
+    /// Worker threads.
+    pub threads: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: 1024, max_in_flight: 64, max_bytes: 64 << 20, threads: 4 }
+    }
+}
+
+pub enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn source(&mut self) -> &mut dyn mio::event::Source {
+        match self {
+            Stream::Unix(s) => s,
+            Stream::Tcp(s) => s,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(buf),
+            Stream::Tcp(s) => s.read(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
+}
+
+const WAKER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+/// Listeners take the tokens from here, connections after them.
+const FIRST_LISTENER: usize = 2;
+
+struct Conn {
+    generation: u64,
+    stream: Stream,
+    peer: String,
+    core: server::Connection<Vec<u8>>,
+    backend: Option<Arc<dyn Backend>>,
+    /// Requests a worker has.
+    jobs: usize,
+    /// Bytes of request buffers held (READ buffers until sent, WRITE
+    /// buffers from lending until the write is done).
+    held: usize,
+    /// Requests that wait for buffer room: a WRITE to lend a buffer to,
+    /// a READ to fill one.
+    waiting: VecDeque<Request>,
+    /// WRITEs whose payload is arriving, until their data is in.
+    writes: HashMap<RequestId, Request>,
+    /// The meta context ids each BLOCK_STATUS with a worker reports.
+    contexts: HashMap<RequestId, Vec<u32>>,
+    interest: Option<Interest>,
+}
+
+pub struct Server {
+    poll: Poll,
+    exports: Vec<ExportSpec>,
+    config: server::Config,
+    limits: Limits,
+    log: Log,
+    listeners: Vec<Option<Listener>>,
+    conns: Vec<Option<Conn>>,
+    generation: u64,
+    workers: Workers,
+    finished: Receiver<Finished>,
+    stopping: bool,
+}
+
+impl Server {
+    pub fn new(exports: Vec<ExportSpec>, listeners: Vec<Listener>, limits: Limits, log: Log) -> io::Result<Self> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (done, finished) = channel();
+        let workers = Workers::start(
+            limits.threads,
+            done,
+            Arc::new(move || {
+                let _ = waker.wake();
+            }),
+        )?;
+        let config = server::Config {
+            exports: exports.iter().map(export_of).collect(),
+            max_in_flight: limits.max_in_flight,
+            ..server::Config::default()
+        };
+        let mut listeners: Vec<Option<Listener>> = listeners.into_iter().map(Some).collect();
+        for (i, l) in listeners.iter_mut().enumerate() {
+            let token = Token(FIRST_LISTENER + i);
+            match l {
+                Some(Listener::Unix(l)) => poll.registry().register(l, token, Interest::READABLE)?,
+                Some(Listener::Tcp(l)) => poll.registry().register(l, token, Interest::READABLE)?,
+                None => {}
+            }
+        }
+        Ok(Server {
+            poll,
+            exports,
+            config,
+            limits,
+            log,
+            listeners,
+            conns: Vec::new(),
+            generation: 0,
+            workers,
+            finished,
+            stopping: false,
+        })
+    }
+
+    fn first_conn_token(&self) -> usize {
+        FIRST_LISTENER + self.listeners.len()
+    }
+
+    /// Serves until SIGTERM or SIGINT, then finishes the requests in
+    /// flight and returns.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut signals =
+            signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
+        self.poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
+        let mut events = Events::with_capacity(1024);
+        loop {
+            if self.stopping && self.conns.iter().all(Option::is_none) {
+                return Ok(());
+            }
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    WAKER => self.collect_finished(),
+                    SIGNALS => {
+                        for sig in signals.pending() {
+                            self.log.info(|| format!("signal {sig}: finishing the requests in flight, then exiting"));
+                            self.stop();
+                        }
+                    }
+                    Token(t) if t < self.first_conn_token() => self.accept(t - FIRST_LISTENER),
+                    Token(t) => self.drive(t - self.first_conn_token()),
+                }
+            }
+        }
+    }
+
+    /// Stops listening; connections end once their requests are served.
+    fn stop(&mut self) {
+        self.stopping = true;
+        for l in self.listeners.iter_mut() {
+            *l = None;
+        }
+        for slot in 0..self.conns.len() {
+            self.drive(slot);
+        }
+    }
+
+    fn accept(&mut self, index: usize) {
+        loop {
+            let accepted = match &self.listeners[index] {
+                Some(Listener::Unix(l)) => l.accept().map(|(s, _)| (Stream::Unix(s), "a Unix client".to_owned())),
+                Some(Listener::Tcp(l)) => l.accept().map(|(s, a)| {
+                    let _ = s.set_nodelay(true);
+                    (Stream::Tcp(s), a.to_string())
+                }),
+                None => return,
+            };
+            match accepted {
+                Ok((stream, peer)) => self.adopt(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors, say: this client is refused, the
+                    // server goes on.
+                    self.log.error(format!("accept: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn adopt(&mut self, stream: Stream, peer: String) {
+        let live = self.conns.iter().filter(|c| c.is_some()).count();
+        if live >= self.limits.max_connections {
+            self.log.error(format!("{peer}: refused, {live} connections already (--max-connections)"));
+            return;
+        }
+        self.generation += 1;
+        let conn = Conn {
+            generation: self.generation,
+            stream,
+            peer,
+            core: server::Connection::new(self.config.clone()),
+            backend: None,
+            jobs: 0,
+            held: 0,
+            waiting: VecDeque::new(),
+            writes: HashMap::new(),
+            contexts: HashMap::new(),
+            interest: None,
+        };
+        self.log.info(|| format!("{}: connected", conn.peer));
+        let slot = match self.conns.iter().position(Option::is_none) {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.conns.len() - 1
+            }
+        };
+        self.conns[slot] = Some(conn);
+        self.drive(slot);
+    }
+
+    /// Moves connection `slot` on as far as it goes without blocking:
+    /// sends, receives, serves events; then waits for what it needs.
+    fn drive(&mut self, slot: usize) {
+        let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else { return };
+        loop {
+            let sent = send(&mut c);
+            let received = if self.stopping { false } else { self.receive(&mut c) };
+            let served = self.serve_events(slot, &mut c);
+            if !(sent || received || served) {
+                break;
+            }
+        }
+        let over = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
+        if over || (self.stopping && c.jobs == 0 && c.core.pending_output() == 0) {
+            if c.jobs > 0 {
+                // A worker still has some of its requests: their results
+                // find the connection over and are dropped then.
+                self.park(slot, c);
+                return;
+            }
+            self.close(c);
+            return;
+        }
+        let want = interest(&c, self.stopping, self.limits.max_bytes);
+        let token = Token(self.first_conn_token() + slot);
+        let registry = self.poll.registry();
+        let r = match (c.interest, want) {
+            (None, Some(w)) => registry.register(c.stream.source(), token, w),
+            (Some(old), Some(w)) if old != w => registry.reregister(c.stream.source(), token, w),
+            (Some(_), None) => registry.deregister(c.stream.source()),
+            _ => Ok(()),
+        };
+        if let Err(e) = r {
+            self.log.error(format!("{}: {e}", c.peer));
+        }
+        c.interest = want;
+        self.conns[slot] = Some(c);
+    }
+
+    /// Keeps an ended connection until its jobs come back.
+    fn park(&mut self, slot: usize, mut c: Conn) {
+        if c.interest.take().is_some() {
+            let _ = self.poll.registry().deregister(c.stream.source());
+        }
+        self.conns[slot] = Some(c);
+    }
+
+    fn close(&mut self, mut c: Conn) {
+        if c.interest.is_some() {
+            let _ = self.poll.registry().deregister(c.stream.source());
+        }
+        match (c.core.phase(), c.core.error()) {
+            (Phase::Dead, Some(e)) => self.log.error(format!("{}: {e}", c.peer)),
+            _ => self.log.info(|| format!("{}: disconnected", c.peer)),
+        }
+    }
+
+    /// Receives while the core wants bytes and the connection is under
+    /// its limits; whether anything came.
+    fn receive(&mut self, c: &mut Conn) -> bool {
+        let mut any = false;
+        while c.core.direction().wants_read() && c.held + c.core.pending_output() as usize <= self.limits.max_bytes {
+            let buf = c.core.recv_buffer();
+            if buf.is_empty() {
+                break;
+            }
+            match c.stream.read(buf) {
+                Ok(0) => {
+                    c.core.handle_eof();
+                    return true;
+                }
+                Ok(n) => {
+                    c.core.handle_received(n);
+                    any = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    c.core.handle_transport_error(e.raw_os_error().unwrap_or(0), "recv");
+                    return true;
+                }
+            }
+        }
+        any
+    }
+
+    /// Serves the core's events, then lends buffers to waiting requests
+    /// as room allows; whether there was anything.
+    fn serve_events(&mut self, slot: usize, c: &mut Conn) -> bool {
+        let mut any = false;
+        while let Some(ev) = c.core.poll_event() {
+            any = true;
+            match ev {
+                Event::ExportSelected { export } => {
+                    let e = &self.exports[export];
+                    c.backend = Some(e.backend.clone());
+                    self.log.info(|| format!("{}: serving export \"{}\"", c.peer, e.name));
+                }
+                Event::Request(r) => c.waiting.push_back(r),
+                Event::WriteData { id, buf } => {
+                    if let Some(r) = c.writes.remove(&id) {
+                        let fua = r.flags.contains(nbd_proto::CmdFlags::FUA);
+                        self.submit(slot, c, id, Work::Write { offset: r.offset, buf, fua });
+                    }
+                }
+                Event::BufferReturned { buf, .. } => c.held -= buf.len(),
+                Event::StartTls | Event::Disconnect => {}
+            }
+        }
+        while let Some(r) = c.waiting.front() {
+            let len = match r.command {
+                Command::Read | Command::Write => r.length as usize,
+                _ => 0,
+            };
+            // One request always goes, however large (the core bounds it).
+            if len > 0 && c.held > 0 && c.held + len > self.limits.max_bytes {
+                break;
+            }
+            let Some(r) = c.waiting.pop_front() else { break };
+            any = true;
+            c.held += len;
+            let (offset, length) = (r.offset, r.length);
+            let fua = r.flags.contains(nbd_proto::CmdFlags::FUA);
+            let work = match r.command {
+                Command::Write => {
+                    let id = r.id;
+                    c.writes.insert(id, r);
+                    if c.core.receive_write(id, vec![0; len]).is_err() {
+                        c.writes.remove(&id);
+                    }
+                    continue;
+                }
+                Command::Read => Work::Read { offset, buf: vec![0; len] },
+                Command::Flush => Work::Flush,
+                Command::Trim => Work::Trim { offset, length, fua },
+                Command::WriteZeroes => Work::Zero {
+                    offset,
+                    length,
+                    may_trim: !r.flags.contains(nbd_proto::CmdFlags::NO_HOLE),
+                    fast: r.flags.contains(nbd_proto::CmdFlags::FAST_ZERO),
+                    fua,
+                },
+                Command::Cache => Work::Cache,
+                Command::BlockStatus => {
+                    c.contexts.insert(r.id, r.contexts.clone());
+                    Work::BlockStatus { offset, length }
+                }
+            };
+            self.submit(slot, c, r.id, work);
+        }
+        any
+    }
+
+    fn submit(&mut self, slot: usize, c: &mut Conn, id: RequestId, work: Work) {
+        let Some(backend) = c.backend.clone() else { return };
+        c.jobs += 1;
+        self.workers.submit(Job { conn: ConnId { slot, generation: c.generation }, id, backend, work });
+    }
+
+    /// Turns the workers' results into replies.
+    fn collect_finished(&mut self) {
+        let mut touched = Vec::new();
+        while let Ok(f) = self.finished.try_recv() {
+            let Some(c) = self.conns.get_mut(f.conn.slot).and_then(Option::as_mut) else { continue };
+            if c.generation != f.conn.generation {
+                continue;
+            }
+            c.jobs -= 1;
+            reply(c, f.id, f.result, &self.log);
+            touched.push(f.conn.slot);
+        }
+        touched.dedup();
+        for slot in touched {
+            self.drive(slot);
+        }
+    }
+}
+
+/// The export as the protocol core offers it.
+fn export_of(e: &ExportSpec) -> server::Export {
+    let b = &e.backend;
+    let mut x = server::Export::new(e.name.clone(), b.size());
+    if e.read_only || !b.writable() {
+        x.flags |= TransmissionFlags::READ_ONLY;
+    }
+    if b.shared_state() {
+        x.flags |= TransmissionFlags::CAN_MULTI_CONN;
+    }
+    x
+}
+
+/// Answers request `id` of `c` with what its job gave.
+fn reply(c: &mut Conn, id: RequestId, result: Result<Outcome, (io::Error, Option<Vec<u8>>)>, log: &Log) {
+    let r = match result {
+        Ok(Outcome::Data(buf)) => c.core.reply_read(id, buf),
+        Ok(Outcome::Written(buf)) => {
+            c.held -= buf.len();
+            c.core.reply_ok(id)
+        }
+        Ok(Outcome::Done) => c.core.reply_ok(id),
+        Ok(Outcome::Extents(extents)) => {
+            let contexts = c.contexts.remove(&id).unwrap_or_default();
+            let reports: Vec<(u32, &[nbd_proto::Extent])> = contexts.iter().map(|&ctx| (ctx, &extents[..])).collect();
+            c.core.reply_block_status(id, &reports)
+        }
+        Err((e, buf)) => {
+            if let Some(buf) = buf {
+                c.held -= buf.len();
+            }
+            c.contexts.remove(&id);
+            log.info(|| format!("{}: request failed: {e}", c.peer));
+            c.core.reply_error(id, nbd_errno(&e), &e.to_string())
+        }
+    };
+    if let Err(e) = r {
+        // The connection ended meanwhile: nothing to answer.
+        log.info(|| format!("{}: reply dropped: {e}", c.peer));
+    }
+}
+
+/// The `NBD_E*` value for a backend's error.
+fn nbd_errno(e: &io::Error) -> u32 {
+    if e.kind() == io::ErrorKind::Unsupported {
+        return nbd_error::ENOTSUP;
+    }
+    match e.raw_os_error() {
+        Some(libc_errno::EPERM | libc_errno::EROFS) => nbd_error::EPERM,
+        Some(libc_errno::ENOSPC | libc_errno::EFBIG) => nbd_error::ENOSPC,
+        Some(libc_errno::ENOMEM) => nbd_error::ENOMEM,
+        Some(libc_errno::EINVAL) => nbd_error::EINVAL,
+        Some(libc_errno::EOPNOTSUPP) => nbd_error::ENOTSUP,
+        _ => nbd_error::EIO,
+    }
+}
+
+/// The Linux errno values `nbd_errno` maps.
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOMEM: i32 = 12;
+    pub const EINVAL: i32 = 22;
+    pub const EFBIG: i32 = 27;
+    pub const ENOSPC: i32 = 28;
+    pub const EROFS: i32 = 30;
+    pub const EOPNOTSUPP: i32 = 95;
+}
+
+/// Sends what the core has; whether anything left.
+fn send(c: &mut Conn) -> bool {
+    let mut any = false;
+    loop {
+        let mut pieces: [&[u8]; 64] = [&[]; 64];
+        let n = c.core.poll_transmit(&mut pieces);
+        if n == 0 {
+            return any;
+        }
+        let iov: Vec<IoSlice<'_>> = pieces[..n].iter().map(|p| IoSlice::new(p)).collect();
+        match c.stream.write_vectored(&iov) {
+            Ok(sent) => {
+                c.core.handle_sent(sent);
+                any = true;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                c.core.handle_transport_error(e.raw_os_error().unwrap_or(0), "send");
+                return true;
+            }
+        }
+    }
+}
+
+/// What connection `c` waits for: to read while the core wants requests
+/// and the connection is under its limits (never while stopping), to
+/// write while replies wait.
+fn interest(c: &Conn, stopping: bool, max_bytes: usize) -> Option<Interest> {
+    let read = !stopping && c.core.direction().wants_read() && c.held + c.core.pending_output() as usize <= max_bytes;
+    let write = c.core.pending_output() > 0;
+    match (read, write) {
+        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+        (true, false) => Some(Interest::READABLE),
+        (false, true) => Some(Interest::WRITABLE),
+        (false, false) => None,
+    }
+}

@@ -1,0 +1,151 @@
+//! Worker threads: the backends' blocking calls run here, never on the
+//! event loop. Jobs go in through one queue; each result goes back
+//! through another, and a mio waker tells the loop it has results.
+
+use crate::backend::Backend;
+use nbd_proto::server::RequestId;
+use nbd_proto::Extent;
+use std::io;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// Which connection a job is for: its slot and that slot's generation,
+/// so a result for a connection that has gone is dropped, not delivered
+/// to the slot's next owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnId {
+    pub slot: usize,
+    pub generation: u64,
+}
+
+/// What a worker does for a request.
+pub enum Work {
+    Read {
+        offset: u64,
+        buf: Vec<u8>,
+    },
+    Write {
+        offset: u64,
+        buf: Vec<u8>,
+        fua: bool,
+    },
+    Flush,
+    Trim {
+        offset: u64,
+        length: u64,
+        fua: bool,
+    },
+    Zero {
+        offset: u64,
+        length: u64,
+        may_trim: bool,
+        fast: bool,
+        fua: bool,
+    },
+    /// CACHE: nothing to prefetch in these backends; answered at once.
+    Cache,
+    BlockStatus {
+        offset: u64,
+        length: u64,
+    },
+}
+
+pub struct Job {
+    pub conn: ConnId,
+    pub id: RequestId,
+    pub backend: Arc<dyn Backend>,
+    pub work: Work,
+}
+
+/// What a job gave back.
+pub enum Outcome {
+    /// A READ's buffer, filled.
+    Data(Vec<u8>),
+    /// A WRITE's buffer, given back.
+    Written(Vec<u8>),
+    Done,
+    Extents(Vec<Extent>),
+}
+
+pub struct Finished {
+    pub conn: ConnId,
+    pub id: RequestId,
+    /// The buffer of a failed READ or WRITE comes back with the error, so
+    /// its bytes are accounted for.
+    pub result: Result<Outcome, (io::Error, Option<Vec<u8>>)>,
+}
+
+pub struct Workers {
+    jobs: Option<Sender<Job>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts `n` threads; results go to `done`, and `wake` is called
+    /// after each.
+    pub fn start(n: usize, done: Sender<Finished>, wake: Arc<dyn Fn() + Send + Sync>) -> io::Result<Self> {
+        let (tx, rx) = channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::new();
+        for i in 0..n.max(1) {
+            let (rx, done, wake) = (rx.clone(), done.clone(), wake.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn(move || serve_jobs(&rx, &done, &*wake))?,
+            );
+        }
+        Ok(Workers { jobs: Some(tx), threads })
+    }
+
+    pub fn submit(&self, job: Job) {
+        if let Some(tx) = &self.jobs {
+            // The workers outlive the loop that submits: a send fails only
+            // if every worker panicked, and then nothing can serve it.
+            let _ = tx.send(job);
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_jobs(rx: &Mutex<Receiver<Job>>, done: &Sender<Finished>, wake: &(dyn Fn() + Send + Sync)) {
+    loop {
+        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let result = run(&*job.backend, job.work);
+        if done.send(Finished { conn: job.conn, id: job.id, result }).is_err() {
+            return;
+        }
+        wake();
+    }
+}
+
+fn run(b: &dyn Backend, work: Work) -> Result<Outcome, (io::Error, Option<Vec<u8>>)> {
+    let plain = |r: io::Result<()>| r.map(|()| Outcome::Done).map_err(|e| (e, None));
+    match work {
+        Work::Read { offset, mut buf } => match b.read(offset, &mut buf) {
+            Ok(()) => Ok(Outcome::Data(buf)),
+            Err(e) => Err((e, Some(buf))),
+        },
+        Work::Write { offset, buf, fua } => match b.write(offset, &buf, fua) {
+            Ok(()) => Ok(Outcome::Written(buf)),
+            Err(e) => Err((e, Some(buf))),
+        },
+        Work::Flush => plain(b.flush()),
+        Work::Trim { offset, length, fua } => plain(b.trim(offset, length, fua)),
+        Work::Zero { offset, length, may_trim, fast, fua } => plain(b.zero(offset, length, may_trim, fast, fua)),
+        Work::Cache => Ok(Outcome::Done),
+        Work::BlockStatus { offset, length } => b.extents(offset, length).map(Outcome::Extents).map_err(|e| (e, None)),
+    }
+}

@@ -1,0 +1,217 @@
+//! nbd-rs-server against real clients, each started by the test: Debian's
+//! nbdinfo and nbdcopy, qemu-img and qemu-io, fio's nbd engine; and
+//! against clients that misbehave. A missing client program fails the
+//! test (make deps installs them).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A server started by a test, killed when dropped.
+struct Server {
+    child: Child,
+    dir: PathBuf,
+    sock: PathBuf,
+}
+
+impl Server {
+    fn start(name: &str, args: &[&str]) -> Server {
+        let dir = std::env::temp_dir().join(format!("nbd-rs-server-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("s.sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_nbd-rs-server"))
+            .arg("-U")
+            .arg(&sock)
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nbd-rs-server");
+        let s = Server { child, dir, sock };
+        let start = Instant::now();
+        while UnixStream::connect(&s.sock).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the server did not listen");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        s
+    }
+
+    fn uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// SIGTERM; returns the exit status and what the server logged.
+    fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().unwrap();
+        let status = self.child.wait().unwrap();
+        let mut log = String::new();
+        self.child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+        (status, log)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a client program, which must exist.
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program).args(args).output().unwrap_or_else(|e| panic!("{program}: {e} (is it installed? make deps)"))
+}
+
+fn ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn random_file(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn nbdinfo_sees_every_export_and_its_features() {
+    let s = Server::start("info", &["memory:64M", "disk=null:1G", "--ro", "ro=memory:1M"]);
+    let info = ok("nbdinfo", &[&s.uri("")]);
+    for want in [
+        "export-size: 67108864",
+        "base:allocation",
+        "can_multi_conn: true",
+        "can_fast_zero: true",
+        "is_read_only: false",
+    ] {
+        assert!(info.contains(want), "nbdinfo lacks {want}:\n{info}");
+    }
+    let json = ok("nbdinfo", &["--json", &s.uri("disk")]);
+    assert!(json.contains("\"export-size\": 1073741824"), "{json}");
+    let ro = ok("nbdinfo", &[&s.uri("ro")]);
+    assert!(ro.contains("is_read_only: true"), "{ro}");
+    let list = ok("nbdinfo", &["--list", &s.uri("")]);
+    for name in ["export=\"\"", "export=\"disk\"", "export=\"ro\""] {
+        assert!(list.contains(name), "--list lacks {name}:\n{list}");
+    }
+    let out = run("nbdinfo", &[&s.uri("nosuch")]);
+    assert!(!out.status.success(), "an unknown export is refused");
+}
+
+#[test]
+fn nbdcopy_round_trips_and_map_shows_holes() {
+    let s = Server::start("copy", &["memory:64M"]);
+    let src = s.path("src.img");
+    random_file(&src, 16 << 20, 7);
+    let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+    f.set_len(64 << 20).unwrap();
+    ok("nbdcopy", &[src.to_str().unwrap(), &s.uri("")]);
+    let back = s.path("back.img");
+    ok("nbdcopy", &[&s.uri(""), back.to_str().unwrap()]);
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "nbdcopy round trip differs");
+    let map = ok("nbdinfo", &["--map", &s.uri("")]);
+    assert!(map.contains("data") && map.contains("hole,zero"), "{map}");
+}
+
+#[test]
+fn qemu_img_and_qemu_io_read_and_write_a_file_export() {
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-qemu-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
+    let spec = format!("file:{}", disk.display());
+    let s = Server::start("qemu", &[&spec]);
+    let src = dir.join("src.img");
+    random_file(&src, 32 << 20, 11);
+    ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &s.uri("")]);
+    ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &s.uri("")]);
+    let io = ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "read -P 0x5a 1M 64k", &s.uri("")]);
+    assert!(!io.contains("Pattern verification failed"), "{io}");
+    // The file holds what was written, once the server is gone.
+    drop(s);
+    let data = std::fs::read(&disk).unwrap();
+    assert!(data[(1 << 20)..(1 << 20) + 65536].iter().all(|&b| b == 0x5a));
+    assert_eq!(&data[..1 << 20], &std::fs::read(&src).unwrap()[..1 << 20]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn fio_verifies_random_writes() {
+    let s = Server::start("fio", &["memory:64M"]);
+    let uri = s.uri("");
+    let out = ok(
+        "fio",
+        &[
+            "--name=v",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=64",
+            "--size=32m",
+            "--verify=crc32c",
+            "--output-format=terse",
+        ],
+    );
+    // terse field 5 is the error code.
+    let fields: Vec<&str> = out.lines().last().unwrap().split(';').collect();
+    assert_eq!(fields.get(4), Some(&"0"), "fio reported an error: {out}");
+}
+
+#[test]
+fn a_read_only_export_refuses_writes() {
+    let s = Server::start("ro", &["--ro", "memory:1M"]);
+    let out = run("qemu-io", &["-f", "raw", "-c", "write 0 4k", &s.uri("")]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("ermission") || text.contains("read-only") || text.contains("read only"), "{text}");
+}
+
+#[test]
+fn garbage_and_cut_connections_leave_the_server_serving() {
+    let s = Server::start("hostile", &["memory:1M"]);
+    // Not a client's flags: the server hangs up.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.write_all(&[0xff; 64]).unwrap();
+    let mut sink = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = c.read_to_end(&mut sink);
+    // A client that leaves mid-request.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).unwrap();
+    c.write_all(&[0, 0, 0, 3]).unwrap();
+    drop(c);
+    let info = ok("nbdinfo", &[&s.uri("")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+}
+
+#[test]
+fn sigterm_exits_cleanly_and_removes_the_socket() {
+    let s = Server::start("term", &["-v", "memory:1M"]);
+    ok("nbdinfo", &[&s.uri("")]);
+    let sock = s.sock.clone();
+    let (status, log) = s.terminate();
+    assert!(status.success(), "exit status {status}: {log}");
+    assert!(log.contains("signal 15"), "{log}");
+    assert!(!sock.exists(), "the socket was left behind");
+}

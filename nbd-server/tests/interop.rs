@@ -215,3 +215,124 @@ fn sigterm_exits_cleanly_and_removes_the_socket() {
     assert!(log.contains("signal 15"), "{log}");
     assert!(!sock.exists(), "the socket was left behind");
 }
+
+/// A raw client in transmission on the default export: fixed newstyle,
+/// NO_ZEROES, NBD_OPT_EXPORT_NAME "". Returns the socket and the size.
+fn raw_client(sock: &Path) -> (UnixStream, u64) {
+    let mut c = UnixStream::connect(sock).unwrap();
+    let mut greeting = [0u8; 18];
+    c.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let mut opt = b"IHAVEOPT".to_vec();
+    opt.extend_from_slice(&1u32.to_be_bytes());
+    opt.extend_from_slice(&0u32.to_be_bytes());
+    c.write_all(&opt).unwrap();
+    let mut export = [0u8; 10];
+    c.read_exact(&mut export).unwrap();
+    (c, u64::from_be_bytes(export[..8].try_into().unwrap()))
+}
+
+fn request(kind: u16, cookie: u64, offset: u64, length: u32) -> Vec<u8> {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&length.to_be_bytes());
+    r
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn an_oversize_request_gets_einval_and_the_connection_goes_on() {
+    let s = Server::start("oversize", &["memory:128M"]);
+    let (mut c, size) = raw_client(&s.sock);
+    assert_eq!(size, 128 << 20);
+    c.write_all(&request(0, 7, 0, 64 << 20)).unwrap();
+    let mut reply = [0u8; 16];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_be_bytes(reply[..4].try_into().unwrap()), 0x6744_6698);
+    assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 22, "NBD_EINVAL");
+    assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), 7);
+    // And a READ past the end.
+    c.write_all(&request(0, 8, (128 << 20) - 512, 1024)).unwrap();
+    c.read_exact(&mut reply).unwrap();
+    assert_ne!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "a READ past the end fails");
+    // A good one still works.
+    c.write_all(&request(0, 9, 0, 512)).unwrap();
+    let mut good = [0u8; 16 + 512];
+    c.read_exact(&mut good).unwrap();
+    assert_eq!(u32::from_be_bytes(good[4..8].try_into().unwrap()), 0);
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_grow_the_server() {
+    let s = Server::start("unread", &["--max-bytes", "4M", "memory:64M"]);
+    let pid = s.child.id();
+    let before = rss_kib(pid);
+    let (c, _) = raw_client(&s.sock);
+    c.set_nonblocking(true).unwrap();
+    let mut c = c;
+    // 2 GiB of READ replies asked for; the client reads none of them.
+    let mut sent = 0;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    'send: for i in 0..2048u64 {
+        let r = request(0, i, (i % 64) << 20, 1 << 20);
+        let mut at = 0;
+        while at < r.len() {
+            match c.write(&r[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        break 'send;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown = rss_kib(pid).saturating_sub(before);
+    assert!(sent < 2048, "the server kept reading requests whose replies nobody read ({sent} sent)");
+    // 4 MiB of buffers and replies, plus the socket's own, plus slack.
+    assert!(grown < 32 * 1024, "the server grew by {grown} KiB");
+    drop(c);
+    let info = ok("nbdinfo", &[&s.uri("")]);
+    assert!(info.contains("export-size: 67108864"), "{info}");
+}
+
+#[test]
+fn five_hundred_idle_connections_and_the_server_still_serves() {
+    let s = Server::start("idle", &["memory:1M"]);
+    let pid = s.child.id();
+    let before = rss_kib(pid);
+    let idle: Vec<UnixStream> = (0..500)
+        .map(|_| {
+            let mut c = UnixStream::connect(&s.sock).unwrap();
+            let mut greeting = [0u8; 18];
+            c.read_exact(&mut greeting).unwrap();
+            c
+        })
+        .collect();
+    let info = ok("nbdinfo", &[&s.uri("")]);
+    assert!(info.contains("export-size: 1048576"), "{info}");
+    let per = (rss_kib(pid).saturating_sub(before) as f64) / 500.0;
+    assert!(per < 64.0, "{per:.1} KiB per idle connection");
+    drop(idle);
+}
+
+#[test]
+fn nbdkits_nbd_plugin_proxies_to_it() {
+    let s = Server::start("proxy", &["memory:16M"]);
+    let sock = format!("socket={}", s.sock.display());
+    let out = ok("nbdkit", &["-U", "-", "nbd", &sock, "--run", "nbdinfo $uri && nbdcopy $uri null:"]);
+    assert!(out.contains("export-size: 16777216"), "{out}");
+}

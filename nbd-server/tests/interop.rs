@@ -135,7 +135,7 @@ fn nbdcopy_round_trips_and_map_shows_holes() {
 
 #[test]
 fn qemu_img_and_qemu_io_read_and_write_a_file_export() {
-    let dir = std::env::temp_dir().join(format!("nbd-rs-server-qemu-file-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-qemu-disk-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
@@ -335,4 +335,66 @@ fn nbdkits_nbd_plugin_proxies_to_it() {
     let sock = format!("socket={}", s.sock.display());
     let out = ok("nbdkit", &["-U", "-", "nbd", &sock, "--run", "nbdinfo $uri && nbdcopy $uri null:"]);
     assert!(out.contains("export-size: 16777216"), "{out}");
+}
+
+#[test]
+fn writes_whose_flush_was_answered_survive_a_kill() {
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-killed-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(16 << 20).unwrap();
+    let mut s = Server::start("kill", &[&format!("file:{}", disk.display())]);
+    let (mut c, _) = raw_client(&s.sock);
+    // Rounds of 16 writes of 64 KiB (each block tagged with its round),
+    // then a FLUSH; the server is killed while a round is in flight.
+    let mut flushed_rounds = 0u64;
+    let killer = {
+        let pid = s.child.id();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            Command::new("kill").arg("-KILL").arg(pid.to_string()).status().unwrap();
+        })
+    };
+    'rounds: for round in 1..u64::MAX {
+        let block = vec![round as u8; 65536];
+        for i in 0..16u64 {
+            let mut r = request(1, i, i * 65536, 65536);
+            r.extend_from_slice(&block);
+            if c.write_all(&r).is_err() {
+                break 'rounds;
+            }
+        }
+        // A FLUSH covers the writes answered before it: all 16 first.
+        let mut reply = [0u8; 16];
+        for _ in 0..16 {
+            if c.read_exact(&mut reply).is_err() {
+                break 'rounds;
+            }
+            assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "a write failed");
+        }
+        if c.write_all(&request(3, 99, 0, 0)).is_err() || c.read_exact(&mut reply).is_err() {
+            break;
+        }
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0, "the flush failed");
+        assert_eq!(u64::from_be_bytes(reply[8..].try_into().unwrap()), 99);
+        flushed_rounds = round;
+        if round == 250 {
+            break;
+        }
+    }
+    killer.join().unwrap();
+    let _ = s.child.wait();
+    assert!(flushed_rounds >= 1, "no round was flushed before the kill");
+    let data = std::fs::read(&disk).unwrap();
+    for i in 0..16 {
+        let b = &data[i * 65536..(i + 1) * 65536];
+        // Each block holds the last flushed round or a later one.
+        assert!(b.iter().all(|&x| x == b[0]), "block {i} is torn");
+        assert!(
+            u64::from(b[0]) >= flushed_rounds,
+            "block {i} holds round {}, round {flushed_rounds} was flushed",
+            b[0]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -29,6 +29,11 @@ Listening (at least one):
   -U, --unix PATH       a Unix socket (created; removed at exit)
   -p, --port PORT       TCP, on every address (or --bind's)
       --bind ADDR       the address for --port
+  -s, --stdin           serve one connection on stdin, a socket (as libnbd's
+                        nbd_connect_command gives one), and exit when it ends
+  Started by systemd socket activation (LISTEN_PID and LISTEN_FDS, as
+  libnbd's nbd_connect_systemd_socket_activation sets them), it serves the
+  sockets it is given.
 
 Limits:
       --max-connections N  connections served at once (default 1024)
@@ -44,6 +49,7 @@ Limits:
 
 struct Args {
     exports: Vec<ExportSpec>,
+    stdin: bool,
     unix: Vec<PathBuf>,
     port: Option<u16>,
     bind: Option<String>,
@@ -71,6 +77,7 @@ fn backend(spec: &str, read_only: bool) -> Result<(String, Arc<dyn Backend>), St
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut a = Args {
         exports: Vec::new(),
+        stdin: false,
         unix: Vec::new(),
         port: None,
         bind: None,
@@ -92,6 +99,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
                 return Ok(None);
             }
             "-v" | "--verbose" => a.log.verbose = true,
+            "-s" | "--stdin" => a.stdin = true,
             "-U" | "--unix" => a.unix.push(argv.next().ok_or("-U needs a path")?.into()),
             "-p" | "--port" => {
                 let p = number("--port", argv.next())?;
@@ -120,8 +128,12 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
     if a.exports.is_empty() {
         return Err("no export given (see --help)".into());
     }
-    if a.unix.is_empty() && a.port.is_none() {
-        return Err("nowhere to listen: give -U PATH or -p PORT".into());
+    let activated = std::env::var_os("LISTEN_FDS").is_some();
+    if a.unix.is_empty() && a.port.is_none() && !a.stdin && !activated {
+        return Err("nowhere to listen: give -U PATH, -p PORT or -s".into());
+    }
+    if a.stdin && (!a.unix.is_empty() || a.port.is_some()) {
+        return Err("-s serves stdin alone: no -U or -p with it".into());
     }
     let mut seen = std::collections::HashSet::new();
     if let Some(e) = a.exports.iter().find(|e| !seen.insert(e.name.clone())) {
@@ -130,8 +142,31 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
     Ok(Some(a))
 }
 
-fn listen(a: &Args) -> Result<Vec<Listener>, String> {
+/// The listening sockets systemd-style socket activation passed, if any.
+fn activated() -> Result<Vec<Listener>, String> {
+    let mut fds = listenfd::ListenFd::from_env();
     let mut out = Vec::new();
+    for i in 0..fds.len() {
+        let l = match fds.take_unix_listener(i) {
+            Ok(Some(l)) => {
+                l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                Listener::Unix(mio::net::UnixListener::from_std(l))
+            }
+            _ => match fds.take_tcp_listener(i) {
+                Ok(Some(l)) => {
+                    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    Listener::Tcp(mio::net::TcpListener::from_std(l))
+                }
+                _ => return Err(format!("socket activation: descriptor {} is not a listening socket", 3 + i)),
+            },
+        };
+        out.push(l);
+    }
+    Ok(out)
+}
+
+fn listen(a: &Args) -> Result<Vec<Listener>, String> {
+    let mut out = activated()?;
     for path in &a.unix {
         let l = mio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
         out.push(Listener::Unix(l));
@@ -171,7 +206,13 @@ fn main() -> ExitCode {
         }
     };
     let unix = args.unix.clone();
-    let result = Server::new(args.exports, listeners, args.limits, args.log).and_then(|mut s| s.run());
+    let stdin = args.stdin;
+    let result = Server::new(args.exports, listeners, args.limits, args.log).and_then(|mut s| {
+        if stdin {
+            s.serve_stdin()?;
+        }
+        s.run()
+    });
     for path in unix {
         let _ = std::fs::remove_file(path);
     }

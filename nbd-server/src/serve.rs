@@ -164,15 +164,29 @@ impl Server {
         FIRST_LISTENER + self.listeners.len()
     }
 
+    /// Serves one connection on stdin, which must be a socket; with no
+    /// listener, [`Self::run`] returns when it ends.
+    pub fn serve_stdin(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        let fd = io::stdin().as_fd().try_clone_to_owned()?;
+        let sock = std::os::unix::net::UnixStream::from(fd);
+        // Not a socket: say so rather than fail on the first send.
+        sock.peer_addr().map_err(|e| io::Error::new(e.kind(), format!("stdin is not a socket: {e}")))?;
+        sock.set_nonblocking(true)?;
+        self.adopt(Stream::Unix(UnixStream::from_std(sock)), "stdin".to_owned());
+        Ok(())
+    }
+
     /// Serves until SIGTERM or SIGINT, then finishes the requests in
-    /// flight and returns.
+    /// flight and returns; with no listener, once every connection ended.
     pub fn run(&mut self) -> io::Result<()> {
         let mut signals =
             signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
         self.poll.registry().register(&mut signals, SIGNALS, Interest::READABLE)?;
         let mut events = Events::with_capacity(1024);
         loop {
-            if self.stopping && self.conns.iter().all(Option::is_none) {
+            let listening = self.listeners.iter().any(Option::is_some);
+            if (self.stopping || !listening) && self.conns.iter().all(Option::is_none) {
                 return Ok(());
             }
             if let Err(e) = self.poll.poll(&mut events, None) {

@@ -398,3 +398,22 @@ fn writes_whose_flush_was_answered_survive_a_kill() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn libnbd_starts_it_with_connect_command_and_socket_activation() {
+    let server = env!("CARGO_BIN_EXE_nbd-rs-server");
+    // nbdinfo [ CMD ] uses systemd socket activation.
+    let info = ok("nbdinfo", &["--", "[", server, "memory:9M", "]"]);
+    assert!(info.contains("export-size: 9437184"), "{info}");
+    // connect_command hands the server a socket as stdin (-s).
+    let script = format!(
+        "import nbd\nh = nbd.NBD()\nh.connect_command([{server:?}, '-s', 'memory:8M'])\n\
+         h.pwrite(b'x' * 512, 4096)\nprint(h.get_size(), bytes(h.pread(3, 4096)))\nh.shutdown()\n"
+    );
+    let out = ok("/usr/bin/python3", &["-c", &script]);
+    assert_eq!(out.trim(), "8388608 b'xxx'");
+    // stdin that is not a socket is refused with a reason.
+    let out = Command::new(server).args(["-s", "memory:1M"]).stdin(Stdio::null()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is not a socket"), "{out:?}");
+}

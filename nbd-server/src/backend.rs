@@ -24,6 +24,13 @@ pub trait Backend: Send + Sync {
     /// Size in bytes.
     fn size(&self) -> u64;
 
+    /// Whether its calls may block (a disk): then they run on worker
+    /// threads; a backend that never blocks is served on the event loop
+    /// itself, without the hop to a worker and back.
+    fn blocks(&self) -> bool {
+        true
+    }
+
     /// Whether writes, trims and zeroes are possible at all.
     fn writable(&self) -> bool {
         true

@@ -9,7 +9,7 @@
 
 use crate::backend::Backend;
 use crate::log::Log;
-use crate::workers::{ConnId, Finished, Job, Outcome, Work, Workers};
+use crate::workers::{ConnId, Finished, Job, JobResult, Outcome, Work, Workers};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
@@ -433,6 +433,11 @@ impl Server {
 
     fn submit(&mut self, slot: usize, c: &mut Conn, id: RequestId, work: Work) {
         let Some(backend) = c.backend.clone() else { return };
+        if !backend.blocks() {
+            let result = crate::workers::run(&*backend, work);
+            reply(c, id, result, &self.log);
+            return;
+        }
         c.jobs += 1;
         self.workers.submit(Job { conn: ConnId { slot, generation: c.generation }, id, backend, work });
     }
@@ -470,7 +475,7 @@ fn export_of(e: &ExportSpec) -> server::Export {
 }
 
 /// Answers request `id` of `c` with what its job gave.
-fn reply(c: &mut Conn, id: RequestId, result: Result<Outcome, (io::Error, Option<Vec<u8>>)>, log: &Log) {
+fn reply(c: &mut Conn, id: RequestId, result: JobResult, log: &Log) {
     let r = match result {
         Ok(Outcome::Data(buf)) => c.core.reply_read(id, buf),
         Ok(Outcome::Written(buf)) => {

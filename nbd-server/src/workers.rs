@@ -71,10 +71,12 @@ pub enum Outcome {
 pub struct Finished {
     pub conn: ConnId,
     pub id: RequestId,
-    /// The buffer of a failed READ or WRITE comes back with the error, so
-    /// its bytes are accounted for.
-    pub result: Result<Outcome, (io::Error, Option<Vec<u8>>)>,
+    pub result: JobResult,
 }
+
+/// What a job gave, or its error; the buffer of a failed READ or WRITE
+/// comes back with the error, so its bytes are accounted for.
+pub type JobResult = Result<Outcome, (io::Error, Option<Vec<u8>>)>;
 
 pub struct Workers {
     jobs: Option<Sender<Job>>,
@@ -131,7 +133,8 @@ fn serve_jobs(rx: &Mutex<Receiver<Job>>, done: &Sender<Finished>, wake: &(dyn Fn
     }
 }
 
-fn run(b: &dyn Backend, work: Work) -> Result<Outcome, (io::Error, Option<Vec<u8>>)> {
+/// Does `work` on `b`, on whichever thread calls.
+pub fn run(b: &dyn Backend, work: Work) -> JobResult {
     let plain = |r: io::Result<()>| r.map(|()| Outcome::Done).map_err(|e| (e, None));
     match work {
         Work::Read { offset, mut buf } => match b.read(offset, &mut buf) {

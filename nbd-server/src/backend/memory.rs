@@ -70,6 +70,10 @@ impl Backend for Memory {
         true
     }
 
+    fn blocks(&self) -> bool {
+        false
+    }
+
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         Self::each_page(offset, buf.len() as u64, |page, within, range| {
             let shard = self.shard(page).read().unwrap_or_else(|e| e.into_inner());

@@ -23,6 +23,10 @@ impl Backend for Null {
         true
     }
 
+    fn blocks(&self) -> bool {
+        false
+    }
+
     fn read(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
         buf.fill(0);
         Ok(())

@@ -9,7 +9,7 @@ PEERS := valgrind:valgrind strace:strace openssl:openssl pkg-config:pkg-config /
   /usr/include/glib-2.0/glib.h:libglib2.0-dev /usr/include/ev.h:libev-dev \
   mandoc:mandoc groff:groff-base man:man-db
 
-.PHONY: all build build-deps lib header check-header deps demo reference check check-c check-debian check-reconnect check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
+.PHONY: all build build-deps lib header check-header deps demo-deps demo reference check check-c check-debian check-reconnect check-libnbd-suite check-abi check-valgrind check-install check-doc check-examples-rust bench test lint fuzz-build fuzz-smoke fuzz fuzz-seeds fuzz-seeds-real install install-static uninstall clean
 
 CC ?= cc
 
@@ -148,6 +148,7 @@ check-man: deps
 # goes to target/bench.md. BENCH_ARGS="--rounds 7 --seconds 5", "--quick".
 BENCH_ARGS ?=
 bench: deps lib reference
+	$(CARGO) build --release -p nbd-server
 	mkdir -p target/bench
 	$(CC) -std=gnu99 -O2 -Wall -Werror -Iinclude -o target/bench/aio-bench bench/aio-bench.c -l:libnbd.so.0
 	$(CC) -std=gnu99 -O2 -Wall -Werror -pthread -Iinclude -o target/bench/threads-bench bench/threads-bench.c -l:libnbd.so.0
@@ -160,20 +161,26 @@ reference:
 	tests/reference-libnbd.sh
 
 # Installs the test peers that are missing (Debian; needs root).
-deps:
-	@missing=""; for p in $(PEERS); do \
-	  { command -v $${p%%:*} || test -e $${p%%:*}; } >/dev/null 2>&1 || missing="$$missing $${p#*:}"; \
+install_missing = missing=""; for p in $(1); do \
+	  { command -v $${p%%:*} || test -e $${p%%:*}; } >/dev/null 2>&1 || missing="$$missing $${p\#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+deps:
+	@$(call install_missing,$(PEERS))
 
-# The main job in miniature: nbd-proto, driven through nbd-io's I/O loop,
-# against an nbdkit this command starts.
-demo: deps
-	$(CARGO) build --release -p nbd-io --example demo
-	nbdkit -U - memory 64M --run 'target/release/examples/demo "$$unixsocket"'
+# What the demo needs: the build's headers and Debian's nbdinfo; no
+# server, since it runs nbd-rs's own.
+DEMO_PEERS := pkg-config:pkg-config /usr/include/openssl/ssl.h:libssl-dev nbdinfo:libnbd-bin
+demo-deps:
+	@$(call install_missing,$(DEMO_PEERS))
+
+# The main job in miniature, on nbd-rs's own server (scripts/demo.sh).
+demo: demo-deps lib
+	$(CARGO) build --release -p nbd-io --example demo -p nbd-server
+	scripts/demo.sh
 
 # Every public item of nbd-proto documented, no broken intra-doc link, no
 # other rustdoc warning (cargo test runs the doctests).

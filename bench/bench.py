@@ -35,6 +35,7 @@ REFERENCE = os.path.join(ROOT, "target", "libnbd-1.22.2", "lib", ".libs")
 # Library name -> LD_LIBRARY_PATH (None: the system's, Debian's 1.14.2).
 LIBRARIES = {"1.14.2": None, "1.22.2": REFERENCE, "ours": OURS}
 AIO = os.path.join(ROOT, "target", "bench", "aio-bench")
+SERVER = os.path.join(ROOT, "target", "release", "nbd-rs-server")
 THREADS = os.path.join(ROOT, "target", "bench", "threads-bench")
 HANDLE_MEM = os.path.join(ROOT, "bench", "handle-mem.py")
 # examples-c/concurrent-writer.c, whose bench mode runs random writes with
@@ -212,6 +213,42 @@ def writer_rows(uri, server_pid, wanted, rounds, seconds):
     return rows
 
 
+# The server rows: fio's nbd engine on Debian's libnbd against each server,
+# (workload name, rw, bs, depth), and the pairs compared with their
+# targets: (ours, theirs, measure, target), measure "iops" (ours/theirs at
+# least the target) or "cpu" (ours/theirs at most the target).
+SERVER_WORKLOADS = [
+    ("4k randread, 64 in flight", "randread", "4k", 64),
+    ("4k randwrite, 64 in flight", "randwrite", "4k", 64),
+    ("1M read, 8 in flight", "read", "1m", 8),
+]
+SERVER_TARGETS = [
+    ("memory", "nbdkit memory", "4k randread, 64 in flight", "iops", 1.3),
+    ("memory", "nbdkit memory", "4k randread, 64 in flight", "cpu", 0.6),
+    ("file", "qemu-nbd file", None, "iops", 1.2),
+]
+
+
+def server_rows(servers, rounds, seconds):
+    """fio against every server in `servers` ({name: (socket, pid)}),
+    rotated each round. Returns {(workload, server): (IOPS, server CPU
+    µs/req)} medians."""
+    names = list(servers)
+    res = {}
+    for wname, rw, bs, depth in SERVER_WORKLOADS:
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                sock, pid = servers[name]
+                before = cpu_seconds(pid)
+                w = Fio(wname, rw, bs, depth, sock)
+                out, took, _, _ = run(w.cmd(seconds), "1.14.2")
+                iops, reqs = w.parse(out, took)
+                res.setdefault((wname, name), []).append((iops, (cpu_seconds(pid) - before) / reqs * 1e6))
+        print(f"server {wname}: " + ", ".join(
+            f"{n} {statistics.median(x[0] for x in res[(wname, n)]):.0f} IOPS" for n in names), flush=True)
+    return {k: [statistics.median(x[i] for x in v) for i in range(2)] for k, v in res.items()}
+
+
 def machine():
     model = "?"
     with open("/proc/cpuinfo") as f:
@@ -236,7 +273,7 @@ def main():
     for prog in ["fio", "nbdcopy", "nbdkit", "qemu-nbd", "strace"]:
         if shutil.which(prog) is None:
             sys.exit(f"bench: {prog} is not installed (make deps)")
-    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO, THREADS, WRITER]:
+    for f in [os.path.join(OURS, "libnbd.so.0"), os.path.join(REFERENCE, "libnbd.so.0"), AIO, THREADS, WRITER, SERVER]:
         if not os.path.exists(f):
             sys.exit(f"bench: {f} is missing (make bench builds it)")
 
@@ -288,6 +325,27 @@ def main():
                 "&multi-conn=4"),
             Fio("4k randread, 64 in flight, multi-conn=4 (fio)", "randread", "4k", 64, mem, "&multi-conn=4"),
         ]
+        server = None
+        if not args.only or args.only in "server":
+            image_size = 256 << 20
+            sockets = {}
+            for name, argv in [
+                ("ours memory", [SERVER, "-U", "SOCK", "memory:256M"]),
+                ("nbdkit memory", ["nbdkit", "-f", "-U", "SOCK", "memory", "256M"]),
+                ("ours file", [SERVER, "-U", "SOCK", "file:IMAGE"]),
+                ("nbdkit file", ["nbdkit", "-f", "-U", "SOCK", "file", "IMAGE"]),
+                ("qemu-nbd file", ["qemu-nbd", "-k", "SOCK", "-f", "raw", "-t", "-e", "0", "--cache=writeback",
+                                   "--aio=threads", "IMAGE"]),
+            ]:
+                img = os.path.join(tmp, name.replace(" ", "-") + ".img")
+                with open(img, "wb") as f:
+                    f.truncate(image_size)
+                sock = serve(name.replace(" ", "-"), [a.replace("IMAGE", img) for a in argv])
+                sockets[name] = (sock, servers[-1].pid)
+                subprocess.run(["fio", "--name=fill", "--ioengine=nbd", f"--uri=nbd+unix:///?socket={sock}",
+                                "--rw=write", "--bs=1m", "--iodepth=8", "--size=256m", "--thread",
+                                "--output=/dev/null"], check=True)
+            server = server_rows(sockets, args.rounds, args.seconds)
         writers = None
         wanted = [row for row in WRITER_ROWS if not args.only or args.only in row[0]]
         if wanted:
@@ -369,6 +427,24 @@ def main():
         for one, four, target in pairs:
             lines.append(f"| {four} | {by_name[one]:,.0f} | {by_name[four]:,.0f} | "
                          f"**{by_name[four] / by_name[one]:.2f}x** | ≥{target}x |")
+    if server:
+        names = ["ours memory", "nbdkit memory", "ours file", "nbdkit file", "qemu-nbd file"]
+        lines += ["", "| server (fio on Debian's libnbd, 256 MiB written first) | "
+                  + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for wname, _, _, _ in SERVER_WORKLOADS:
+            lines.append(f"| {wname}: IOPS (server CPU µs/req) | "
+                         + " | ".join(f"{server[(wname, n)][0]:,.0f} ({server[(wname, n)][1]:.1f})" for n in names)
+                         + " |")
+        lines += ["", "| ours against | workload | measure | ratio | target |", "|---|---|---|---|---|"]
+        for ours, theirs, wl, measure, target in SERVER_TARGETS:
+            for wname, _, _, _ in SERVER_WORKLOADS:
+                if wl is not None and wname != wl:
+                    continue
+                i = 0 if measure == "iops" else 1
+                ratio = server[(wname, "ours " + ours)][i] / server[(wname, theirs)][i]
+                want = f"≥{target}x" if measure == "iops" else f"≤{target}x"
+                lines.append(f"| {theirs} | {wname} | {'IOPS' if i == 0 else 'server CPU/req'} | "
+                             f"**{ratio:.2f}x** | {want} |")
     if writers:
         lines += ["", "| ours: concurrent writer against the library's own sends (nbdkit memory) "
                   "| plain IOPS | writer IOPS | ratio (median of rounds) | target "

@@ -8,7 +8,7 @@
 use crate::dial::{Address, Dialing};
 use crate::error::{CError, CResult};
 use crate::handle::UserBuf;
-use crate::tls::{OpensslTls, TlsLayer, TlsSettings, TlsTransport};
+use crate::tls::{TlsLayer, TlsSettings, TlsTransport};
 use crate::writer::{ConcurrentWriter, Wire};
 use nbd_io::{pump, Socket, Transport};
 use nbd_proto::{Connection, Cookie, PublicState};
@@ -339,8 +339,7 @@ impl Link {
     /// STARTTLS was accepted: the session starts with its first flight,
     /// over the socket.
     pub fn start_tls(&mut self, settings: &TlsSettings, hostname: Option<&str>) {
-        let started = OpensslTls::new(settings, hostname).and_then(|mut tls| tls.handshake().map(|_| tls));
-        match started {
+        match crate::tls::client_session(settings, hostname) {
             Ok(tls) => {
                 if let Some(Stream::Plain(wire)) = self.stream.take() {
                     let session: Box<dyn TlsLayer> = Box::new(tls);

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod log;
 pub mod serve;
+pub mod stream;
 pub mod workers;
 
 /// A size as the command line gives it: bytes, or with a suffix K, M, G,

@@ -1,10 +1,12 @@
 //! `nbd-rs-server`: serves exports from memory, files or nothing over
 //! Unix sockets and TCP until SIGTERM or SIGINT.
 
+use nbd_proto::server::TlsPolicy;
 use nbd_server::backend::{Backend, File, Memory, Null};
 use nbd_server::log::Log;
 use nbd_server::parse_size;
 use nbd_server::serve::{ExportSpec, Limits, Listener, Server};
+use nbd_tls::{ServerCredentials, ServerTls};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -35,6 +37,15 @@ Listening (at least one):
   libnbd's nbd_connect_systemd_socket_activation sets them), it serves the
   sockets it is given.
 
+TLS (OpenSSL; libnbd's nbds:// URIs):
+      --tls-certificates DIR  X.509: DIR holds server-cert.pem, server-key.pem
+                              (and ca-cert.pem for --tls-verify-peer)
+      --tls-psk FILE          PSK: a psktool file of user:hexkey lines
+      --tls-verify-peer       clients must present a certificate signed by
+                              DIR/ca-cert.pem
+      --tls on|require|off    with credentials, TLS is offered (on, the
+                              default) or required; off offers none
+
 Limits:
       --max-connections N  connections served at once (default 1024)
       --max-in-flight N    requests one connection may have in flight (64)
@@ -49,6 +60,7 @@ Limits:
 
 struct Args {
     exports: Vec<ExportSpec>,
+    tls: Option<(ServerCredentials, TlsPolicy)>,
     stdin: bool,
     unix: Vec<PathBuf>,
     port: Option<u16>,
@@ -77,6 +89,7 @@ fn backend(spec: &str, read_only: bool) -> Result<(String, Arc<dyn Backend>), St
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let mut a = Args {
         exports: Vec::new(),
+        tls: None,
         stdin: false,
         unix: Vec::new(),
         port: None,
@@ -84,6 +97,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
         limits: Limits::default(),
         log: Log::default(),
     };
+    let (mut certs, mut policy, mut verify_peer) = (None, None, false);
     let number = |opt: &str, v: Option<String>| -> Result<usize, String> {
         let v = v.ok_or_else(|| format!("{opt} needs a value"))?;
         v.parse().map_err(|_| format!("{opt}: {v} is not a number"))
@@ -113,6 +127,23 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
                 let v = argv.next().ok_or("--max-bytes needs a size")?;
                 a.limits.max_bytes = parse_size(&v).ok_or_else(|| format!("--max-bytes: {v} is not a size"))? as usize;
             }
+            "--tls-certificates" => {
+                let dir = argv.next().ok_or("--tls-certificates needs a directory")?.into();
+                certs = Some(ServerCredentials::X509 { dir, verify_peer: false });
+            }
+            "--tls-psk" => {
+                let file = argv.next().ok_or("--tls-psk needs a file")?.into();
+                certs = Some(ServerCredentials::Psk { file });
+            }
+            "--tls-verify-peer" => verify_peer = true,
+            "--tls" => {
+                policy = match argv.next().as_deref() {
+                    Some("on") => Some(TlsPolicy::Allow),
+                    Some("require") => Some(TlsPolicy::Require),
+                    Some("off") => Some(TlsPolicy::Off),
+                    _ => return Err("--tls takes on, require or off".into()),
+                }
+            }
             "--ro" => {
                 let spec = argv.next().ok_or("--ro needs an export")?;
                 let (name, backend) = backend(&spec, true)?;
@@ -128,6 +159,15 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
     if a.exports.is_empty() {
         return Err("no export given (see --help)".into());
     }
+    if let Some(ServerCredentials::X509 { verify_peer: v, .. }) = &mut certs {
+        *v = verify_peer;
+    }
+    a.tls = match (certs, policy) {
+        (_, Some(TlsPolicy::Off)) => None,
+        (Some(c), p) => Some((c, p.unwrap_or(TlsPolicy::Allow))),
+        (None, Some(_)) => return Err("--tls needs --tls-certificates or --tls-psk".into()),
+        (None, None) => None,
+    };
     let activated = std::env::var_os("LISTEN_FDS").is_some();
     if a.unix.is_empty() && a.port.is_none() && !a.stdin && !activated {
         return Err("nowhere to listen: give -U PATH, -p PORT or -s".into());
@@ -207,7 +247,14 @@ fn main() -> ExitCode {
     };
     let unix = args.unix.clone();
     let stdin = args.stdin;
-    let result = Server::new(args.exports, listeners, args.limits, args.log).and_then(|mut s| {
+    let tls = match args.tls.map(|(creds, policy)| ServerTls::new(&creds).map(|ctx| (ctx, policy))).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nbd-rs-server: TLS: {}", e.msg);
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = Server::new(args.exports, listeners, args.limits, tls, args.log).and_then(|mut s| {
         if stdin {
             s.serve_stdin()?;
         }

@@ -9,14 +9,15 @@
 
 use crate::backend::Backend;
 use crate::log::Log;
+use crate::stream::{self, Socket, Stream};
 use crate::workers::{ConnId, Finished, Job, JobResult, Outcome, Work, Workers};
-use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
 use nbd_proto::wire::nbd_error;
 use nbd_proto::TransmissionFlags;
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice, Read, Write};
+use std::io;
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 
@@ -49,34 +50,6 @@ impl Default for Limits {
 pub enum Listener {
     Unix(UnixListener),
     Tcp(TcpListener),
-}
-
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn source(&mut self) -> &mut dyn mio::event::Source {
-        match self {
-            Stream::Unix(s) => s,
-            Stream::Tcp(s) => s,
-        }
-    }
-
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(buf),
-            Stream::Tcp(s) => s.read(buf),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
-        }
-    }
 }
 
 const WAKER: Token = Token(0);
@@ -117,10 +90,19 @@ pub struct Server {
     workers: Workers,
     finished: Receiver<Finished>,
     stopping: bool,
+    /// What sessions a client's STARTTLS gets, if TLS is offered.
+    tls: Option<nbd_tls::ServerTls>,
 }
 
 impl Server {
-    pub fn new(exports: Vec<ExportSpec>, listeners: Vec<Listener>, limits: Limits, log: Log) -> io::Result<Self> {
+    /// `tls`: the TLS context and whether clients may or must use it.
+    pub fn new(
+        exports: Vec<ExportSpec>,
+        listeners: Vec<Listener>,
+        limits: Limits,
+        tls: Option<(nbd_tls::ServerTls, server::TlsPolicy)>,
+        log: Log,
+    ) -> io::Result<Self> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done, finished) = channel();
@@ -134,6 +116,7 @@ impl Server {
         let config = server::Config {
             exports: exports.iter().map(export_of).collect(),
             max_in_flight: limits.max_in_flight,
+            tls: tls.as_ref().map_or(server::TlsPolicy::Off, |(_, policy)| *policy),
             ..server::Config::default()
         };
         let mut listeners: Vec<Option<Listener>> = listeners.into_iter().map(Some).collect();
@@ -157,6 +140,7 @@ impl Server {
             workers,
             finished,
             stopping: false,
+            tls: tls.map(|(ctx, _)| ctx),
         })
     }
 
@@ -173,7 +157,7 @@ impl Server {
         // Not a socket: say so rather than fail on the first send.
         sock.peer_addr().map_err(|e| io::Error::new(e.kind(), format!("stdin is not a socket: {e}")))?;
         sock.set_nonblocking(true)?;
-        self.adopt(Stream::Unix(UnixStream::from_std(sock)), "stdin".to_owned());
+        self.adopt(Stream::Plain(Socket::Unix(UnixStream::from_std(sock))), "stdin".to_owned());
         Ok(())
     }
 
@@ -225,10 +209,12 @@ impl Server {
     fn accept(&mut self, index: usize) {
         loop {
             let accepted = match &self.listeners[index] {
-                Some(Listener::Unix(l)) => l.accept().map(|(s, _)| (Stream::Unix(s), "a Unix client".to_owned())),
+                Some(Listener::Unix(l)) => {
+                    l.accept().map(|(s, _)| (Stream::Plain(Socket::Unix(s)), "a Unix client".to_owned()))
+                }
                 Some(Listener::Tcp(l)) => l.accept().map(|(s, a)| {
                     let _ = s.set_nodelay(true);
-                    (Stream::Tcp(s), a.to_string())
+                    (Stream::Plain(Socket::Tcp(s)), a.to_string())
                 }),
                 None => return,
             };
@@ -282,11 +268,17 @@ impl Server {
     /// sends, receives, serves events; then waits for what it needs.
     fn drive(&mut self, slot: usize) {
         let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else { return };
+        let max_bytes = self.limits.max_bytes;
         loop {
-            let sent = send(&mut c);
-            let received = if self.stopping { false } else { self.receive(&mut c) };
+            let sent = stream::send(&mut c.core, c.stream.transport());
+            let held = c.held;
+            let received = !self.stopping
+                && stream::receive(&mut c.core, c.stream.transport(), |core| {
+                    held + core.pending_output() as usize <= max_bytes
+                });
             let served = self.serve_events(slot, &mut c);
-            if !(sent || received || served) {
+            let ended = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
+            if ended || !(sent || received || served) {
                 break;
             }
         }
@@ -301,7 +293,7 @@ impl Server {
             self.close(c);
             return;
         }
-        let want = interest(&c, self.stopping, self.limits.max_bytes);
+        let want = interest(&mut c, self.stopping, self.limits.max_bytes);
         let token = Token(self.first_conn_token() + slot);
         let registry = self.poll.registry();
         let r = match (c.interest, want) {
@@ -335,35 +327,6 @@ impl Server {
         }
     }
 
-    /// Receives while the core wants bytes and the connection is under
-    /// its limits; whether anything came.
-    fn receive(&mut self, c: &mut Conn) -> bool {
-        let mut any = false;
-        while c.core.direction().wants_read() && c.held + c.core.pending_output() as usize <= self.limits.max_bytes {
-            let buf = c.core.recv_buffer();
-            if buf.is_empty() {
-                break;
-            }
-            match c.stream.read(buf) {
-                Ok(0) => {
-                    c.core.handle_eof();
-                    return true;
-                }
-                Ok(n) => {
-                    c.core.handle_received(n);
-                    any = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    c.core.handle_transport_error(e.raw_os_error().unwrap_or(0), "recv");
-                    return true;
-                }
-            }
-        }
-        any
-    }
-
     /// Serves the core's events, then lends buffers to waiting requests
     /// as room allows; whether there was anything.
     fn serve_events(&mut self, slot: usize, c: &mut Conn) -> bool {
@@ -384,7 +347,13 @@ impl Server {
                     }
                 }
                 Event::BufferReturned { buf, .. } => c.held -= buf.len(),
-                Event::StartTls | Event::Disconnect => {}
+                Event::StartTls => match self.tls.as_ref().map(nbd_tls::ServerTls::session) {
+                    Some(Ok(session)) => c.stream.start_tls(session),
+                    Some(Err(e)) => c.core.handle_transport_error(e.errno, &e.msg),
+                    // The core offers STARTTLS only with a TLS policy.
+                    None => c.core.handle_transport_error(0, "STARTTLS without TLS"),
+                },
+                Event::Disconnect => {}
             }
         }
         while let Some(r) = c.waiting.front() {
@@ -529,37 +498,14 @@ mod libc_errno {
     pub const EOPNOTSUPP: i32 = 95;
 }
 
-/// Sends what the core has; whether anything left.
-fn send(c: &mut Conn) -> bool {
-    let mut any = false;
-    loop {
-        let mut pieces: [&[u8]; 64] = [&[]; 64];
-        let n = c.core.poll_transmit(&mut pieces);
-        if n == 0 {
-            return any;
-        }
-        let iov: Vec<IoSlice<'_>> = pieces[..n].iter().map(|p| IoSlice::new(p)).collect();
-        match c.stream.write_vectored(&iov) {
-            Ok(sent) => {
-                c.core.handle_sent(sent);
-                any = true;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return any,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                c.core.handle_transport_error(e.raw_os_error().unwrap_or(0), "send");
-                return true;
-            }
-        }
-    }
-}
-
 /// What connection `c` waits for: to read while the core wants requests
 /// and the connection is under its limits (never while stopping), to
 /// write while replies wait.
-fn interest(c: &Conn, stopping: bool, max_bytes: usize) -> Option<Interest> {
-    let read = !stopping && c.core.direction().wants_read() && c.held + c.core.pending_output() as usize <= max_bytes;
-    let write = c.core.pending_output() > 0;
+fn interest(c: &mut Conn, stopping: bool, max_bytes: usize) -> Option<Interest> {
+    let own = c.stream.transport().interest();
+    let under_limits = c.held + c.core.pending_output() as usize <= max_bytes;
+    let read = !stopping && (own.read || (c.core.direction().wants_read() && under_limits));
+    let write = own.write || c.core.pending_output() > 0;
     match (read, write) {
         (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
         (true, false) => Some(Interest::READABLE),

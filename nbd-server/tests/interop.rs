@@ -417,3 +417,42 @@ fn libnbd_starts_it_with_connect_command_and_socket_activation() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is not a socket"), "{out:?}");
 }
+
+#[test]
+fn tls_with_psk_and_x509_as_libnbd_clients_use_it() {
+    // PSK: a copy there and back, byte-identical; a client without TLS
+    // and an unknown user are refused.
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-tls-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let psk = dir.join("keys.psk");
+    std::fs::write(&psk, "alice:0123456789abcdef0123456789abcdef\n").unwrap();
+    let s = Server::start("tls-psk", &["--tls-psk", psk.to_str().unwrap(), "--tls", "require", "memory:8M"]);
+    let uri = format!("nbds+unix://alice@/?socket={}&tls-psk-file={}", s.sock.display(), psk.display());
+    let info = ok("nbdinfo", &[&uri]);
+    assert!(info.contains("with TLS"), "{info}");
+    let src = dir.join("src.img");
+    random_file(&src, 8 << 20, 3);
+    ok("nbdcopy", &[src.to_str().unwrap(), &uri]);
+    let back = dir.join("back.img");
+    ok("nbdcopy", &[&uri, back.to_str().unwrap()]);
+    assert!(std::fs::read(&src).unwrap() == std::fs::read(&back).unwrap(), "the copy over TLS differs");
+    assert!(!run("nbdinfo", &[&s.uri("")]).status.success(), "plaintext is refused with --tls require");
+    let bob = uri.replace("alice@", "bob@");
+    std::fs::write(&psk, "alice:0123456789abcdef0123456789abcdef\nbob:00112233445566778899aabbccddeeff\n").unwrap();
+    assert!(!run("nbdinfo", &[&bob]).status.success(), "a user the server does not know is refused");
+    drop(s);
+
+    // X.509, with the certificates tests/tls-certs.sh makes.
+    let certs = dir.join("certs");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tls-certs.sh");
+    ok("bash", &[script, certs.to_str().unwrap()]);
+    let server_dir = certs.join("server");
+    let s = Server::start("tls-x509", &["--tls-certificates", server_dir.to_str().unwrap(), "memory:8M"]);
+    let uri = format!("nbds+unix:///?socket={}&tls-certificates={}", s.sock.display(), certs.join("client").display());
+    let info = ok("nbdinfo", &[&uri]);
+    assert!(info.contains("with TLS") && info.contains("export-size: 8388608"), "{info}");
+    // TLS is offered, not required: plaintext still works.
+    assert!(ok("nbdinfo", &[&s.uri("")]).contains("without TLS"));
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -75,6 +75,9 @@ struct Conn {
     writes: HashMap<RequestId, Request>,
     /// The meta context ids each BLOCK_STATUS with a worker reports.
     contexts: HashMap<RequestId, Vec<u32>>,
+    /// Request buffers given back, reused for the next requests (no
+    /// allocation, no zeroing per request).
+    spare: Vec<Vec<u8>>,
     interest: Option<Interest>,
 }
 
@@ -250,6 +253,7 @@ impl Server {
             waiting: VecDeque::new(),
             writes: HashMap::new(),
             contexts: HashMap::new(),
+            spare: Vec::new(),
             interest: None,
         };
         self.log.info(|| format!("{}: connected", conn.peer));
@@ -346,7 +350,10 @@ impl Server {
                         self.submit(slot, c, id, Work::Write { offset: r.offset, buf, fua });
                     }
                 }
-                Event::BufferReturned { buf, .. } => c.held -= buf.len(),
+                Event::BufferReturned { buf, .. } => {
+                    c.held -= buf.len();
+                    c.recycle(buf);
+                }
                 Event::StartTls => match self.tls.as_ref().map(nbd_tls::ServerTls::session) {
                     Some(Ok(session)) => c.stream.start_tls(session),
                     Some(Err(e)) => c.core.handle_transport_error(e.errno, &e.msg),
@@ -374,12 +381,13 @@ impl Server {
                 Command::Write => {
                     let id = r.id;
                     c.writes.insert(id, r);
-                    if c.core.receive_write(id, vec![0; len]).is_err() {
+                    let buf = c.buffer(len);
+                    if c.core.receive_write(id, buf).is_err() {
                         c.writes.remove(&id);
                     }
                     continue;
                 }
-                Command::Read => Work::Read { offset, buf: vec![0; len] },
+                Command::Read => Work::Read { offset, buf: c.buffer(len) },
                 Command::Flush => Work::Flush,
                 Command::Trim => Work::Trim { offset, length, fua },
                 Command::WriteZeroes => Work::Zero {
@@ -430,6 +438,32 @@ impl Server {
     }
 }
 
+/// Spare buffers a connection keeps.
+const SPARE_BUFFERS: usize = 128;
+
+impl Conn {
+    /// A buffer of `len` bytes, reused if one is spare. Its contents are
+    /// whatever they were: the backend or the client's payload fills it
+    /// whole.
+    fn buffer(&mut self, len: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(mut b) => {
+                b.resize(len, 0);
+                b
+            }
+            None => vec![0; len],
+        }
+    }
+
+    /// Keeps `buf` for reuse; large ones are let go, so a burst of large
+    /// requests does not pin its memory.
+    fn recycle(&mut self, buf: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && buf.capacity() <= 1 << 20 {
+            self.spare.push(buf);
+        }
+    }
+}
+
 /// The export as the protocol core offers it.
 fn export_of(e: &ExportSpec) -> server::Export {
     let b = &e.backend;
@@ -449,6 +483,7 @@ fn reply(c: &mut Conn, id: RequestId, result: JobResult, log: &Log) {
         Ok(Outcome::Data(buf)) => c.core.reply_read(id, buf),
         Ok(Outcome::Written(buf)) => {
             c.held -= buf.len();
+            c.recycle(buf);
             c.core.reply_ok(id)
         }
         Ok(Outcome::Done) => c.core.reply_ok(id),
@@ -460,6 +495,7 @@ fn reply(c: &mut Conn, id: RequestId, result: JobResult, log: &Log) {
         Err((e, buf)) => {
             if let Some(buf) = buf {
                 c.held -= buf.len();
+                c.recycle(buf);
             }
             c.contexts.remove(&id);
             log.info(|| format!("{}: request failed: {e}", c.peer));

@@ -341,7 +341,16 @@ impl Server {
                 Event::ExportSelected { export } => {
                     let e = &self.exports[export];
                     c.backend = Some(e.backend.clone());
-                    self.log.info(|| format!("{}: serving export \"{}\"", c.peer, e.name));
+                    let core = &c.core;
+                    self.log.info(|| {
+                        let replies = match (core.extended_headers(), core.structured_replies()) {
+                            (true, _) => "extended headers",
+                            (false, true) => "structured replies",
+                            (false, false) => "simple replies",
+                        };
+                        let tls = if core.tls_active() { ", TLS" } else { "" };
+                        format!("{}: serving export \"{}\" ({replies}{tls})", c.peer, e.name)
+                    });
                 }
                 Event::Request(r) => c.waiting.push_back(r),
                 Event::WriteData { id, buf } => {

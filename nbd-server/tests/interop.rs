@@ -140,15 +140,18 @@ fn qemu_img_and_qemu_io_read_and_write_a_file_export() {
     let disk = dir.join("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(32 << 20).unwrap();
     let spec = format!("file:{}", disk.display());
-    let s = Server::start("qemu", &[&spec]);
+    let s = Server::start("qemu", &["-v", &spec]);
     let src = dir.join("src.img");
     random_file(&src, 32 << 20, 11);
     ok("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &s.uri("")]);
     ok("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &s.uri("")]);
     let io = ok("qemu-io", &["-f", "raw", "-c", "write -P 0x5a 1M 64k", "-c", "read -P 0x5a 1M 64k", &s.uri("")]);
     assert!(!io.contains("Pattern verification failed"), "{io}");
+    // qemu's client negotiates extended headers (qemu 8.2 and later).
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("(extended headers)"), "{log}");
     // The file holds what was written, once the server is gone.
-    drop(s);
     let data = std::fs::read(&disk).unwrap();
     assert!(data[(1 << 20)..(1 << 20) + 65536].iter().all(|&b| b == 0x5a));
     assert_eq!(&data[..1 << 20], &std::fs::read(&src).unwrap()[..1 << 20]);

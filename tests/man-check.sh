@@ -109,9 +109,10 @@ for fn in $listed; do
 done
 
 # --- environment variables -------------------------------------------------
-# The library's sources without comment lines and test modules.
+# The library's sources (the crates libnbd.so.0 is built from) without
+# comment lines and test modules.
 sources() {
-  find nbd-capi/src nbd-proto/src -name '*.rs' -not -path '*/bin/*' | sort | while read -r f; do
+  find nbd-capi/src nbd-proto/src nbd-io/src nbd-tls/src -name '*.rs' -not -path '*/bin/*' | sort | while read -r f; do
     awk '/^#\[cfg\(test\)\]/ { exit } !/^[[:space:]]*\/\//' "$f"
   done
 }

@@ -18,6 +18,7 @@ use nbd_proto::wire::nbd_error;
 use nbd_proto::TransmissionFlags;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 
@@ -95,6 +96,8 @@ pub struct Server {
     stopping: bool,
     /// What sessions a client's STARTTLS gets, if TLS is offered.
     tls: Option<nbd_tls::ServerTls>,
+    /// A worker has woken the loop and its results are not yet taken.
+    woken: Arc<AtomicBool>,
 }
 
 impl Server {
@@ -109,11 +112,18 @@ impl Server {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (done, finished) = channel();
+        // One wake-up per batch of results: a worker wakes the loop only
+        // if no wake-up is pending (the loop clears the flag before it
+        // takes the results).
+        let woken = Arc::new(AtomicBool::new(false));
+        let flag = woken.clone();
         let workers = Workers::start(
             limits.threads,
             done,
             Arc::new(move || {
-                let _ = waker.wake();
+                if !flag.swap(true, Ordering::AcqRel) {
+                    let _ = waker.wake();
+                }
             }),
         )?;
         let config = server::Config {
@@ -144,6 +154,7 @@ impl Server {
             finished,
             stopping: false,
             tls: tls.map(|(ctx, _)| ctx),
+            woken,
         })
     }
 
@@ -430,6 +441,7 @@ impl Server {
 
     /// Turns the workers' results into replies.
     fn collect_finished(&mut self) {
+        self.woken.store(false, Ordering::Release);
         let mut touched = Vec::new();
         while let Ok(f) = self.finished.try_recv() {
             let Some(c) = self.conns.get_mut(f.conn.slot).and_then(Option::as_mut) else { continue };

@@ -459,3 +459,52 @@ fn tls_with_psk_and_x509_as_libnbd_clients_use_it() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_connection_limit_turns_clients_away_until_one_leaves() {
+    let s = Server::start("limit", &["--max-connections", "2", "memory:1M"]);
+    let (a, _) = raw_client(&s.sock);
+    let (_b, _) = raw_client(&s.sock);
+    // A third is accepted and closed at once: no greeting.
+    let mut c = UnixStream::connect(&s.sock).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut greeting = Vec::new();
+    let _ = c.read_to_end(&mut greeting);
+    assert!(greeting.is_empty(), "a third client got {} bytes", greeting.len());
+    drop(a);
+    // Once one has left, a new client is served (the server may take a
+    // moment to see the first one go).
+    let start = Instant::now();
+    loop {
+        let out = run("nbdinfo", &[&s.uri("")]);
+        if out.status.success() {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "no room after a client left");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_delivers_the_replies_of_requests_already_received() {
+    let s = Server::start("drain", &["memory:64M"]);
+    let (mut c, _) = raw_client(&s.sock);
+    // 16 READs of 1 MiB: more reply than the socket holds, so most of it
+    // is still the server's when SIGTERM comes.
+    for i in 0..16u64 {
+        c.write_all(&request(0, i, i << 20, 1 << 20)).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    Command::new("kill").arg("-TERM").arg(s.child.id().to_string()).status().unwrap();
+    let mut reply = vec![0u8; 16 + (1 << 20)];
+    for _ in 0..16 {
+        c.read_exact(&mut reply).expect("every reply arrives after SIGTERM");
+        assert_eq!(u32::from_be_bytes(reply[4..8].try_into().unwrap()), 0);
+    }
+    // Then the server ends the connection and exits.
+    let mut rest = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = c.read_to_end(&mut rest);
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{log}");
+}

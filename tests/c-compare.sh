@@ -19,7 +19,7 @@ fail=0
 TESTS_1_22="api122-test"
 is_1_22_test() { [[ " $TESTS_1_22 " == *" $1 "* ]]; }
 # Tests of nbd-rs's extensions (nbd_rs_*): they cannot load on libnbd.
-TESTS_OURS="multiconn-test reconnect-test writer-test"
+TESTS_OURS="multiconn-test reconnect-test writer-test server-test"
 is_ours_test() { [[ " $TESTS_OURS " == *" $1 "* ]]; }
 # Examples of the extensions: they run on ours alone.
 EXAMPLES_OURS="concurrent-writer concurrent-writer-shared"

@@ -9,15 +9,18 @@
 
 use crate::backend::Backend;
 use crate::log::Log;
-use crate::stream::{self, Socket, Stream};
+use crate::stream::{self, Stream};
 use crate::workers::{ConnId, Finished, Job, JobResult, Outcome, Work, Workers};
-use mio::net::{TcpListener, UnixListener, UnixStream};
+use mio::net::{TcpListener, UnixListener};
+use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
+use nbd_io::Socket;
 use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
 use nbd_proto::wire::nbd_error;
 use nbd_proto::TransmissionFlags;
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
@@ -171,7 +174,7 @@ impl Server {
         // Not a socket: say so rather than fail on the first send.
         sock.peer_addr().map_err(|e| io::Error::new(e.kind(), format!("stdin is not a socket: {e}")))?;
         sock.set_nonblocking(true)?;
-        self.adopt(Stream::Plain(Socket::Unix(UnixStream::from_std(sock))), "stdin".to_owned());
+        self.adopt(Stream::Plain(Socket::from(sock)), "stdin".to_owned());
         Ok(())
     }
 
@@ -224,11 +227,11 @@ impl Server {
         loop {
             let accepted = match &self.listeners[index] {
                 Some(Listener::Unix(l)) => {
-                    l.accept().map(|(s, _)| (Stream::Plain(Socket::Unix(s)), "a Unix client".to_owned()))
+                    l.accept().map(|(s, _)| (Stream::Plain(Socket::from(OwnedFd::from(s))), "a Unix client".to_owned()))
                 }
                 Some(Listener::Tcp(l)) => l.accept().map(|(s, a)| {
                     let _ = s.set_nodelay(true);
-                    (Stream::Plain(Socket::Tcp(s)), a.to_string())
+                    (Stream::Plain(Socket::from(OwnedFd::from(s))), a.to_string())
                 }),
                 None => return,
             };
@@ -312,9 +315,9 @@ impl Server {
         let token = Token(self.first_conn_token() + slot);
         let registry = self.poll.registry();
         let r = match (c.interest, want) {
-            (None, Some(w)) => registry.register(c.stream.source(), token, w),
-            (Some(old), Some(w)) if old != w => registry.reregister(c.stream.source(), token, w),
-            (Some(_), None) => registry.deregister(c.stream.source()),
+            (None, Some(w)) => registry.register(&mut SourceFd(&c.stream.fd()), token, w),
+            (Some(old), Some(w)) if old != w => registry.reregister(&mut SourceFd(&c.stream.fd()), token, w),
+            (Some(_), None) => registry.deregister(&mut SourceFd(&c.stream.fd())),
             _ => Ok(()),
         };
         if let Err(e) = r {
@@ -327,14 +330,14 @@ impl Server {
     /// Keeps an ended connection until its jobs come back.
     fn park(&mut self, slot: usize, mut c: Conn) {
         if c.interest.take().is_some() {
-            let _ = self.poll.registry().deregister(c.stream.source());
+            let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
         }
         self.conns[slot] = Some(c);
     }
 
-    fn close(&mut self, mut c: Conn) {
+    fn close(&mut self, c: Conn) {
         if c.interest.is_some() {
-            let _ = self.poll.registry().deregister(c.stream.source());
+            let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
         }
         match (c.core.phase(), c.core.error()) {
             (Phase::Dead, Some(e)) => self.log.error(format!("{}: {e}", c.peer)),

@@ -1,61 +1,13 @@
 //! A connection's byte stream and the loop that moves its bytes: the
-//! accepted socket, then TLS over it after STARTTLS (nbd-tls, the layer
-//! the client uses too), both as nbd-io transports; `send` and `receive`
-//! move bytes between the transport and the server role's core.
+//! accepted socket (nbd-io's `Socket`, as the client's: vectored sends
+//! with MSG_NOSIGNAL), then TLS over it after STARTTLS (nbd-tls, the
+//! layer the client uses too); `send` and `receive` move bytes between
+//! the transport and the server role's core.
 
-use mio::net::{TcpStream, UnixStream};
-use nbd_io::{Recv, Transport, TransportError};
+use nbd_io::{Recv, Socket, Transport};
 use nbd_proto::server::{Connection, Phase};
 use nbd_tls::{OpensslTls, TlsLayer, TlsTransport};
-use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
-
-/// An accepted socket.
-pub enum Socket {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Transport for Socket {
-    fn fd(&self) -> RawFd {
-        match self {
-            Socket::Unix(s) => s.as_raw_fd(),
-            Socket::Tcp(s) => s.as_raw_fd(),
-        }
-    }
-
-    fn send(&mut self, bufs: &[&[u8]]) -> Result<usize, TransportError> {
-        let iov: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        loop {
-            let r = match self {
-                Socket::Unix(s) => s.write_vectored(&iov),
-                Socket::Tcp(s) => s.write_vectored(&iov),
-            };
-            return match r {
-                Ok(n) => Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(TransportError::os(&e, "send")),
-            };
-        }
-    }
-
-    fn recv(&mut self, buf: &mut [u8]) -> Result<Recv, TransportError> {
-        loop {
-            let r = match self {
-                Socket::Unix(s) => s.read(buf),
-                Socket::Tcp(s) => s.read(buf),
-            };
-            return match r {
-                Ok(0) => Ok(Recv::Eof),
-                Ok(n) => Ok(Recv::Data(n)),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Recv::WouldBlock),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => Err(TransportError::os(&e, "recv")),
-            };
-        }
-    }
-}
+use std::os::fd::RawFd;
 
 /// The socket, then TLS over it.
 pub enum Stream {
@@ -74,15 +26,13 @@ impl Stream {
         }
     }
 
-    pub fn source(&mut self) -> &mut dyn mio::event::Source {
-        let socket = match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(t) => t.lower_mut(),
+    /// The socket's descriptor, for the poll registry (as a
+    /// `mio::unix::SourceFd`).
+    pub fn fd(&self) -> RawFd {
+        match self {
+            Stream::Plain(s) => s.fd(),
+            Stream::Tls(t) => t.fd(),
             Stream::Switching => unreachable!("a stream is never left switching"),
-        };
-        match socket {
-            Socket::Unix(s) => s,
-            Socket::Tcp(s) => s,
         }
     }
 

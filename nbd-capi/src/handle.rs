@@ -263,8 +263,6 @@ pub struct Handle {
     /// `service_timers` is running (it dispatches events, and dispatching
     /// services the timers).
     servicing_timers: bool,
-    /// The concurrent writer (`nbd_rs_set_concurrent_writer`).
-    writer: Option<Arc<ConcurrentWriter>>,
 }
 
 /// The first connect, retried until its deadline.
@@ -387,7 +385,6 @@ impl nbd_handle {
                 opening: None,
                 timer: None,
                 servicing_timers: false,
-                writer: None,
             }),
             private_data: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
@@ -541,7 +538,7 @@ impl Handle {
 
     /// Installs the concurrent writer, once.
     pub fn set_writer(&mut self, writer: Arc<ConcurrentWriter>) -> CResult<()> {
-        if self.writer.is_some() {
+        if self.links[0].writer().is_some() {
             return Err(CError::new(libc::EINVAL, "a concurrent writer is already set"));
         }
         if let Some(why) = self.settings.beyond_one_socket() {
@@ -550,8 +547,7 @@ impl Handle {
                 format!("a concurrent writer writes to the handle's one socket, but {why}"),
             ));
         }
-        self.links[0].set_writer(writer.clone());
-        self.writer = Some(writer);
+        self.links[0].set_writer(writer);
         // What the socket has not taken yet is the writer's now.
         self.send_to_writer();
         Ok(())
@@ -563,7 +559,7 @@ impl Handle {
         let s = &mut self.settings;
         let old = (s.multi_conn, s.reconnect_delay, s.open_timeout);
         change(s);
-        if let (Some(_), Some(why)) = (&self.writer, self.settings.beyond_one_socket()) {
+        if let (Some(_), Some(why)) = (self.links[0].writer(), self.settings.beyond_one_socket()) {
             let s = &mut self.settings;
             (s.multi_conn, s.reconnect_delay, s.open_timeout) = old;
             return Err(CError::new(
@@ -578,7 +574,7 @@ impl Handle {
     /// the caller never waits for writability on the library's behalf;
     /// and kills the connection if the writer reported an error.
     pub fn send_to_writer(&mut self) {
-        let Some(w) = &self.writer else { return };
+        let Some(w) = self.links[0].writer() else { return };
         if w.error().is_some() || self.links[0].conn().direction().wants_write() {
             self.link_writable(0);
         }

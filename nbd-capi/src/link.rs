@@ -383,6 +383,12 @@ impl Link {
 
     // ---- the concurrent writer ---------------------------------------------------
 
+    /// The concurrent writer, if the handle has one (a writer's handle has
+    /// this one link).
+    pub fn writer(&self) -> Option<&Arc<ConcurrentWriter>> {
+        self.writer.as_ref()
+    }
+
     /// Gives the link its concurrent writer, which takes the sends over
     /// at once if the connection is in transmission.
     pub fn set_writer(&mut self, writer: Arc<ConcurrentWriter>) {

@@ -1,8 +1,9 @@
-//! The one I/O loop of nbd-rs: moves bytes between an
-//! [`nbd_proto::Connection`] (the sans-IO core) and a [`Transport`].
+//! The one I/O loop of nbd-rs: moves bytes between a sans-IO [`Core`]
+//! (a client's [`nbd_proto::Connection`] or a server's
+//! [`nbd_proto::server::Connection`]) and a [`Transport`].
 //!
-//! The C library (`nbd-capi`), the tests and the demo all drive the core
-//! through [`pump`]: [`pump::send`] when the transport can take bytes,
+//! The C library (`nbd-capi`), the server (`nbd-server`), the tests and
+//! the demo all drive their core through [`pump`]: [`pump::send`] when the transport can take bytes,
 //! [`pump::receive`] when it has some. A transport is a plain socket
 //! ([`Socket`], sends with `MSG_NOSIGNAL`), TLS over a socket (in
 //! `nbd-capi`, which owns the TLS library), or anything else that moves
@@ -15,10 +16,12 @@
 
 #![forbid(unsafe_code)]
 
+mod core;
 mod driver;
 pub mod pump;
 mod socket;
 
+pub use crate::core::Core;
 pub use driver::Driver;
 pub use socket::{send, Socket};
 use std::os::fd::RawFd;

@@ -1,15 +1,15 @@
-//! The I/O loop: the only code that moves bytes between a core and a
-//! transport. Failures go to the core (`handle_transport_error`), which
-//! then completes every command with an errno; nothing here returns one.
+//! The I/O loop: the only code that moves bytes between a core (a
+//! client's or a server's connection) and a transport. Failures go to the
+//! core (`handle_transport_error`), which then completes every command
+//! with an errno; nothing here returns one.
 
-use crate::{Recv, Transport};
-use nbd_proto::{CommandBuffer, Connection};
+use crate::{Core, Recv, Transport};
 
 /// Pieces of output taken from the core per send (one vectored send).
 const PIECES: usize = 64;
 
 /// Sends what the core has to send until the transport can take no more.
-pub fn send<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t: &mut T) {
+pub fn send<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T) {
     if !flush(conn, t) || !t.is_established() {
         return;
     }
@@ -37,7 +37,7 @@ pub fn send<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t
 /// Receives what has arrived, without blocking: takes in the transport's
 /// own bytes, then [`progress`]. Returns the handshake's description if
 /// the transport's handshake completed.
-pub fn receive<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t: &mut T) -> Option<String> {
+pub fn receive<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T) -> Option<String> {
     let closed = match t.fill() {
         Ok(closed) => closed,
         Err(e) => {
@@ -58,7 +58,7 @@ pub fn receive<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>
 /// Moves the transport on with what it holds: its handshake, then bytes
 /// to the core while the core wants them. Returns the handshake's
 /// description if this completed it.
-pub fn progress<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t: &mut T) -> Option<String> {
+pub fn progress<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T) -> Option<String> {
     let mut established = None;
     if !t.is_established() {
         match t.handshake() {
@@ -81,15 +81,19 @@ pub fn progress<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B
 
 /// Whether input the core wants waits inside the transport, where no
 /// descriptor event will announce it: call [`progress`] without waiting.
-pub fn has_input_for_core<B: CommandBuffer, T: Transport + ?Sized>(conn: &Connection<B>, t: &T) -> bool {
-    t.is_established() && t.has_buffered_input() && conn.direction().wants_read()
+pub fn has_input_for_core<C: Core + ?Sized, T: Transport + ?Sized>(conn: &C, t: &T) -> bool {
+    t.is_established() && t.has_buffered_input() && conn.wants_read()
 }
 
 /// Receives into the core while it wants bytes.
-fn deliver<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t: &mut T) {
-    while conn.direction().wants_read() {
+fn deliver<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T) {
+    while conn.wants_read() {
         let buf = conn.recv_buffer();
         let room = buf.len();
+        if room == 0 {
+            // A receive into nothing would read as end of stream.
+            break;
+        }
         match t.recv(buf) {
             Ok(Recv::Data(n)) => {
                 conn.handle_received(n);
@@ -116,7 +120,7 @@ fn deliver<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t:
 
 /// Flushes the transport's own bytes; `false` if that failed (the core
 /// then knows).
-fn flush<B: CommandBuffer, T: Transport + ?Sized>(conn: &mut Connection<B>, t: &mut T) -> bool {
+fn flush<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T) -> bool {
     match t.flush() {
         Ok(()) => true,
         Err(e) => {

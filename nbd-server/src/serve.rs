@@ -9,12 +9,13 @@
 
 use crate::backend::Backend;
 use crate::log::Log;
-use crate::stream::{self, Stream};
+use crate::stream::{Metered, Stream};
 use crate::workers::{ConnId, Finished, Job, JobResult, Outcome, Work, Workers};
 use mio::net::{TcpListener, UnixListener};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use nbd_io::Socket;
+use nbd_io::{pump, Core, Socket};
+
 use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
 use nbd_proto::wire::nbd_error;
 use nbd_proto::TransmissionFlags;
@@ -288,15 +289,16 @@ impl Server {
         let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else { return };
         let max_bytes = self.limits.max_bytes;
         loop {
-            let sent = stream::send(&mut c.core, c.stream.transport());
-            let held = c.held;
-            let received = !self.stopping
-                && stream::receive(&mut c.core, c.stream.transport(), |core| {
-                    held + core.pending_output() as usize <= max_bytes
-                });
+            let mut core = Metered::new(&mut c.core, c.held, max_bytes);
+            let t = c.stream.transport();
+            pump::send(&mut core, t);
+            if !self.stopping {
+                pump::receive(&mut core, t);
+            }
+            let moved = core.moved;
             let served = self.serve_events(slot, &mut c);
             let ended = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
-            if ended || !(sent || received || served) {
+            if ended || !(moved || served) {
                 break;
             }
         }
@@ -563,8 +565,7 @@ mod libc_errno {
 /// write while replies wait.
 fn interest(c: &mut Conn, stopping: bool, max_bytes: usize) -> Option<Interest> {
     let own = c.stream.transport().interest();
-    let under_limits = c.held + c.core.pending_output() as usize <= max_bytes;
-    let read = !stopping && (own.read || (c.core.direction().wants_read() && under_limits));
+    let read = !stopping && (own.read || Metered::new(&mut c.core, c.held, max_bytes).wants_read());
     let write = own.write || c.core.pending_output() > 0;
     match (read, write) {
         (true, true) => Some(Interest::READABLE | Interest::WRITABLE),

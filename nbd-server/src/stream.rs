@@ -1,11 +1,11 @@
 //! A connection's byte stream and the loop that moves its bytes: the
 //! accepted socket (nbd-io's `Socket`, as the client's: vectored sends
 //! with MSG_NOSIGNAL), then TLS over it after STARTTLS (nbd-tls, the
-//! layer the client uses too); `send` and `receive` move bytes between
-//! the transport and the server role's core.
+//! layer the client uses too); [`Metered`] is the core as nbd-io's
+//! I/O loop, the client's, drives it.
 
-use nbd_io::{Recv, Socket, Transport};
-use nbd_proto::server::{Connection, Phase};
+use nbd_io::{Core, Socket, Transport};
+use nbd_proto::server::Connection;
 use nbd_tls::{OpensslTls, TlsLayer, TlsTransport};
 use std::os::fd::RawFd;
 
@@ -45,105 +45,56 @@ impl Stream {
     }
 }
 
-/// Sends what the core has until the transport takes no more; whether
+/// The server's core as the I/O loop ([`nbd_io::pump`]) drives it: it
+/// takes no input while its connection holds more than the byte limit
+/// (request buffers plus replies not yet sent), and it notes whether
 /// anything moved.
-pub fn send(core: &mut Connection<Vec<u8>>, t: &mut dyn Transport) -> bool {
-    let mut any = flush(core, t);
-    if !t.is_established() {
-        return any;
-    }
-    loop {
-        let mut pieces: [&[u8]; 64] = [&[]; 64];
-        let n = core.poll_transmit(&mut pieces);
-        if n == 0 {
-            break;
-        }
-        match t.send(&pieces[..n]) {
-            Ok(0) => break,
-            Ok(sent) => {
-                core.handle_sent(sent);
-                any = true;
-            }
-            Err(e) => {
-                core.handle_transport_error(e.errno, &e.context);
-                return true;
-            }
-        }
-        any |= flush(core, t);
-    }
-    any | flush(core, t)
+pub struct Metered<'a> {
+    core: &'a mut Connection<Vec<u8>>,
+    /// Bytes of request buffers the connection holds.
+    held: usize,
+    max_bytes: usize,
+    /// Whether bytes moved or the connection ended.
+    pub moved: bool,
 }
 
-/// Receives while the core wants bytes and `room` says the connection is
-/// under its limits; whether anything moved.
-pub fn receive(
-    core: &mut Connection<Vec<u8>>,
-    t: &mut dyn Transport,
-    room: impl Fn(&Connection<Vec<u8>>) -> bool,
-) -> bool {
-    if matches!(core.phase(), Phase::Closed | Phase::Dead) {
-        return false;
+impl<'a> Metered<'a> {
+    pub fn new(core: &'a mut Connection<Vec<u8>>, held: usize, max_bytes: usize) -> Self {
+        Metered { core, held, max_bytes, moved: false }
     }
-    let closed = match t.fill() {
-        Ok(closed) => closed,
-        Err(e) => {
-            core.handle_transport_error(e.errno, &e.context);
-            return true;
-        }
-    };
-    let mut any = closed;
-    if !t.is_established() {
-        match t.handshake() {
-            Ok(Some(_)) => {
-                any = true;
-                if let Err(e) = core.handle_tls_established() {
-                    core.handle_transport_error(e.errno(), &e.to_string());
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                core.handle_transport_error(e.errno, &e.context);
-                return true;
-            }
-        }
-    }
-    while t.is_established() && core.direction().wants_read() && room(core) {
-        let buf = core.recv_buffer();
-        if buf.is_empty() {
-            break;
-        }
-        match t.recv(buf) {
-            Ok(Recv::Data(n)) => {
-                core.handle_received(n);
-                any = true;
-            }
-            Ok(Recv::WouldBlock) => break,
-            Ok(Recv::Eof) => {
-                core.handle_eof();
-                return true;
-            }
-            Err(e) => {
-                core.handle_transport_error(e.errno, &e.context);
-                return true;
-            }
-        }
-    }
-    if closed {
-        match t.eof_error() {
-            Some(e) => core.handle_transport_error(e.errno, &e.context),
-            None => core.handle_eof(),
-        }
-    }
-    any | flush(core, t)
 }
 
-/// Sends the transport's own bytes (TLS records, a handshake flight).
-fn flush(core: &mut Connection<Vec<u8>>, t: &mut dyn Transport) -> bool {
-    match t.flush() {
-        Ok(()) => false,
-        Err(e) => {
-            core.handle_transport_error(e.errno, &e.context);
-            true
-        }
+impl Core for Metered<'_> {
+    fn wants_read(&self) -> bool {
+        self.core.direction().wants_read() && self.held + self.core.pending_output() as usize <= self.max_bytes
+    }
+    fn recv_buffer(&mut self) -> &mut [u8] {
+        self.core.recv_buffer()
+    }
+    fn handle_received(&mut self, n: usize) {
+        self.moved |= n > 0;
+        self.core.handle_received(n)
+    }
+    fn is_mid_message(&self) -> bool {
+        self.core.is_mid_message()
+    }
+    fn handle_eof(&mut self) {
+        self.moved = true;
+        self.core.handle_eof()
+    }
+    fn handle_transport_error(&mut self, errno: i32, context: &str) {
+        self.moved = true;
+        self.core.handle_transport_error(errno, context)
+    }
+    fn handle_tls_established(&mut self) -> Result<(), nbd_proto::Error> {
+        self.moved = true;
+        self.core.handle_tls_established()
+    }
+    fn poll_transmit<'b>(&'b self, out: &mut [&'b [u8]]) -> usize {
+        self.core.poll_transmit(out)
+    }
+    fn handle_sent(&mut self, n: usize) {
+        self.moved |= n > 0;
+        self.core.handle_sent(n)
     }
 }

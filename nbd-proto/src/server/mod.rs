@@ -484,6 +484,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
         self.out.pending()
     }
 
+    /// Whether part of a message (an option, a request or its payload)
+    /// has arrived and the rest is awaited.
+    pub fn is_mid_message(&self) -> bool {
+        !self.input.is_empty() || matches!(self.rx, Rx::Payload { .. } | Rx::Skip { .. })
+    }
+
     /// What to wait for: writable while output is pending; readable while
     /// the core can take more input (not while it waits for TLS, for a
     /// WRITE buffer, or at [`Config::max_in_flight`]; never once the client

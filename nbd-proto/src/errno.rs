@@ -13,6 +13,9 @@ pub const EPERM: i32 = 1;
 pub const ENOENT: i32 = 2;
 /// Input/output error: the server's `NBD_EIO`.
 pub const EIO: i32 = 5;
+/// Broken pipe: a send to a peer that closed its end, as a transport
+/// reports it.
+pub const EPIPE: i32 = 32;
 /// Cannot allocate memory: the server's `NBD_ENOMEM`.
 pub const ENOMEM: i32 = 12;
 /// Invalid argument: a refused request, a bad flag, and any error value
@@ -36,6 +39,9 @@ pub const EOVERFLOW: i32 = 75;
 pub const ENOTSUP: i32 = 95;
 /// Connection reset by peer, as a transport reports it.
 pub const ECONNRESET: i32 = 104;
+/// Connection timed out, as a transport reports it (TCP keepalive or
+/// retransmission gave up).
+pub const ETIMEDOUT: i32 = 110;
 /// Transport endpoint is not connected: the connection was lost or closed
 /// under a command, or the handle was never connected.
 pub const ENOTCONN: i32 = 107;

@@ -7,9 +7,11 @@ use nbd_server::log::Log;
 use nbd_server::parse_size;
 use nbd_server::serve::{ExportSpec, Limits, Listener, Server};
 use nbd_tls::{ServerCredentials, ServerTls};
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 const HELP: &str = "\
 Usage: nbd-rs-server [OPTIONS] [NAME=]KIND:ARG...
@@ -52,6 +54,9 @@ Limits:
       --max-bytes SIZE     buffers and unsent replies per connection (64M);
                            beyond either limit the server stops reading
       --threads N          worker threads for the backends (4)
+      --shutdown-timeout SECS  after SIGTERM or SIGINT, how long requests
+                           in flight may take to finish (10); a second
+                           signal ends them at once
 
   -v, --verbose         log connections and failed requests
   -h, --help            this text
@@ -123,6 +128,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Option<Args>, String>
             "--max-connections" => a.limits.max_connections = number(&arg, argv.next())?,
             "--max-in-flight" => a.limits.max_in_flight = number(&arg, argv.next())?.max(1),
             "--threads" => a.limits.threads = number(&arg, argv.next())?.max(1),
+            "--shutdown-timeout" => a.limits.shutdown_timeout = Duration::from_secs(number(&arg, argv.next())? as u64),
             "--max-bytes" => {
                 let v = argv.next().ok_or("--max-bytes needs a size")?;
                 a.limits.max_bytes = parse_size(&v).ok_or_else(|| format!("--max-bytes: {v} is not a size"))? as usize;
@@ -205,10 +211,33 @@ fn activated() -> Result<Vec<Listener>, String> {
     Ok(out)
 }
 
-fn listen(a: &Args) -> Result<Vec<Listener>, String> {
+/// A Unix socket this server created: its path and the file it made
+/// there, so that exiting removes that file and not one another server
+/// has since bound at the same path.
+struct CreatedSocket {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl CreatedSocket {
+    fn new(path: &Path) -> std::io::Result<Self> {
+        let m = std::fs::symlink_metadata(path)?;
+        Ok(CreatedSocket { path: path.to_owned(), id: (m.dev(), m.ino()) })
+    }
+
+    fn remove(&self) {
+        let ours = std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.id);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn listen(a: &Args, created: &mut Vec<CreatedSocket>) -> Result<Vec<Listener>, String> {
     let mut out = activated()?;
     for path in &a.unix {
         let l = mio::net::UnixListener::bind(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        created.push(CreatedSocket::new(path).map_err(|e| format!("{}: {e}", path.display()))?);
         out.push(Listener::Unix(l));
     }
     if let Some(port) = a.port {
@@ -238,14 +267,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let listeners = match listen(&args) {
+    let mut created = Vec::new();
+    let listeners = match listen(&args, &mut created) {
         Ok(l) => l,
         Err(e) => {
+            created.iter().for_each(CreatedSocket::remove);
             eprintln!("nbd-rs-server: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let unix = args.unix.clone();
     let stdin = args.stdin;
     let tls = match args.tls.map(|(creds, policy)| ServerTls::new(&creds).map(|ctx| (ctx, policy))).transpose() {
         Ok(t) => t,
@@ -260,9 +290,7 @@ fn main() -> ExitCode {
         }
         s.run()
     });
-    for path in unix {
-        let _ = std::fs::remove_file(path);
-    }
+    created.iter().for_each(CreatedSocket::remove);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

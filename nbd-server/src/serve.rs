@@ -25,6 +25,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// One export: its name and storage.
 pub struct ExportSpec {
@@ -44,11 +45,20 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Worker threads.
     pub threads: usize,
+    /// After SIGTERM or SIGINT, how long requests in flight may take to
+    /// finish before their connections are closed anyway.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 1024, max_in_flight: 64, max_bytes: 64 << 20, threads: 4 }
+        Limits {
+            max_connections: 1024,
+            max_in_flight: 64,
+            max_bytes: 64 << 20,
+            threads: 4,
+            shutdown_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -98,6 +108,8 @@ pub struct Server {
     workers: Workers,
     finished: Receiver<Finished>,
     stopping: bool,
+    /// When connections still serving at shutdown are closed anyway.
+    deadline: Option<Instant>,
     /// What sessions a client's STARTTLS gets, if TLS is offered.
     tls: Option<nbd_tls::ServerTls>,
     /// A worker has woken the loop and its results are not yet taken.
@@ -157,6 +169,7 @@ impl Server {
             workers,
             finished,
             stopping: false,
+            deadline: None,
             tls: tls.map(|(ctx, _)| ctx),
             woken,
         })
@@ -180,7 +193,9 @@ impl Server {
     }
 
     /// Serves until SIGTERM or SIGINT, then finishes the requests in
-    /// flight and returns; with no listener, once every connection ended.
+    /// flight (and a request whose bytes are arriving) and returns, within
+    /// [`Limits::shutdown_timeout`] or at a second signal; with no
+    /// listener, once every connection ended.
     pub fn run(&mut self) -> io::Result<()> {
         let mut signals =
             signal_hook_mio::v1_0::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])?;
@@ -191,7 +206,12 @@ impl Server {
             if (self.stopping || !listening) && self.conns.iter().all(Option::is_none) {
                 return Ok(());
             }
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            let timeout = self.deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if timeout == Some(Duration::ZERO) {
+                self.abandon("the shutdown timeout passed");
+                continue;
+            }
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
@@ -202,8 +222,13 @@ impl Server {
                     WAKER => self.collect_finished(),
                     SIGNALS => {
                         for sig in signals.pending() {
-                            self.log.info(|| format!("signal {sig}: finishing the requests in flight, then exiting"));
-                            self.stop();
+                            if self.stopping {
+                                self.abandon("a second signal came");
+                            } else {
+                                self.log
+                                    .info(|| format!("signal {sig}: finishing the requests in flight, then exiting"));
+                                self.stop();
+                            }
                         }
                     }
                     Token(t) if t < self.first_conn_token() => self.accept(t - FIRST_LISTENER),
@@ -216,11 +241,25 @@ impl Server {
     /// Stops listening; connections end once their requests are served.
     fn stop(&mut self) {
         self.stopping = true;
+        self.deadline = Some(Instant::now() + self.limits.shutdown_timeout);
         for l in self.listeners.iter_mut() {
             *l = None;
         }
         for slot in 0..self.conns.len() {
             self.drive(slot);
+        }
+    }
+
+    /// Closes every connection still serving at shutdown; requests in
+    /// flight go unanswered.
+    fn abandon(&mut self, why: &str) {
+        for slot in 0..self.conns.len() {
+            let Some(c) = self.conns[slot].take() else { continue };
+            if c.interest.is_some() {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
+            }
+            let unanswered = c.core.in_flight();
+            self.log.error(format!("{}: closed at shutdown ({why}), {unanswered} requests unanswered", c.peer));
         }
     }
 
@@ -289,12 +328,10 @@ impl Server {
         let Some(mut c) = self.conns.get_mut(slot).and_then(Option::take) else { return };
         let max_bytes = self.limits.max_bytes;
         loop {
-            let mut core = Metered::new(&mut c.core, c.held, max_bytes);
+            let mut core = Metered::new(&mut c.core, c.held, max_bytes, self.stopping);
             let t = c.stream.transport();
             pump::send(&mut core, t);
-            if !self.stopping {
-                pump::receive(&mut core, t);
-            }
+            pump::receive(&mut core, t);
             let moved = core.moved;
             let served = self.serve_events(slot, &mut c);
             let ended = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
@@ -303,7 +340,8 @@ impl Server {
             }
         }
         let over = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
-        if over || (self.stopping && c.jobs == 0 && c.core.pending_output() == 0) {
+        let idle = c.jobs == 0 && c.core.pending_output() == 0 && !c.core.is_mid_message();
+        if over || (self.stopping && idle) {
             if c.jobs > 0 {
                 // A worker still has some of its requests: their results
                 // find the connection over and are dropped then.
@@ -561,11 +599,11 @@ mod libc_errno {
 }
 
 /// What connection `c` waits for: to read while the core wants requests
-/// and the connection is under its limits (never while stopping), to
-/// write while replies wait.
+/// and the connection is under its limits (while stopping, only the rest
+/// of a request), to write while replies wait.
 fn interest(c: &mut Conn, stopping: bool, max_bytes: usize) -> Option<Interest> {
     let own = c.stream.transport().interest();
-    let read = !stopping && (own.read || Metered::new(&mut c.core, c.held, max_bytes).wants_read());
+    let read = own.read || Metered::new(&mut c.core, c.held, max_bytes, stopping).wants_read();
     let write = own.write || c.core.pending_output() > 0;
     match (read, write) {
         (true, true) => Some(Interest::READABLE | Interest::WRITABLE),

@@ -47,26 +47,31 @@ impl Stream {
 
 /// The server's core as the I/O loop ([`nbd_io::pump`]) drives it: it
 /// takes no input while its connection holds more than the byte limit
-/// (request buffers plus replies not yet sent), and it notes whether
-/// anything moved.
+/// (request buffers plus replies not yet sent), nor, at shutdown, beyond
+/// the end of the request arriving; and it notes whether anything moved.
 pub struct Metered<'a> {
     core: &'a mut Connection<Vec<u8>>,
     /// Bytes of request buffers the connection holds.
     held: usize,
     max_bytes: usize,
+    /// The server is shutting down: a request whose bytes are arriving is
+    /// finished, no other is taken.
+    finishing: bool,
     /// Whether bytes moved or the connection ended.
     pub moved: bool,
 }
 
 impl<'a> Metered<'a> {
-    pub fn new(core: &'a mut Connection<Vec<u8>>, held: usize, max_bytes: usize) -> Self {
-        Metered { core, held, max_bytes, moved: false }
+    pub fn new(core: &'a mut Connection<Vec<u8>>, held: usize, max_bytes: usize, finishing: bool) -> Self {
+        Metered { core, held, max_bytes, finishing, moved: false }
     }
 }
 
 impl Core for Metered<'_> {
     fn wants_read(&self) -> bool {
-        self.core.direction().wants_read() && self.held + self.core.pending_output() as usize <= self.max_bytes
+        self.core.direction().wants_read()
+            && self.held + self.core.pending_output() as usize <= self.max_bytes
+            && (!self.finishing || self.core.is_mid_message())
     }
     fn recv_buffer(&mut self) -> &mut [u8] {
         self.core.recv_buffer()

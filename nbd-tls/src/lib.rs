@@ -74,6 +74,11 @@ pub trait TlsLayer: Send {
     /// Whether decrypted bytes or undecrypted records wait inside the
     /// layer, so that reading needs no new bytes from the socket.
     fn has_buffered_input(&self) -> bool;
+    /// Bytes received from the socket and not yet decrypted.
+    fn buffered_ciphertext(&self) -> usize;
+    /// Who is at the other end, for messages: "server" in a client's
+    /// session, "client" in a server's.
+    fn peer(&self) -> &'static str;
     /// The session's parameters in words, for the debug line once the
     /// handshake is done.
     fn describe(&self) -> String;
@@ -233,7 +238,7 @@ impl ServerTls {
         let mut ssl = Ssl::new(&self.ctx).map_err(tls_err)?;
         ssl.set_accept_state();
         let stream = SslStream::new(ssl, Pipe::default()).map_err(tls_err)?;
-        Ok(OpensslTls { stream, checked_against: String::new() })
+        Ok(OpensslTls { stream, checked_against: String::new(), peer: "client" })
     }
 }
 
@@ -295,11 +300,17 @@ impl Write for Pipe {
 /// taken: the socket is the bottleneck, and memory stays bounded.
 const MAX_PENDING_CIPHERTEXT: usize = 1 << 20;
 
+/// Received ciphertext a transport holds undecrypted before it stops
+/// reading the socket: several maximal records.
+const FILL_MAX: usize = 256 * 1024;
+
 pub struct OpensslTls {
     stream: SslStream<Pipe>,
     /// What the server's certificate is checked against, and what was
     /// missing, for the message a failed verification gives.
     checked_against: String,
+    /// "server" or "client": the other end.
+    peer: &'static str,
 }
 
 impl OpensslTls {
@@ -388,7 +399,7 @@ impl OpensslTls {
         }
         ssl.set_connect_state();
         let stream = SslStream::new(ssl, Pipe::default()).map_err(|e| tls_err("TLS session", e))?;
-        Ok(OpensslTls { stream, checked_against })
+        Ok(OpensslTls { stream, checked_against, peer: "server" })
     }
 
     /// A failed TLS operation, in words: the certificate check that
@@ -396,7 +407,9 @@ impl OpensslTls {
     /// with no errno; a session that breaks later is EIO.
     fn failure(&self, what: &str, errno: i32, e: openssl::ssl::Error) -> TlsError {
         let verify = self.stream.ssl().verify_result();
-        let detail = if verify != openssl::x509::X509VerifyResult::OK {
+        let detail = if verify != openssl::x509::X509VerifyResult::OK && self.peer == "client" {
+            format!("the client's certificate failed verification: {}", verify.error_string())
+        } else if verify != openssl::x509::X509VerifyResult::OK {
             format!(
                 "certificate verification failed: {}: {}; to connect without verifying the server, use \
                  tls-verify-peer=false in the URI or call nbd_set_tls_verify_peer(h, false)",
@@ -413,7 +426,7 @@ impl OpensslTls {
         } else if let Some(io) = e.io_error() {
             io_text(io)
         } else {
-            "the server closed the connection".into()
+            format!("the {} closed the connection", self.peer)
         };
         TlsError::new(errno, format!("{what}: {detail}"))
     }
@@ -471,6 +484,15 @@ impl TlsLayer for OpensslTls {
     fn has_buffered_input(&self) -> bool {
         let pipe = self.stream.get_ref();
         self.stream.ssl().pending() > 0 || pipe.start < pipe.end
+    }
+
+    fn buffered_ciphertext(&self) -> usize {
+        let pipe = self.stream.get_ref();
+        pipe.end - pipe.start
+    }
+
+    fn peer(&self) -> &'static str {
+        self.peer
     }
 
     /// libnbd's words with OpenSSL's names: the cipher suite and its key
@@ -580,8 +602,11 @@ impl<T: Transport> Transport for TlsTransport<T> {
         Ok(())
     }
 
+    /// Stops early once [`FILL_MAX`] bytes wait undecrypted: a peer
+    /// whose input the stream above does not take (a server connection
+    /// at its limits) cannot make the session buffer without bound.
     fn fill(&mut self) -> Result<bool, TransportError> {
-        loop {
+        while self.session.buffered_ciphertext() < FILL_MAX {
             let buf = self.session.recv_buffer();
             let room = buf.len();
             match self.lower.recv(buf) {
@@ -596,6 +621,7 @@ impl<T: Transport> Transport for TlsTransport<T> {
                 Err(e) => return Err(below(e, "TLS receive")),
             }
         }
+        Ok(false)
     }
 
     fn is_established(&self) -> bool {
@@ -615,7 +641,9 @@ impl<T: Transport> Transport for TlsTransport<T> {
 
     /// A server that rejects our credentials just hangs up.
     fn eof_error(&self) -> Option<TransportError> {
-        (!self.established).then(|| TransportError::new(0, "TLS handshake: the server closed the connection"))
+        (!self.established).then(|| {
+            TransportError::new(0, format!("TLS handshake: the {} closed the connection", self.session.peer()))
+        })
     }
 
     fn interest(&self) -> Interest {
@@ -642,5 +670,45 @@ mod tests {
         std::fs::write(&file, "alice:0g\n").unwrap();
         assert_eq!(psk_key(&file, "alice").unwrap_err().errno, EINVAL);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A socket whose peer sends without pause: every receive fills the
+    /// buffer, up to `left` bytes.
+    struct Firehose {
+        left: usize,
+    }
+
+    impl Transport for Firehose {
+        fn fd(&self) -> RawFd {
+            -1
+        }
+        fn send(&mut self, bufs: &[&[u8]]) -> Result<usize, TransportError> {
+            Ok(bufs.iter().map(|b| b.len()).sum())
+        }
+        fn recv(&mut self, buf: &mut [u8]) -> Result<Recv, TransportError> {
+            let n = buf.len().min(self.left);
+            self.left -= n;
+            buf[..n].fill(0x17);
+            Ok(if n == 0 { Recv::WouldBlock } else { Recv::Data(n) })
+        }
+    }
+
+    #[test]
+    fn fill_stops_reading_once_enough_ciphertext_waits_undecrypted() {
+        let dir = std::env::temp_dir().join(format!("nbd-psk-fill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("keys.psk");
+        std::fs::write(&file, "alice:0a1b2c3d\n").unwrap();
+        let ctx = ServerTls::new(&ServerCredentials::Psk { file }).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut t = TlsTransport::new(Firehose { left: 64 << 20 }, Box::new(ctx.session().unwrap()));
+        assert!(!t.fill().unwrap(), "no end of stream");
+        let pulled = (64 << 20) - t.lower().left;
+        assert!(pulled >= FILL_MAX, "{pulled}: it stopped before the limit");
+        assert!(pulled < FILL_MAX + 2 * RECV_CHUNK, "{pulled}: it read past the limit");
+        // Nothing was decrypted, so nothing more is taken.
+        assert!(!t.fill().unwrap(), "no end of stream");
+        assert_eq!((64 << 20) - t.lower().left, pulled);
+        assert_eq!(t.eof_error().unwrap().context, "TLS handshake: the client closed the connection");
     }
 }

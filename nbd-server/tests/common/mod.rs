@@ -125,3 +125,33 @@ pub fn rss_kib(pid: u32) -> u64 {
     let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
+
+/// A file of zeroes for a file export, outside the server's directory
+/// (which is made afresh when the server starts); removed when dropped.
+pub struct Disk {
+    pub path: PathBuf,
+}
+
+impl Disk {
+    pub fn new(name: &str, len: u64) -> Disk {
+        let dir = std::env::temp_dir().join(format!("nbd-rs-server-disk-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("disk.img");
+        std::fs::File::create(&path).unwrap().set_len(len).unwrap();
+        Disk { path }
+    }
+
+    /// The export's argument: `file:PATH`.
+    pub fn spec(&self) -> String {
+        format!("file:{}", self.path.display())
+    }
+}
+
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Some(dir) = self.path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

@@ -117,13 +117,19 @@ fn requests_a_worker_has_at_sigterm_are_answered() {
     }
 }
 
-#[test]
-fn a_client_that_stalls_mid_request_cannot_hold_shutdown_past_the_timeout() {
-    let s = Server::start("stall", &["--shutdown-timeout", "1", "memory:8M"]);
+/// A client that sent 4 KiB of a 1 MiB WRITE and nothing more.
+fn stalled_write(s: &Server) -> UnixStream {
     let (mut c, _) = raw_client(&s.sock);
     c.write_all(&request(WRITE, 1, 0, 1 << 20)).unwrap();
     c.write_all(&[0u8; 4096]).unwrap();
     std::thread::sleep(Duration::from_millis(100));
+    c
+}
+
+#[test]
+fn a_client_that_stalls_mid_request_cannot_hold_shutdown_past_the_timeout() {
+    let s = Server::start("stall", &["--shutdown-timeout", "1", "memory:8M"]);
+    let mut c = stalled_write(&s);
     let start = Instant::now();
     signal(&s, "-TERM");
     assert_closed(&mut c, Duration::from_secs(5));
@@ -137,10 +143,7 @@ fn a_client_that_stalls_mid_request_cannot_hold_shutdown_past_the_timeout() {
 #[test]
 fn a_second_signal_ends_the_requests_at_once() {
     let s = Server::start("second", &["memory:8M"]);
-    let (mut c, _) = raw_client(&s.sock);
-    c.write_all(&request(WRITE, 1, 0, 1 << 20)).unwrap();
-    c.write_all(&[0u8; 4096]).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let mut c = stalled_write(&s);
     let start = Instant::now();
     signal(&s, "-TERM");
     std::thread::sleep(Duration::from_millis(200));

@@ -119,15 +119,35 @@ impl Drop for Workers {
     }
 }
 
+/// WRITEs a worker takes at once when more are queued. Buffered writes
+/// to one file serialize on its inode lock: workers writing side by side
+/// mostly spin on it (a third of the CPU at 4k), while one worker's run
+/// of them does not. Reads stay one per worker, in parallel, since a
+/// read from the disk waits on the device.
+const WRITE_BATCH: usize = 8;
+
 fn serve_jobs(rx: &Mutex<Receiver<Job>>, done: &Sender<Finished>, wake: &(dyn Fn() + Send + Sync)) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
-        let job = match rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-            Ok(job) => job,
-            Err(_) => return,
-        };
-        let result = run(&*job.backend, job.work);
-        if done.send(Finished { conn: job.conn, id: job.id, result }).is_err() {
-            return;
+        {
+            let rx = rx.lock().unwrap_or_else(|e| e.into_inner());
+            match rx.recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => return,
+            }
+            while batch.len() < WRITE_BATCH && batch.last().is_some_and(|j: &Job| matches!(j.work, Work::Write { .. }))
+            {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        for job in batch.drain(..) {
+            let result = run(&*job.backend, job.work);
+            if done.send(Finished { conn: job.conn, id: job.id, result }).is_err() {
+                return;
+            }
         }
         wake();
     }

@@ -16,6 +16,7 @@
 #include <libnbd.h>
 
 #include "servers.h"
+#include "test-writer.h"
 
 #ifndef LIBNBD_HAVE_NBD_RS_SET_MULTI_CONN
 #error "server-test needs nbd-rs's header"
@@ -124,53 +125,8 @@ test_tls (void)
   free (sock);
 }
 
-/* The concurrent writer: a thread sends from a queue while this one
- * polls only for replies. */
-struct queue { pthread_mutex_t lock; pthread_cond_t cond; char *q; size_t head, len, cap; int stop, fd; };
-
-static void
-writer_cb (void *data, const void *buf, size_t len)
-{
-  struct queue *w = data;
-  pthread_mutex_lock (&w->lock);
-  if (w->len + len > w->cap) {
-    memmove (w->q, w->q + w->head, w->len - w->head);
-    w->len -= w->head;
-    w->head = 0;
-    while (w->len + len > w->cap) w->cap = w->cap ? 2 * w->cap : 1 << 20;
-    if ((w->q = realloc (w->q, w->cap)) == NULL) fatal ("realloc");
-  }
-  memcpy (w->q + w->len, buf, len);
-  w->len += len;
-  pthread_cond_signal (&w->cond);
-  pthread_mutex_unlock (&w->lock);
-}
-
-static void *
-writer_thread (void *arg)
-{
-  struct queue *w = arg;
-  char chunk[65536];
-  pthread_mutex_lock (&w->lock);
-  for (;;) {
-    while (w->head == w->len && !w->stop) pthread_cond_wait (&w->cond, &w->lock);
-    if (w->head == w->len) break;
-    size_t n = w->len - w->head < sizeof chunk ? w->len - w->head : sizeof chunk;
-    memcpy (chunk, w->q + w->head, n);
-    w->head += n;
-    pthread_mutex_unlock (&w->lock);
-    for (size_t at = 0; at < n;) {
-      ssize_t r = send (w->fd, chunk + at, n - at, MSG_NOSIGNAL);
-      if (r > 0) at += r;
-      else if (r < 0 && errno == EAGAIN) { struct pollfd p = { w->fd, POLLOUT, 0 }; poll (&p, 1, 1000); }
-      else if (r < 0 && errno != EINTR) break;
-    }
-    pthread_mutex_lock (&w->lock);
-  }
-  pthread_mutex_unlock (&w->lock);
-  return NULL;
-}
-
+/* The concurrent writer (test-writer.h): a thread sends from a queue
+ * while this one polls only for replies. */
 static void
 test_writer (void)
 {
@@ -178,21 +134,15 @@ test_writer (void)
   char *args[] = { "memory:64M", NULL };
   pid_t pid = start_server (sock, args);
   struct nbd_handle *h = nbd_create ();
-  struct queue w = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
-  pthread_t t;
+  struct writer w;
+  writer_init (&w, h, 0);
   CHECK (nbd_rs_set_concurrent_writer (h, &w, writer_cb) == 0, "writer: set");
   CHECK (nbd_connect_unix (h, sock) == 0, "writer: connect");
-  w.fd = nbd_aio_get_fd (h);
-  pthread_create (&t, NULL, writer_thread, &w);
+  writer_start (&w);
   spread (h, "concurrent writer");
   CHECK (nbd_shutdown (h, 0) == 0, "writer: shutdown");
-  pthread_mutex_lock (&w.lock);
-  w.stop = 1;
-  pthread_cond_signal (&w.cond);
-  pthread_mutex_unlock (&w.lock);
-  pthread_join (t, NULL);
+  writer_stop (&w);
   nbd_close (h);
-  free (w.q);
   stop_pid (pid, 1);
   free (sock);
 }

@@ -428,7 +428,7 @@ pub enum TransportError {
     #[error("the server closed the connection {0}")]
     Eof(&'static str),
     /// A send or receive failed.
-    #[error("{context}: {}", ErrnoName(*errno))]
+    #[error("{context}{}", ErrnoSuffix(*errno))]
     Io {
         /// The OS error (0 when the failing layer has none, a TLS
         /// library's say; reported as `ENOTCONN` then).
@@ -443,7 +443,7 @@ pub enum TransportError {
     /// The sender the caller runs beside the connection (a writer on
     /// another thread) failed: each command in flight fails with this
     /// errno, which is what lost its bytes.
-    #[error("{context}: {}", ErrnoName(*errno))]
+    #[error("{context}{}", ErrnoSuffix(*errno))]
     SenderFailed {
         /// The sender's errno (positive).
         errno: i32,
@@ -485,6 +485,19 @@ impl fmt::Display for ExportSuffix<'_> {
         match self.0 {
             Some(name) => write!(f, " for export '{name}'"),
             None => Ok(()),
+        }
+    }
+}
+
+/// ": " and an errno's name after a failure's context; nothing for 0,
+/// a failure with no errno (a TLS layer's: its context says it all).
+struct ErrnoSuffix(i32);
+
+impl fmt::Display for ErrnoSuffix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            errno => write!(f, ": {}", ErrnoName(errno)),
         }
     }
 }

@@ -110,6 +110,9 @@ pub struct Server {
     stopping: bool,
     /// When connections still serving at shutdown are closed anyway.
     deadline: Option<Instant>,
+    /// An accept failed (out of descriptors): retried when a connection
+    /// closes.
+    accept_stalled: bool,
     /// What sessions a client's STARTTLS gets, if TLS is offered.
     tls: Option<nbd_tls::ServerTls>,
     /// A worker has woken the loop and its results are not yet taken.
@@ -170,6 +173,7 @@ impl Server {
             finished,
             stopping: false,
             deadline: None,
+            accept_stalled: false,
             tls: tls.map(|(ctx, _)| ctx),
             woken,
         })
@@ -280,9 +284,10 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Out of descriptors, say: this client is refused, the
-                    // server goes on.
+                    // Out of descriptors, say: the client waits in the
+                    // listener's backlog until a connection closes.
                     self.log.error(format!("accept: {e}"));
+                    self.accept_stalled = true;
                     return;
                 }
             }
@@ -380,8 +385,19 @@ impl Server {
             let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
         }
         match (c.core.phase(), c.core.error()) {
+            // A client that hangs up without NBD_CMD_DISC is not the
+            // server's error: a line only with --verbose.
+            (Phase::Dead, Some(e)) if hung_up(e) => self.log.info(|| format!("{}: disconnected ({e})", c.peer)),
             (Phase::Dead, Some(e)) => self.log.error(format!("{}: {e}", c.peer)),
             _ => self.log.info(|| format!("{}: disconnected", c.peer)),
+        }
+        drop(c);
+        // Clients left waiting when descriptors ran out get the one this
+        // freed: the listener will not say again that they are there.
+        if std::mem::take(&mut self.accept_stalled) {
+            for index in 0..self.listeners.len() {
+                self.accept(index);
+            }
         }
     }
 
@@ -596,6 +612,18 @@ mod libc_errno {
     pub const ENOSPC: i32 = 28;
     pub const EROFS: i32 = 30;
     pub const EOPNOTSUPP: i32 = 95;
+}
+
+/// Whether a connection died because the client went away (its socket
+/// reset, or closed under the server's sends).
+fn hung_up(e: &nbd_proto::Error) -> bool {
+    matches!(
+        e,
+        nbd_proto::Error::Transport(nbd_proto::TransportError::Io {
+            errno: nbd_proto::errno::EPIPE | nbd_proto::errno::ECONNRESET,
+            ..
+        })
+    )
 }
 
 /// What connection `c` waits for: to read while the core wants requests

@@ -394,3 +394,233 @@ fn sigterm_delivers_the_replies_of_requests_already_received() {
     let (status, log) = s.terminate();
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn tls_with_psk_and_x509_as_qemus_client_uses_it() {
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-qemu-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let psk_dir = dir.join("psk");
+    std::fs::create_dir_all(&psk_dir).unwrap();
+    // qemu reads DIR/keys.psk; the server reads the same file.
+    let psk = psk_dir.join("keys.psk");
+    std::fs::write(&psk, "alice:00112233445566778899aabbccddeeff\n").unwrap();
+    let certs = dir.join("certs");
+    ok("bash", &[concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tls-certs.sh"), certs.to_str().unwrap()]);
+    let src = dir.join("src.img");
+    random_file(&src, 8 << 20, 23);
+    // What the export must hold at the end: the copy, then the pattern.
+    let mut want = std::fs::read(&src).unwrap();
+    want[1 << 20..(1 << 20) + 65536].fill(0x5a);
+    let want_path = dir.join("want.img");
+    std::fs::write(&want_path, &want).unwrap();
+    let file_opts = |p: &std::path::Path| format!("driver=raw,file.driver=file,file.filename={}", p.display());
+
+    let psk_object = format!("tls-creds-psk,id=tls0,endpoint=client,dir={},username=alice", psk_dir.display());
+    // Over a Unix socket qemu has no host name to check the certificate
+    // against unless given one.
+    let x509_object = format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", certs.join("client").display());
+    let server_certs = certs.join("server");
+    for (name, creds, object, hostname) in [
+        ("psk", ["--tls-psk", psk.to_str().unwrap()], &psk_object, ""),
+        ("x509", ["--tls-certificates", server_certs.to_str().unwrap()], &x509_object, ",tls-hostname=localhost"),
+    ] {
+        let s =
+            Server::start(&format!("qemu-tls-{name}"), &["-v", "--tls", "require", creds[0], creds[1], "memory:8M"]);
+        let nbd = format!("driver=nbd,path={},tls-creds=tls0{hostname}", s.sock.display());
+        ok(
+            "qemu-img",
+            &with_object(object, &["convert", "-n", "--image-opts", &file_opts(&src), "--target-image-opts", &nbd]),
+        );
+        let io = ok(
+            "qemu-io",
+            &with_object(object, &["--image-opts", &nbd, "-c", "write -P 0x5a 1M 64k", "-c", "read -P 0x5a 1M 64k"]),
+        );
+        assert!(io.contains("read 65536/65536 bytes at offset 1048576"), "{name}: {io}");
+        assert!(!io.contains("Pattern verification failed"), "{name}: {io}");
+        // The check above can fail: a pattern that is not there is caught.
+        let wrong = run("qemu-io", &with_object(object, &["--image-opts", &nbd, "-c", "read -P 0xa5 1M 64k"]));
+        let text = String::from_utf8_lossy(&wrong.stdout);
+        assert!(text.contains("Pattern verification failed"), "{name}: {text}");
+        let cmp = ok("qemu-img", &with_object(object, &["compare", "--image-opts", &file_opts(&want_path), &nbd]));
+        assert!(cmp.contains("Images are identical"), "{name}: {cmp}");
+        let differs = run("qemu-img", &with_object(object, &["compare", "--image-opts", &file_opts(&src), &nbd]));
+        assert_eq!(differs.status.code(), Some(1), "{name}: compare against the file before the pattern");
+
+        // qemu without credentials is refused, and says why.
+        let plain = run("qemu-img", &["info", "--image-opts", &format!("driver=nbd,path={}", s.sock.display())]);
+        let err = String::from_utf8_lossy(&plain.stderr);
+        assert!(!plain.status.success(), "{name}: qemu without TLS was served");
+        assert!(err.contains("TLS"), "{name}: {err}");
+
+        let (status, log) = s.terminate();
+        assert!(status.success(), "{name}: {log}");
+        // Every connection that reached an export did so over TLS.
+        let served: Vec<&str> = log.lines().filter(|l| l.contains("serving export")).collect();
+        assert!(served.len() >= 5, "{name}: {log}");
+        assert!(served.iter().all(|l| l.ends_with(", TLS)")), "{name}: {log}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `args` with `--object OBJECT` after the first (qemu-img wants it after
+/// its subcommand; qemu-io takes it anywhere).
+fn with_object<'a>(object: &'a str, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = args.to_vec();
+    all.splice(1..1, ["--object", object]);
+    all
+}
+
+/// A child process killed when dropped, so a failed assertion leaves none
+/// behind.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port nothing listens on now (the server binds it a moment later).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[test]
+fn the_log_names_each_connection_and_a_client_killed_mid_write() {
+    // Over TCP the log names each connection by its address, which the
+    // test can match with the client's own port.
+    let port = free_port().to_string();
+    let s = Server::start("connlog", &["-v", "-p", &port, "--bind", "127.0.0.1", "memory:1M"]);
+    let uri = format!("nbd://127.0.0.1:{port}/");
+    assert!(ok("nbdinfo", &[&uri]).contains("export-size: 1048576"));
+
+    // A client that sends a WRITE header and 1000 of its 65536 payload
+    // bytes, says its port, and is then killed with SIGKILL.
+    let script = r#"
+import socket, struct, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+def read(n):
+    b = b""
+    while len(b) < n:
+        c = s.recv(n - len(b))
+        if not c:
+            sys.exit("the server hung up")
+        b += c
+    return b
+assert read(18)[:16] == b"NBDMAGICIHAVEOPT"
+s.sendall(struct.pack(">I", 3) + b"IHAVEOPT" + struct.pack(">II", 1, 0))
+read(10)
+s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 7, 0, 65536) + b"x" * 1000)
+print(s.getsockname()[1], flush=True)
+time.sleep(60)
+"#;
+    let mut writer = Killed(
+        Command::new("/usr/bin/python3")
+            .args(["-c", script, &port])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 (make deps)"),
+    );
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(writer.0.stdout.take().unwrap()), &mut line).unwrap();
+    let killed_port: u16 = line.trim().parse().unwrap_or_else(|_| panic!("the writer said {line:?}"));
+    drop(writer);
+    // Let the server see that connection end before SIGTERM stops it
+    // reading: one more client, served after the cut was pending.
+    std::thread::sleep(Duration::from_millis(200));
+    ok("nbdinfo", &[&uri]);
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{log}");
+
+    let lines: Vec<&str> = log.lines().collect();
+    let at = |text: &str| lines.iter().position(|l| l.contains(text));
+    // nbdinfo's connections (Server::start's probe came over the Unix
+    // socket): each is named when it comes, when it gets its export and
+    // when it goes, in that order.
+    let peers: Vec<String> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("nbd-rs-server: ")?.strip_suffix(": connected"))
+        .filter(|p| p.starts_with("127.0.0.1:") && *p != format!("127.0.0.1:{killed_port}"))
+        .map(str::to_owned)
+        .collect();
+    assert!(peers.len() >= 2, "{log}");
+    for p in &peers {
+        let connected = at(&format!("{p}: connected")).unwrap();
+        let serving = at(&format!("{p}: serving export \"\"")).unwrap_or_else(|| panic!("{p} got no export: {log}"));
+        let gone = at(&format!("{p}: disconnected")).unwrap_or_else(|| panic!("{p} never left: {log}"));
+        assert!(connected < serving && serving < gone, "{log}");
+    }
+    // The killed client: connected, then an error naming the cut.
+    let killed = format!("127.0.0.1:{killed_port}");
+    assert!(at(&format!("{killed}: connected")).is_some(), "{log}");
+    let cut = lines.iter().rfind(|l| l.starts_with(&format!("nbd-rs-server: {killed}: "))).unwrap();
+    assert!(cut.contains("client protocol error") && cut.contains("in the middle of a request"), "{log}");
+    assert!(at(&format!("{killed}: disconnected")).is_none(), "a cut WRITE counted as a clean end: {log}");
+}
+
+#[test]
+fn clients_that_hang_up_early_leave_no_error_in_the_log() {
+    let s = Server::start("early", &["memory:1M"]);
+    for i in 0..20 {
+        let _c = UnixStream::connect(&s.sock).unwrap();
+        match i % 4 {
+            // Gone before the greeting is sent or read.
+            0 => {}
+            // Gone with the greeting unread: the socket resets.
+            1 => std::thread::sleep(Duration::from_millis(5)),
+            // Gone after the handshake, between requests.
+            2 => drop(raw_client(&s.sock)),
+            // Gone with a reply unread.
+            _ => {
+                let (mut t, _) = raw_client(&s.sock);
+                t.write_all(&request(0, 1, 0, 65536)).unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    ok("nbdinfo", &[&s.uri("")]);
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{log}");
+    assert!(log.is_empty(), "without -v, clients that hang up are not errors:\n{log}");
+}
+
+#[test]
+fn clients_waiting_when_descriptors_ran_out_are_served_when_one_frees() {
+    // Few descriptors: the server's own take some, then the clients.
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-emfile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("s.sock");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -n 16 && exec {} -U {} memory:1M", env!("CARGO_BIN_EXE_nbd-rs-server"), sock.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "the server did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let greeted = |c: &mut UnixStream| {
+        c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        let mut g = [0u8; 18];
+        c.read_exact(&mut g).is_ok()
+    };
+    let mut clients: Vec<UnixStream> = (0..16).map(|_| UnixStream::connect(&sock).unwrap()).collect();
+    let served: Vec<bool> = clients.iter_mut().map(greeted).collect();
+    let waiting: Vec<usize> = (0..served.len()).filter(|&i| !served[i]).collect();
+    assert!(waiting.len() >= 2 && served[0] && served[1], "served: {served:?}");
+    // Two leave: the first two waiting get their descriptors.
+    clients.drain(..2);
+    let now_served = waiting[..2].iter().filter(|&&i| greeted(&mut clients[i - 2])).count();
+    let _ = Command::new("kill").arg(child.id().to_string()).status();
+    let status = child.wait().unwrap();
+    let mut log = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(now_served, 2, "clients left in the backlog when descriptors freed:\n{log}");
+    assert!(status.success(), "{log}");
+    assert!(log.contains("accept: Too many open files"), "{log}");
+}

@@ -60,10 +60,15 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             if option == opt::EXPORT_NAME {
                 return Err(ClientError::ExportNameRefused("the name is too long").into());
             }
-            // Skipped as it arrives, never buffered.
+            // Skipped as it arrives, never buffered. Without the TLS a
+            // server requires, the refusal is that one, whatever the size.
             self.input.consume(OptionHeader::SIZE);
             self.rx = Rx::Skip { remaining: u64::from(length) };
-            self.reply(option, rep::ERR_TOO_BIG, b"option too long");
+            if self.tls_missing() && !matches!(option, opt::STARTTLS | opt::ABORT) {
+                self.reply(option, rep::ERR_TLS_REQD, b"TLS is required");
+            } else {
+                self.reply(option, rep::ERR_TOO_BIG, b"option too long");
+            }
             return Ok(true);
         }
         let whole = OptionHeader::SIZE + length as usize;
@@ -100,8 +105,13 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Connection<B> {
             .or_else(|| (name.is_empty() && !exports.is_empty()).then_some(0))
     }
 
+    /// The server requires TLS and the client has not started it.
+    fn tls_missing(&self) -> bool {
+        self.config.tls == TlsPolicy::Require && !self.neg.tls
+    }
+
     fn on_option(&mut self, option: u32, data: &[u8]) -> Result<(), Error> {
-        let tls_missing = self.config.tls == TlsPolicy::Require && !self.neg.tls;
+        let tls_missing = self.tls_missing();
         match option {
             opt::EXPORT_NAME => return self.on_export_name(data, tls_missing),
             opt::ABORT => {

@@ -5,7 +5,7 @@ mod config;
 mod handshake;
 mod inflight;
 pub(crate) mod input;
-mod output;
+pub(crate) mod output;
 mod reconnect;
 mod transmission;
 

@@ -33,6 +33,25 @@ pub(crate) enum Milestone {
     Abort,
 }
 
+/// Sent bytes an encoding buffer keeps at its front before they are
+/// dropped (once they are also at least half of it, so each byte moves
+/// at most once).
+pub(crate) const COMPACT_AT: usize = 64 * 1024;
+
+/// Drops the sent bytes, `encoded[..*sent]`: all of them (no copy) once
+/// everything has been sent, else when they have piled up. A stream that
+/// never drains (requests or replies always queued behind a slow peer)
+/// would otherwise keep every header it ever sent.
+pub(crate) fn drop_sent(encoded: &mut Vec<u8>, sent: &mut usize) {
+    if *sent == encoded.len() {
+        encoded.clear();
+        *sent = 0;
+    } else if *sent >= COMPACT_AT && *sent >= encoded.len() / 2 {
+        encoded.drain(..*sent);
+        *sent = 0;
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Output {
     encoded: Vec<u8>,
@@ -120,10 +139,7 @@ impl Output {
                 self.front_sent = 0;
             }
         }
-        if self.encoded_sent == self.encoded.len() {
-            self.encoded.clear();
-            self.encoded_sent = 0;
-        }
+        drop_sent(&mut self.encoded, &mut self.encoded_sent);
         while let Some(&(at, m)) = self.milestones.front() {
             if at > self.sent {
                 break;
@@ -204,6 +220,21 @@ mod tests {
                 Piece::Payload { range, .. } => (false, range.len()),
             })
             .collect()
+    }
+
+    #[test]
+    fn requests_always_queued_keep_only_the_unsent_headers() {
+        let mut o = Output::default();
+        let mut passed = Vec::new();
+        o.encode(|b| b.extend_from_slice(&[1; 28]));
+        for _ in 0..100_000 {
+            o.encode(|b| b.extend_from_slice(&[2; 28]));
+            o.advance(28, &mut passed);
+        }
+        assert!(o.encoded.len() <= 2 * COMPACT_AT + 28, "{} bytes kept", o.encoded.len());
+        assert_eq!(remaining(&o), [(true, 28)]);
+        let Some(Piece::Encoded(r)) = o.pieces().next() else { panic!("a header") };
+        assert_eq!(&o.encoded_bytes()[r], &[2; 28]);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! static block, so that a hole in a simple reply costs no allocation.
 
 use super::RequestId;
+use crate::client::output::drop_sent;
 use std::collections::VecDeque;
 
 /// Zeroes for holes that must go out as data (simple replies, DF reads).
@@ -158,10 +159,7 @@ impl<B: AsRef<[u8]>> Output<B> {
                 _ => {}
             }
         }
-        if self.encoded_sent == self.encoded.len() {
-            self.encoded.clear();
-            self.encoded_sent = 0;
-        }
+        drop_sent(&mut self.encoded, &mut self.encoded_sent);
     }
 
     /// Drops everything queued; lent buffers are handed back.
@@ -181,6 +179,22 @@ impl<B: AsRef<[u8]>> Output<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_that_never_drains_keeps_only_what_is_unsent() {
+        let mut out: Output<Vec<u8>> = Output::default();
+        let mut passed = Vec::new();
+        out.encode(|b| b.extend_from_slice(&[1; 16]));
+        for _ in 0..100_000 {
+            out.encode(|b| b.extend_from_slice(&[2; 16]));
+            out.advance(16, &mut passed);
+            assert_eq!(out.pending(), 16);
+        }
+        assert!(out.encoded.len() <= 2 * crate::client::output::COMPACT_AT + 16, "{} bytes kept", out.encoded.len());
+        let mut slices = [&[][..]; 4];
+        assert_eq!(out.slices(&mut slices), 1);
+        assert_eq!(slices[0], &[2; 16]);
+    }
 
     fn drain(o: &mut Output<Vec<u8>>, step: u64) -> (Vec<u8>, Vec<Passed<Vec<u8>>>) {
         let mut bytes = Vec::new();

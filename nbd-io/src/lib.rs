@@ -104,7 +104,9 @@ pub trait Transport {
     }
 
     /// Takes in what the peer sent below the stream, until it would
-    /// block; `Ok(true)` if the peer closed the connection.
+    /// block; `Ok(true)` if the peer closed the connection (and again at
+    /// each call after that: the I/O loop acts on the end only once the
+    /// core has taken the input before it).
     fn fill(&mut self) -> Result<bool, TransportError> {
         Ok(false)
     }

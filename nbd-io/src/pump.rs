@@ -46,7 +46,12 @@ pub fn receive<C: Core + ?Sized, T: Transport + ?Sized>(conn: &mut C, t: &mut T)
         }
     };
     let established = progress(conn, t);
-    if closed {
+    // As on a plain socket, where the end is read only when the core
+    // reads: input the core has not taken yet (requests beyond its
+    // limits, in the transport or in its own buffer) comes first. The
+    // transport reports the end again at the next receive. A handshake
+    // cut short below the stream fails at once.
+    if closed && (conn.wants_read() || !t.is_established()) {
         match t.eof_error() {
             Some(e) => conn.handle_transport_error(e.errno, &e.context),
             None => conn.handle_eof(),

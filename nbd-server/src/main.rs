@@ -267,8 +267,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Credentials first: a server that cannot start leaves no socket.
+    let tls = match args.tls.as_ref().map(|(creds, policy)| ServerTls::new(creds).map(|ctx| (ctx, *policy))).transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("nbd-rs-server: TLS: {}", e.msg);
+            return ExitCode::FAILURE;
+        }
+    };
     let mut created = Vec::new();
     let listeners = match listen(&args, &mut created) {
+        Ok(l) if l.is_empty() && !args.stdin => {
+            // LISTEN_FDS for another process (LISTEN_PID), and nothing else.
+            eprintln!("nbd-rs-server: nowhere to listen: the socket activation variables are not for this process");
+            return ExitCode::FAILURE;
+        }
         Ok(l) => l,
         Err(e) => {
             created.iter().for_each(CreatedSocket::remove);
@@ -277,13 +291,6 @@ fn main() -> ExitCode {
         }
     };
     let stdin = args.stdin;
-    let tls = match args.tls.map(|(creds, policy)| ServerTls::new(&creds).map(|ctx| (ctx, policy))).transpose() {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("nbd-rs-server: TLS: {}", e.msg);
-            return ExitCode::FAILURE;
-        }
-    };
     let result = Server::new(args.exports, listeners, args.limits, tls, args.log).and_then(|mut s| {
         if stdin {
             s.serve_stdin()?;

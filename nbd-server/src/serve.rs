@@ -16,7 +16,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use nbd_io::{pump, Core, Socket};
 
-use nbd_proto::server::{self, Command, Event, Phase, Request, RequestId};
+use nbd_proto::server::{self, BlockSize, Command, Event, Phase, Request, RequestId};
 use nbd_proto::wire::nbd_error;
 use nbd_proto::TransmissionFlags;
 use std::collections::{HashMap, VecDeque};
@@ -146,7 +146,7 @@ impl Server {
             }),
         )?;
         let config = server::Config {
-            exports: exports.iter().map(export_of).collect(),
+            exports: exports.iter().map(|e| export_of(e, limits.max_bytes)).collect(),
             max_in_flight: limits.max_in_flight,
             tls: tls.as_ref().map_or(server::TlsPolicy::Off, |(_, policy)| *policy),
             ..server::Config::default()
@@ -265,6 +265,7 @@ impl Server {
             let unanswered = c.core.in_flight();
             self.log.error(format!("{}: closed at shutdown ({why}), {unanswered} requests unanswered", c.peer));
         }
+        self.workers.abandon();
     }
 
     fn accept(&mut self, index: usize) {
@@ -283,8 +284,10 @@ impl Server {
                 Ok((stream, peer)) => self.adopt(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // A client that left before it was accepted: the next one.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
                 Err(e) => {
-                    // Out of descriptors, say: the client waits in the
+                    // Out of descriptors or memory: the client waits in the
                     // listener's backlog until a connection closes.
                     self.log.error(format!("accept: {e}"));
                     self.accept_stalled = true;
@@ -344,9 +347,12 @@ impl Server {
                 break;
             }
         }
-        let over = matches!(c.core.phase(), Phase::Closed | Phase::Dead);
+        // TLS records still to go (the end of the last reply) go before
+        // the socket closes; a dead connection has nothing left to send.
+        let flushed = !c.stream.transport().interest().write || c.core.phase() == Phase::Dead;
+        let over = matches!(c.core.phase(), Phase::Closed | Phase::Dead) && flushed;
         let idle = c.jobs == 0 && c.core.pending_output() == 0 && !c.core.is_mid_message();
-        if over || (self.stopping && idle) {
+        if over || (self.stopping && idle && flushed) {
             if c.jobs > 0 {
                 // A worker still has some of its requests: their results
                 // find the connection over and are dropped then.
@@ -545,9 +551,14 @@ impl Conn {
 }
 
 /// The export as the protocol core offers it.
-fn export_of(e: &ExportSpec) -> server::Export {
+/// What clients are told of export `e`. Its largest request fits the
+/// connection's byte limit, so a conforming client never waits on it.
+fn export_of(e: &ExportSpec, max_bytes: usize) -> server::Export {
     let b = &e.backend;
     let mut x = server::Export::new(e.name.clone(), b.size());
+    let d = server::DEFAULT_BLOCK_SIZE;
+    let maximum = d.maximum.min(u32::try_from(max_bytes).unwrap_or(u32::MAX)).max(d.preferred);
+    x.block_size = Some(BlockSize { maximum, ..d });
     if e.read_only || !b.writable() {
         x.flags |= TransmissionFlags::READ_ONLY;
     }
@@ -578,7 +589,14 @@ fn reply(c: &mut Conn, id: RequestId, result: JobResult, log: &Log) {
                 c.recycle(buf);
             }
             c.contexts.remove(&id);
-            log.info(|| format!("{}: request failed: {e}", c.peer));
+            // The backend failed: the storage may be losing data, so it
+            // is always said. A zero that cannot be fast is no failure:
+            // the client asked whether it could be.
+            if e.kind() == io::ErrorKind::Unsupported {
+                log.info(|| format!("{}: request refused: {e}", c.peer));
+            } else {
+                log.error(format!("{}: request failed: {e}", c.peer));
+            }
             c.core.reply_error(id, nbd_errno(&e), &e.to_string())
         }
     };

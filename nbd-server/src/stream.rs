@@ -69,9 +69,13 @@ impl<'a> Metered<'a> {
 
 impl Core for Metered<'_> {
     fn wants_read(&self) -> bool {
+        // The rest of a message always comes in: a WRITE's payload goes
+        // into a buffer already counted, and stopping mid-request would
+        // leave it waiting for room only its own completion makes.
+        let mid = self.core.is_mid_message();
         self.core.direction().wants_read()
-            && self.held + self.core.pending_output() as usize <= self.max_bytes
-            && (!self.finishing || self.core.is_mid_message())
+            && (mid || self.held + self.core.pending_output() as usize <= self.max_bytes)
+            && (mid || !self.finishing)
     }
     fn recv_buffer(&mut self) -> &mut [u8] {
         self.core.recv_buffer()

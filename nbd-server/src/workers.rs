@@ -6,6 +6,7 @@ use crate::backend::Backend;
 use nbd_proto::server::RequestId;
 use nbd_proto::Extent;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -81,6 +82,9 @@ pub type JobResult = Result<Outcome, (io::Error, Option<Vec<u8>>)>;
 pub struct Workers {
     jobs: Option<Sender<Job>>,
     threads: Vec<JoinHandle<()>>,
+    /// Set when the server gives up on its requests: queued jobs are
+    /// dropped, and the threads are not waited for.
+    abandoned: Arc<AtomicBool>,
 }
 
 impl Workers {
@@ -89,16 +93,26 @@ impl Workers {
     pub fn start(n: usize, done: Sender<Finished>, wake: Arc<dyn Fn() + Send + Sync>) -> io::Result<Self> {
         let (tx, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let abandoned = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for i in 0..n.max(1) {
-            let (rx, done, wake) = (rx.clone(), done.clone(), wake.clone());
+            let (rx, done, wake, abandoned) = (rx.clone(), done.clone(), wake.clone(), abandoned.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || serve_jobs(&rx, &done, &*wake))?,
+                    .spawn(move || serve_jobs(&rx, &done, &*wake, &abandoned))?,
             );
         }
-        Ok(Workers { jobs: Some(tx), threads })
+        Ok(Workers { jobs: Some(tx), threads, abandoned })
+    }
+
+    /// The requests will not be answered: jobs not yet begun are dropped,
+    /// and a worker stuck in its backend (hung storage) does not hold up
+    /// the exit.
+    pub fn abandon(&mut self) {
+        self.abandoned.store(true, Ordering::Release);
+        self.jobs = None;
+        self.threads.clear();
     }
 
     pub fn submit(&self, job: Job) {
@@ -126,7 +140,12 @@ impl Drop for Workers {
 /// read from the disk waits on the device.
 const WRITE_BATCH: usize = 8;
 
-fn serve_jobs(rx: &Mutex<Receiver<Job>>, done: &Sender<Finished>, wake: &(dyn Fn() + Send + Sync)) {
+fn serve_jobs(
+    rx: &Mutex<Receiver<Job>>,
+    done: &Sender<Finished>,
+    wake: &(dyn Fn() + Send + Sync),
+    abandoned: &AtomicBool,
+) {
     let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
         {
@@ -144,6 +163,9 @@ fn serve_jobs(rx: &Mutex<Receiver<Job>>, done: &Sender<Finished>, wake: &(dyn Fn
             }
         }
         for job in batch.drain(..) {
+            if abandoned.load(Ordering::Acquire) {
+                continue;
+            }
             let result = run(&*job.backend, job.work);
             if done.send(Finished { conn: job.conn, id: job.id, result }).is_err() {
                 return;

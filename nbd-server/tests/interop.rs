@@ -624,3 +624,106 @@ fn clients_waiting_when_descriptors_ran_out_are_served_when_one_frees() {
     assert!(status.success(), "{log}");
     assert!(log.contains("accept: Too many open files"), "{log}");
 }
+
+/// A raw NBD client over TLS (Python's ssl module, through memory BIOs
+/// so that it can half-close the socket under the TLS session): after
+/// STARTTLS and GO, sends `READ_BYTES` of READ (or `WRITES` WRITEs of
+/// 4 KiB), then NBD_CMD_DISC, optionally shuts its sending side, and
+/// prints how many reply bytes came before the end of the stream.
+const TLS_RAW_CLIENT: &str = r#"
+import socket, ssl, struct, sys
+path, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_UNIX); s.connect(path)
+def recvn(k):
+    b = b""
+    while len(b) < k:
+        c = s.recv(k - len(b))
+        if not c: sys.exit("the server hung up in the handshake")
+        b += c
+    return b
+recvn(18); s.sendall(struct.pack(">I", 3))
+s.sendall(struct.pack(">QII", 0x49484156454F5054, 5, 0))
+assert struct.unpack(">QIII", recvn(20))[2] == 1, "STARTTLS refused"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+t = ctx.wrap_bio(inc, out)
+def flush():
+    d = out.read()
+    if d: s.sendall(d)
+while True:
+    try:
+        t.do_handshake(); flush(); break
+    except ssl.SSLWantReadError:
+        flush(); inc.write(s.recv(65536))
+def read(k):
+    b = b""
+    while len(b) < k:
+        try:
+            b += t.read(k - len(b))
+        except ssl.SSLWantReadError:
+            c = s.recv(1 << 20)
+            if not c: return b
+            inc.write(c)
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b
+    return b
+t.write(struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0)); flush()
+while True:
+    _, _, typ, ln = struct.unpack(">QIII", read(20)); read(ln)
+    if typ == 1: break
+    assert typ < 0x80000000, "GO refused"
+if mode == "read":
+    msg = struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, n)
+    expect = 16 + n
+else:
+    msg = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 1, i, i * 4096, 4096) + b"\xab" * 4096 for i in range(n))
+    expect = 16 * n
+t.write(msg + struct.pack(">IHHQQI", 0x25609513, 0, 2, 99, 0, 0)); flush()
+if mode == "write":
+    s.shutdown(socket.SHUT_WR)
+got = read(expect + 1)
+print(len(got), expect)
+"#;
+
+#[test]
+fn over_tls_the_last_reply_is_whole_and_requests_come_before_the_end_of_stream() {
+    let dir = std::env::temp_dir().join(format!("nbd-rs-server-certs-tls-end-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = dir.join("certs");
+    ok("bash", &[concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/tls-certs.sh"), certs.to_str().unwrap()]);
+    let s = Server::start("tls-end", &["--tls-certificates", certs.join("server").to_str().unwrap(), "memory:16M"]);
+    let sock = s.sock.to_str().unwrap().to_owned();
+    // An 8 MiB reply, then the close that NBD_CMD_DISC asks for: every
+    // TLS record of the reply leaves before the socket closes.
+    let read = ok("/usr/bin/python3", &["-c", TLS_RAW_CLIENT, &sock, "read", &(8 << 20).to_string()]);
+    let (got, want) = read.trim().split_once(' ').unwrap();
+    assert_eq!(got, want, "reply bytes before the close, of those owed");
+    // 500 WRITEs, NBD_CMD_DISC and the end of the stream in one burst:
+    // more than the server takes at once (64 in flight), so most wait
+    // decrypted inside the TLS session when the end arrives.
+    let write = ok("/usr/bin/python3", &["-c", TLS_RAW_CLIENT, &sock, "write", "500"]);
+    let (got, want) = write.trim().split_once(' ').unwrap();
+    assert_eq!(got, want, "replies to the WRITEs sent before the end of the stream");
+    let (status, log) = s.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("in the middle of a request"), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn requests_larger_than_the_byte_limit_are_split_by_the_client_not_stuck() {
+    // The export advertises a maximum block size within --max-bytes, so
+    // qemu splits a 1040 KiB write; a WRITE beyond it gets EINVAL rather
+    // than waiting for room it can never have.
+    let s = Server::start("max-bytes", &["--max-bytes", "1M", "memory:8M"]);
+    let img = format!("nbd+unix:///?socket={}", s.sock.display());
+    let out = ok("qemu-io", &["-f", "raw", &img, "-c", "write -P 0x5a 0 1040K", "-c", "read -P 0x5a 0 1040K"]);
+    assert!(out.contains("wrote 1064960/1064960") && out.contains("read 1064960/1064960"), "{out}");
+    let info = ok("nbdinfo", &[&s.uri("")]);
+    assert!(info.contains("block_size_maximum: 1048576"), "{info}");
+    let (mut c, _) = raw_client(&s.sock);
+    c.write_all(&request(1, 5, 0, (1 << 20) + 4096)).unwrap();
+    let mut r = [0u8; 16];
+    c.read_exact(&mut r).unwrap();
+    assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 22, "NBD_EINVAL for a WRITE above the maximum");
+}

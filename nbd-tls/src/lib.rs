@@ -223,6 +223,7 @@ impl ServerTls {
                 if *verify_peer {
                     let ca = dir.join("ca-cert.pem");
                     ctx.set_ca_file(&ca).map_err(|e| tls_err(&ca.display().to_string(), e))?;
+                    load_crl(&mut ctx, dir)?;
                     ctx.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
                 } else {
                     ctx.set_verify(SslVerifyMode::NONE);
@@ -300,6 +301,25 @@ impl Write for Pipe {
 /// taken: the socket is the bottleneck, and memory stays bounded.
 const MAX_PENDING_CIPHERTEXT: usize = 1 << 20;
 
+/// The certificates directory's revocation list (ca-crl.pem), if it has
+/// one: peers' certificates are then checked against it.
+fn load_crl(ctx: &mut SslContextBuilder, dir: &Path) -> TlsResult<()> {
+    let crl = dir.join("ca-crl.pem");
+    if !crl.exists() {
+        return Ok(());
+    }
+    let name = crl.display().to_string();
+    if crl.to_str().is_none() {
+        return Err(TlsError::new(EINVAL, format!("{name}: the path is not UTF-8")));
+    }
+    let store = ctx.cert_store_mut();
+    store
+        .add_lookup(X509Lookup::file())
+        .and_then(|l| l.load_crl_file(&crl, SslFiletype::PEM))
+        .and_then(|_| store.set_flags(X509VerifyFlags::CRL_CHECK))
+        .map_err(|e| TlsError::new(EIO, format!("{name}: {e}")))
+}
+
 /// Received ciphertext a transport holds undecrypted before it stops
 /// reading the socket: several maximal records.
 const FILL_MAX: usize = 256 * 1024;
@@ -362,17 +382,8 @@ impl OpensslTls {
                         format!("{missing}, so the server's certificate was checked against the system's trusted CAs");
                 }
             }
-            if let Some(crl) = dir.map(|d| d.join("ca-crl.pem")).filter(|f| f.exists()) {
-                let name = crl.display().to_string();
-                if crl.to_str().is_none() {
-                    return Err(TlsError::new(EINVAL, format!("{name}: the path is not UTF-8")));
-                }
-                let store = ctx.cert_store_mut();
-                store
-                    .add_lookup(X509Lookup::file())
-                    .and_then(|l| l.load_crl_file(&crl, SslFiletype::PEM))
-                    .and_then(|_| store.set_flags(X509VerifyFlags::CRL_CHECK))
-                    .map_err(|e| tls_err(&name, e))?;
+            if let Some(d) = dir {
+                load_crl(&mut ctx, d)?;
             }
             if let Some(d) = dir {
                 let (cert, key) = (d.join("client-cert.pem"), d.join("client-key.pem"));
@@ -528,6 +539,8 @@ pub struct TlsTransport<T> {
     lower: T,
     session: Box<dyn TlsLayer>,
     established: bool,
+    /// The socket reached its end: what the session holds is all there is.
+    peer_closed: bool,
     /// Small pieces of plaintext coalesced into one TLS record.
     coalesced: Vec<u8>,
 }
@@ -535,7 +548,7 @@ pub struct TlsTransport<T> {
 impl<T: Transport> TlsTransport<T> {
     /// `session` has sent its first flight (into its own buffer).
     pub fn new(lower: T, session: Box<dyn TlsLayer>) -> Self {
-        TlsTransport { lower, session, established: false, coalesced: Vec::new() }
+        TlsTransport { lower, session, established: false, peer_closed: false, coalesced: Vec::new() }
     }
 
     pub fn lower(&self) -> &T {
@@ -605,12 +618,14 @@ impl<T: Transport> Transport for TlsTransport<T> {
     /// Stops early once [`FILL_MAX`] bytes wait undecrypted: a peer
     /// whose input the stream above does not take (a server connection
     /// at its limits) cannot make the session buffer without bound.
+    /// Once the socket has ended it says so at every call: the I/O loop
+    /// acts on it once the stream above has taken what came before.
     fn fill(&mut self) -> Result<bool, TransportError> {
-        while self.session.buffered_ciphertext() < FILL_MAX {
+        while !self.peer_closed && self.session.buffered_ciphertext() < FILL_MAX {
             let buf = self.session.recv_buffer();
             let room = buf.len();
             match self.lower.recv(buf) {
-                Ok(Recv::Eof) => return Ok(true),
+                Ok(Recv::Eof) => self.peer_closed = true,
                 Ok(Recv::Data(n)) => {
                     self.session.handle_received(n);
                     if n < room {
@@ -621,7 +636,7 @@ impl<T: Transport> Transport for TlsTransport<T> {
                 Err(e) => return Err(below(e, "TLS receive")),
             }
         }
-        Ok(false)
+        Ok(self.peer_closed)
     }
 
     fn is_established(&self) -> bool {

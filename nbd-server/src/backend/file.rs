@@ -20,7 +20,8 @@ pub struct File {
 impl File {
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
         let file = std::fs::OpenOptions::new().read(true).write(writable).open(path)?;
-        let size = file.metadata()?.len();
+        // A block device's metadata says 0: its end says how large it is.
+        let size = io::Seek::seek(&mut &file, io::SeekFrom::End(0))?;
         Ok(File { file, size, writable })
     }
 

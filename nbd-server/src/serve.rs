@@ -188,11 +188,17 @@ impl Server {
     pub fn serve_stdin(&mut self) -> io::Result<()> {
         use std::os::fd::AsFd;
         let fd = io::stdin().as_fd().try_clone_to_owned()?;
-        let sock = std::os::unix::net::UnixStream::from(fd);
-        // Not a socket: say so rather than fail on the first send.
-        sock.peer_addr().map_err(|e| io::Error::new(e.kind(), format!("stdin is not a socket: {e}")))?;
+        // A connected stream socket of any family (a socketpair from
+        // nbd_connect_command, or TCP from inetd); anything else is said
+        // now rather than at the first send.
+        let kind = rustix::net::sockopt::socket_type(&fd)
+            .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("stdin is not a socket: {e}")))?;
+        if kind != rustix::net::SocketType::STREAM {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "stdin is not a stream socket"));
+        }
+        let sock = Socket::from(fd);
         sock.set_nonblocking(true)?;
-        self.adopt(Stream::Plain(Socket::from(sock)), "stdin".to_owned());
+        self.adopt(Stream::Plain(sock), "stdin".to_owned());
         Ok(())
     }
 

@@ -727,3 +727,31 @@ fn requests_larger_than_the_byte_limit_are_split_by_the_client_not_stuck() {
     c.read_exact(&mut r).unwrap();
     assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 22, "NBD_EINVAL for a WRITE above the maximum");
 }
+
+#[test]
+fn stdin_may_be_any_stream_socket_and_nothing_else() {
+    // TCP on stdin, as inetd hands a connection over.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (accepted, _) = l.accept().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nbd-rs-server"))
+        .args(["-s", "memory:1M"])
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(accepted)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut greeting = [0u8; 18];
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.read_exact(&mut greeting).unwrap();
+    assert_eq!(&greeting[..16], b"NBDMAGICIHAVEOPT");
+    drop(c);
+    assert!(child.wait().unwrap().success(), "the server ends with its one connection");
+    // Not a socket: refused at once, saying why.
+    let out = Command::new(env!("CARGO_BIN_EXE_nbd-rs-server"))
+        .args(["-s", "memory:1M"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stdin is not a socket"), "{out:?}");
+}

@@ -92,12 +92,14 @@ impl Backend for File {
     }
 
     fn zero(&self, offset: u64, len: u64, may_trim: bool, fast: bool, fua: bool) -> io::Result<()> {
-        let done = if may_trim {
-            self.punch(offset, len).is_ok()
-        } else {
-            rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len)
-                .is_ok()
-        };
+        if len == 0 {
+            return Ok(());
+        }
+        // A hole if allowed, else (or where holes cannot be punched) the
+        // file system's own zeroing; writing zeroes is the slow way.
+        let done = (may_trim && self.punch(offset, len).is_ok())
+            || rustix::fs::fallocate(&self.file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len)
+                .is_ok();
         if !done && fast {
             return Err(io::ErrorKind::Unsupported.into());
         }

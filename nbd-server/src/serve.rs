@@ -264,10 +264,8 @@ impl Server {
     /// flight go unanswered.
     fn abandon(&mut self, why: &str) {
         for slot in 0..self.conns.len() {
-            let Some(c) = self.conns[slot].take() else { continue };
-            if c.interest.is_some() {
-                let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
-            }
+            let Some(mut c) = self.conns[slot].take() else { continue };
+            self.unregister(&mut c);
             let unanswered = c.core.in_flight();
             self.log.error(format!("{}: closed at shutdown ({why}), {unanswered} requests unanswered", c.peer));
         }
@@ -386,16 +384,19 @@ impl Server {
 
     /// Keeps an ended connection until its jobs come back.
     fn park(&mut self, slot: usize, mut c: Conn) {
-        if c.interest.take().is_some() {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
-        }
+        self.unregister(&mut c);
         self.conns[slot] = Some(c);
     }
 
-    fn close(&mut self, c: Conn) {
-        if c.interest.is_some() {
+    /// Takes the connection's socket out of the poll registry.
+    fn unregister(&self, c: &mut Conn) {
+        if c.interest.take().is_some() {
             let _ = self.poll.registry().deregister(&mut SourceFd(&c.stream.fd()));
         }
+    }
+
+    fn close(&mut self, mut c: Conn) {
+        self.unregister(&mut c);
         match (c.core.phase(), c.core.error()) {
             // A client that hangs up without NBD_CMD_DISC is not the
             // server's error: a line only with --verbose.

@@ -73,9 +73,8 @@ impl Core for Metered<'_> {
         // into a buffer already counted, and stopping mid-request would
         // leave it waiting for room only its own completion makes.
         let mid = self.core.is_mid_message();
-        self.core.direction().wants_read()
-            && (mid || self.held + self.core.pending_output() as usize <= self.max_bytes)
-            && (mid || !self.finishing)
+        let room = self.held + self.core.pending_output() as usize <= self.max_bytes;
+        self.core.direction().wants_read() && (mid || (room && !self.finishing))
     }
     fn recv_buffer(&mut self) -> &mut [u8] {
         self.core.recv_buffer()

@@ -135,7 +135,7 @@ impl Drop for Workers {
 
 /// WRITEs a worker takes at once when more are queued. Buffered writes
 /// to one file serialize on its inode lock: workers writing side by side
-/// mostly spin on it (a third of the CPU at 4k), while one worker's run
+/// spin on it (13% of the server's samples at 4k), while one worker's run
 /// of them does not. Reads stay one per worker, in parallel, since a
 /// read from the disk waits on the device.
 const WRITE_BATCH: usize = 8;

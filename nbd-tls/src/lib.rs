@@ -674,12 +674,18 @@ impl<T: Transport> Transport for TlsTransport<T> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn psk_files_are_read_as_psktool_writes_them() {
-        let dir = std::env::temp_dir().join(format!("nbd-psk-{}", std::process::id()));
+    /// A PSK file holding `text`, in a directory of its own (`name`).
+    fn psk_file(name: &str, text: &str) -> (PathBuf, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("nbd-psk-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("keys.psk");
-        std::fs::write(&file, "bob:00ff\nalice:0a1B2c\n").unwrap();
+        std::fs::write(&file, text).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn psk_files_are_read_as_psktool_writes_them() {
+        let (dir, file) = psk_file("read", "bob:00ff\nalice:0a1B2c\n");
         assert_eq!(psk_key(&file, "alice").unwrap(), [0x0a, 0x1b, 0x2c]);
         assert_eq!(psk_key(&file, "carol").unwrap_err().errno, EINVAL);
         std::fs::write(&file, "alice:0g\n").unwrap();
@@ -710,10 +716,7 @@ mod tests {
 
     #[test]
     fn fill_stops_reading_once_enough_ciphertext_waits_undecrypted() {
-        let dir = std::env::temp_dir().join(format!("nbd-psk-fill-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("keys.psk");
-        std::fs::write(&file, "alice:0a1b2c3d\n").unwrap();
+        let (dir, file) = psk_file("fill", "alice:0a1b2c3d\n");
         let ctx = ServerTls::new(&ServerCredentials::Psk { file }).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let mut t = TlsTransport::new(Firehose { left: 64 << 20 }, Box::new(ctx.session().unwrap()));
